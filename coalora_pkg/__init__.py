@@ -2,7 +2,7 @@
 
 Sub-packages follow the dependency direction export -> runtime -> kernels:
 
-- ``coalora.kernels``  quantize / pack / dequantize, MatMulNBits layout, configuration space (numpy only)
+- ``coalora.kernels``  quantize, pack, MatMulNBits layout, configuration space (numpy only)
 - ``coalora.runtime``  device side: bundle reader, budget probe, selection, serving (no torch)
 - ``coalora.export``   workstation side: calibration, bit allocation, training, bundle writer
 """
