@@ -1,0 +1,146 @@
+"""Write a coalora bundle (spec: docs/bundle-format.md; reader: ``coalora.runtime.bundle``).
+
+The writer builds the bundle in a temporary sibling directory and renames it into place only
+when every file is written and hashed, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+import coalora
+from coalora.kernels import ConfigSpace, QuantOption
+from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime.bundle import (
+    BASE_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    LORA_FILE,
+    MANIFEST,
+    PARETO_FILE,
+    THETA_FILE,
+    TOKENIZER_FILE,
+    quant_file,
+    sha256_file,
+)
+
+
+@dataclass
+class BundleContents:
+    """Everything a bundle holds, in memory, ready to be written."""
+
+    architecture: dict[str, Any]
+    space: ConfigSpace
+    # option -> matrix name -> weights; only (matrix, option) pairs some configuration uses
+    quantized: Mapping[QuantOption, Mapping[str, MatMulNBitsWeights]]
+    base: Mapping[str, np.ndarray]
+    lora_a: Mapping[str, np.ndarray]
+    lora_b: Mapping[str, np.ndarray]
+    lora_rank: int
+    lora_alpha: float
+    theta_onnx: bytes
+    theta_vocab: dict[str, Any]
+    pareto: dict[str, Any]
+    tokenizer_json: Path | None = None
+    theta_inputs: tuple[str, ...] = ("bits", "block", "layer", "module", "global")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(contents: BundleContents) -> None:
+    names = {m.name for m in contents.space.matrices}
+    for opt, mats in contents.quantized.items():
+        for name, w in mats.items():
+            if name not in names:
+                raise ValueError(f"quantized weights for unknown matrix {name!r}")
+            spec = contents.space.matrix(name)
+            if (w.N, w.K, w.bits, w.block_size) != (
+                spec.out_features,
+                spec.in_features,
+                opt.bits,
+                opt.block_size,
+            ):
+                raise ValueError(f"quantized weights of {name} do not match {opt} {spec.shape}")
+    for name in names:
+        a, b = contents.lora_a.get(name), contents.lora_b.get(name)
+        if a is None or b is None:
+            raise ValueError(f"no LoRA A/B for matrix {name!r}")
+        spec = contents.space.matrix(name)
+        r = contents.lora_rank
+        if a.shape != (r, spec.in_features) or b.shape != (spec.out_features, r):
+            raise ValueError(f"LoRA of {name} has shapes {a.shape}/{b.shape}, expected rank {r}")
+
+
+def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bool = False) -> Path:
+    """Write ``contents`` as a bundle at ``out_dir``; returns the path."""
+    _check(contents)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "quant").mkdir()
+        save_file({k: np.ascontiguousarray(v) for k, v in contents.base.items()}, tmp / BASE_FILE)
+        lora: dict[str, np.ndarray] = {}
+        for name in sorted(contents.lora_a):
+            lora[f"{name}.A"] = np.ascontiguousarray(contents.lora_a[name], dtype=np.float32)
+            lora[f"{name}.B"] = np.ascontiguousarray(contents.lora_b[name], dtype=np.float32)
+        save_file(lora, tmp / LORA_FILE)
+        shipped: dict[str, list[str]] = {}
+        for opt in sorted(contents.quantized):
+            mats = contents.quantized[opt]
+            if not mats:
+                continue
+            tensors: dict[str, np.ndarray] = {}
+            for name in sorted(mats):
+                w = mats[name]
+                tensors[f"{name}.qweight"] = np.ascontiguousarray(w.b, dtype=np.uint8)
+                tensors[f"{name}.scales"] = np.ascontiguousarray(w.scales, dtype=np.float32)
+                tensors[f"{name}.qzeros"] = np.ascontiguousarray(w.zero_points, dtype=np.uint8)
+            save_file(tensors, tmp / quant_file(opt))
+            shipped[opt.name] = sorted(mats)
+        (tmp / THETA_FILE).write_bytes(contents.theta_onnx)
+        (tmp / PARETO_FILE).write_text(json.dumps(contents.pareto, indent=1), encoding="utf-8")
+        if contents.tokenizer_json is not None:
+            shutil.copyfile(contents.tokenizer_json, tmp / TOKENIZER_FILE)
+
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = path.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        space = contents.space.to_dict()
+        space["options"] = sorted(shipped, key=lambda s: QuantOption.parse(s))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "producer": f"coalora {coalora.__version__}",
+            "architecture": contents.architecture,
+            "space": space,
+            "shipped": shipped,
+            "lora": {"rank": contents.lora_rank, "alpha": contents.lora_alpha},
+            "theta": {
+                "inputs": list(contents.theta_inputs),
+                "output": "U",
+                "vocab": contents.theta_vocab,
+            },
+            "files": files,
+            **contents.extra,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
