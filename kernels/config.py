@@ -43,16 +43,14 @@ class MatrixSpec:
 class Configuration(Mapping[str, QuantOption]):
     """An immutable mapping matrix name -> option, hashable so it can key caches and sets."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_lookup")
 
     def __init__(self, options: Mapping[str, QuantOption]):
         self._items: tuple[tuple[str, QuantOption], ...] = tuple(sorted(options.items()))
+        self._lookup: dict[str, QuantOption] = dict(self._items)
 
     def __getitem__(self, name: str) -> QuantOption:
-        for key, value in self._items:
-            if key == name:
-                return value
-        raise KeyError(name)
+        return self._lookup[name]
 
     def __iter__(self) -> Iterator[str]:
         return (k for k, _ in self._items)
