@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption
-from coalora.runtime import select as select_module
+from coalora.runtime import selection as select_module
 from coalora.runtime.budget import parse_budget
 from coalora.runtime.plan import (
     DEFAULT_OVERHEAD,
