@@ -72,11 +72,13 @@ def _blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scale_zero(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and integer zero point that map [lo, hi] onto [0, levels]."""
-    degenerate = hi - lo <= 1e-12
-    # A constant block: widen the range to include 0 so the constant stays representable.
-    lo = np.where(degenerate, np.minimum(lo, 0.0), lo)
-    hi = np.where(degenerate, np.maximum(hi, 0.0), hi)
+    """Scale and integer zero point that map [lo, hi] onto [0, levels].
+
+    The range always includes 0: an integer zero point in [0, levels] can only place 0
+    inside the grid, so a same-sign block would otherwise be clipped at one end.
+    """
+    lo = np.minimum(lo, 0.0)
+    hi = np.maximum(hi, 0.0)
     span = hi - lo
     scale = np.where(span > 1e-12, span / levels, 1.0).astype(np.float32)
     zero = np.clip(np.rint(-lo / scale), 0, levels).astype(np.float32)

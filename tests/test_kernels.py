@@ -131,6 +131,20 @@ def test_quantizer_handles_constant_and_padded_blocks() -> None:
     assert qm.codes.shape == (2, 2, 32)
 
 
+def test_same_sign_blocks_stay_representable() -> None:
+    # An integer zero point in [0, levels] needs 0 inside the range: all-positive and
+    # all-negative blocks must not be clipped at one end.
+    rng = np.random.default_rng(4)
+    w = rng.uniform(2.0, 4.0, size=(4, 64)).astype(np.float32)
+    w[2:] *= -1
+    for bits in (2, 4, 8):
+        rtn = quantize_rtn(w, QuantOption(bits, 32))
+        step = 4.0 / ((1 << bits) - 1)
+        assert np.abs(rtn.dequantize() - w).max() <= step / 2 + 1e-5
+        searched = quantize(w, QuantOption(bits, 32))
+        assert weighted_error(w, searched) <= weighted_error(w, rtn)
+
+
 def test_quantizer_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D"):
         quantize(np.zeros(5, dtype=np.float32), QuantOption(4, 32))
