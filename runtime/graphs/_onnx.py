@@ -1,0 +1,159 @@
+"""A small ONNX graph-building helper shared by the decoder and encoder builders (onnx only)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from coalora.kernels import matmulnbits as mnb
+from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime.graphs.weights import Adapter, LoraSlot
+
+MS = "com.microsoft"
+OPSET = 21
+# ir_version 10 is what onnx 1.23 writes for opset 21 and what onnxruntime 1.32 reads.
+IR_VERSION = 10
+
+
+class GraphBuilder:
+    """Collects nodes, initializers and value infos; names stay readable in profiles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[Any] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[Any] = []
+        self.outputs: list[Any] = []
+        self._init_names: set[str] = set()
+        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        if name in self._init_names:
+            raise ValueError(f"duplicate initializer {name!r}")
+        self._init_names.add(name)
+        # asarray, not ascontiguousarray: the latter turns a scalar into shape [1].
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
+        return name
+
+    def const(self, value: Any, dtype: type | np.dtype = np.int64) -> str:
+        """A small constant initializer, deduplicated by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.tobytes(), arr.shape)
+        if key not in self._consts:
+            self._consts[key] = self.initializer(f"const.{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[str],
+        name: str,
+        *,
+        outputs: int | Sequence[str] = 1,
+        domain: str = "",
+        **attrs: Any,
+    ) -> list[str]:
+        """Add a node; its outputs are named ``{name}/output_{i}`` unless given."""
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(
+            helper.make_node(
+                op, list(inputs), list(outputs), name=name, domain=domain or None, **attrs
+            )
+        )
+        return list(outputs)
+
+    def op(self, op: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        """A single-output node."""
+        return self.node(op, inputs, name, **attrs)[0]
+
+    def matmulnbits(
+        self,
+        x: str,
+        w: MatMulNBitsWeights,
+        prefix: str,
+        *,
+        accuracy_level: int,
+        bias: np.ndarray | None = None,
+    ) -> str:
+        node, inits = mnb.make_node(
+            x, f"{prefix}/MatMulNBits/output_0", prefix, w, accuracy_level=accuracy_level
+        )
+        node.name = f"{prefix}/MatMulNBits"
+        for t in inits:
+            self._init_names.add(t.name)
+        self.initializers.extend(inits)
+        if bias is not None:
+            node.input.extend(["", self.initializer(f"{prefix}.bias", bias.astype(np.float32))])
+        self.nodes.append(node)
+        return node.output[0]
+
+    def model(self, metadata: dict[str, str] | None = None) -> ModelProto:
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs, self.initializers
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+            producer_name="coalora",
+        )
+        model.ir_version = IR_VERSION
+        for key, value in (metadata or {}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        return model
+
+
+def concat_matmulnbits(parts: Sequence[MatMulNBitsWeights]) -> MatMulNBitsWeights:
+    """Stack matrices with the same K and option along N: one kernel call instead of several.
+
+    The layout is row-major over N for codes, scales and packed zero points, so stacking rows
+    is a plain concatenation.
+    """
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.K, p.bits, p.block_size) != (first.K, first.bits, first.block_size):
+            raise ValueError("only matrices with the same K, bits and block size can be fused")
+    return MatMulNBitsWeights(
+        b=np.concatenate([p.b for p in parts], axis=0),
+        scales=np.concatenate([p.scales for p in parts]),
+        zero_points=np.concatenate([p.zero_points for p in parts]),
+        K=first.K,
+        N=sum(p.N for p in parts),
+        bits=first.bits,
+        block_size=first.block_size,
+    )
+
+
+def lora_branch(
+    g: GraphBuilder,
+    x: str,
+    y: str,
+    slot: LoraSlot,
+    adapters: Mapping[str, Adapter],
+    *,
+    accuracy_level: int,
+) -> str:
+    """``y + (x @ A) @ B`` with the slot's initializers (zeros for absent adapters)."""
+    key = slot.key
+    if slot.bits == 32:
+        packed = slot.pack(adapters)
+        a = g.initializer(slot.a_name, packed[slot.a_name])
+        b = g.initializer(slot.b_name, packed[slot.b_name])
+        t = g.op("MatMul", [x, a], f"{key}/lora/MatMul_A")
+        u = g.op("MatMul", [t, b], f"{key}/lora/MatMul_B")
+    else:
+        wa, wb = slot.quantized(adapters)
+        t = g.matmulnbits(x, wa, slot.a_name, accuracy_level=accuracy_level)
+        u = g.matmulnbits(t, wb, slot.b_name, accuracy_level=accuracy_level)
+    return g.op("Add", [y, u], f"{key}/lora/Add")

@@ -1,0 +1,432 @@
+"""ONNX graph of a LLaMA-family decoder with MatMulNBits linears, LoRA side branches and a KV cache.
+
+The structure mirrors onnxruntime-genai's model builder for CPU int4 models, which is known to
+run fast with onnxruntime's CPU kernels:
+
+    input_ids ─ Gather(embed) ─ SimplifiedLayerNormalization
+    per layer:  MatMulNBits q/k/v (fused when their options match) ─ GroupQueryAttention
+                (do_rotary=1 with cos/sin caches, past/present KV in BNSH) ─ MatMulNBits o
+                ─ SkipSimplifiedLayerNormalization ─ MatMulNBits gate/up ─ SiLU*up
+                ─ MatMulNBits down ─ SkipSimplifiedLayerNormalization (next layer's norm)
+    lm head:    fp32 Gemm on the (tied) embedding, or MatMulNBits when quantized
+
+``seqlens_k`` and ``total_sequence_length`` for GroupQueryAttention are derived in-graph from
+``attention_mask`` ([batch, past + current]), as the model builder does. One graph serves the
+prefill (seq > 1, empty past) and single-token decode.
+
+Every target linear ``y = W x`` may get ``+ s (x A'^T) B^T``: the A'/B initializers are named
+``lora.{key}.A`` / ``lora.{key}.B`` (see ``weights`` for the layout) so a session can swap
+adapters with ``SessionOptions.add_initializer`` without rebuilding the graph.
+
+What benchmarks/decode_speed_graph.py measured on SmolLM2-135M shapes (2 cores): fusing q/k/v
+and gate/up is a few percent faster (fewer kernel launches, one activation quantization); the
+tied fp32 LM head costs about as much as all 30 layers together, so a MatMulNBits head (8b32
+is as fast as 4b32) is the largest single speed-up; an 8-bit LoRA side branch costs less than
+an fp32 one. For decoding, bind one [batch, kv_heads, max_len, head_dim] buffer per cache as
+both past input and present output (IO binding): GroupQueryAttention then appends in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, TensorProto
+
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, to_matmulnbits
+from coalora.kernels.options import QuantOption
+from coalora.kernels.quantize import quantize
+from coalora.runtime.graphs._onnx import MS, GraphBuilder, concat_matmulnbits, lora_branch
+from coalora.runtime.graphs.weights import (
+    LORA_METADATA_KEY,
+    DecoderWeights,
+    LoraSlot,
+    llama_linear_name,
+    lora_slots_to_metadata,
+)
+
+ARCH_METADATA_KEY = "coalora.arch"
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """The parts of an HF LLaMA config the graph depends on."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    # Extra RoPE parameters (factor, low/high_freq_factor, original_max_position_embeddings).
+    rope_params: tuple[tuple[str, float], ...] = ()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LlamaArch:
+        """From an HF config dict (``LlamaConfig.to_dict()`` or a config.json)."""
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // heads
+        # transformers >= 5 keeps RoPE settings in rope_parameters; older configs use
+        # rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = str(rope.pop("rope_type", rope.pop("type", "default")))
+        params = tuple(
+            sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float)))
+        )
+        act = str(cfg.get("hidden_act", "silu"))
+        if act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {act!r}: the decoder graph runs SiLU")
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_type=rope_type,
+            rope_params=params,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            hidden_act=act,
+        )
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim / 2], as transformers computes them."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        p = dict(self.rope_params)
+        if self.rope_type == "default":
+            return inv
+        if self.rope_type == "linear":
+            return inv / p["factor"]
+        if self.rope_type == "llama3":
+            factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+            old = p["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            out = np.where(wavelen > old / lo, inv / factor, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            mid = (1 - smooth) * out / factor + smooth * out
+            medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+            return np.where(medium, mid, out)
+        raise ValueError(f"unsupported RoPE type {self.rope_type!r}")
+
+    def rope_cache(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [max_len, head_dim / 2] for GroupQueryAttention's do_rotary."""
+        freqs = np.outer(np.arange(max_len, dtype=np.float64), self.inv_freq())
+        return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _group_options_match(weights: DecoderWeights, names: Sequence[str]) -> bool:
+    ws = [weights.linears[n] for n in names]
+    same = all((w.K, w.bits, w.block_size) == (ws[0].K, ws[0].bits, ws[0].block_size) for w in ws)
+    # Mixed biased/unbiased members cannot share the fused kernel's single bias input.
+    has_bias = {n in weights.biases for n in names}
+    return same and len(has_bias) == 1
+
+
+class _DecoderBuilder:
+    def __init__(
+        self,
+        arch: LlamaArch,
+        weights: DecoderWeights,
+        lora_rank: int | None,
+        accuracy_level: int,
+        lora_bits: int,
+    ) -> None:
+        self.arch = arch
+        self.w = weights
+        self.rank = lora_rank
+        self.level = accuracy_level
+        self.lora_bits = lora_bits
+        self.g = GraphBuilder("coalora_llama_decoder")
+        self.slots: list[LoraSlot] = []
+        self._embed_q: dict[QuantOption, MatMulNBitsWeights] = {}
+
+    def linear(self, x: str, members: Sequence[str], key: str) -> str:
+        """One MatMulNBits over ``members`` stacked along N, plus their LoRA side branch."""
+        ws = [self.w.linears[m] for m in members]
+        w = ws[0] if len(ws) == 1 else concat_matmulnbits(ws)
+        bias = None
+        if members[0] in self.w.biases:
+            bias = np.concatenate([self.w.biases[m] for m in members])
+        y = self.g.matmulnbits(x, w, key, accuracy_level=self.level, bias=bias)
+        if not self.rank:
+            return y
+        outs = tuple(p.N for p in ws)
+        slot = LoraSlot(key, tuple(members), w.K, outs, self.rank, self.lora_bits)
+        self.slots.append(slot)
+        return lora_branch(self.g, x, y, slot, self.w.lora, accuracy_level=self.level)
+
+    def build(
+        self,
+        *,
+        quantize_lm_head: QuantOption | None,
+        quantize_embedding: QuantOption | None,
+        quant_method: str,
+        fuse_qkv: bool,
+        fuse_gate_up: bool,
+        max_seq_len: int,
+    ) -> ModelProto:
+        a, w, g = self.arch, self.w, self.g
+        n_layers, kv, hd = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
+        f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+
+        ids = g.input("input_ids", i64, ["batch_size", "sequence_length"])
+        mask = g.input("attention_mask", i64, ["batch_size", "total_sequence_length"])
+        past_shape = ["batch_size", kv, "past_sequence_length", hd]
+        present_shape = ["batch_size", kv, "total_sequence_length", hd]
+        for i in range(n_layers):
+            for kind in ("key", "value"):
+                g.input(f"past_key_values.{i}.{kind}", f32, past_shape)
+
+        # GroupQueryAttention's sequence inputs, from the mask as the model builder does.
+        summed = g.op("ReduceSum", [mask, g.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+        minus1 = g.op("Sub", [summed, g.const(1)], "/model/attn_mask/Sub")
+        seqlens_k = g.op("Cast", [minus1], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)
+        mshape = g.op("Shape", [mask], "/model/attn_mask/Shape")
+        total = g.op("Gather", [mshape, g.const(1)], "/model/attn_mask/Gather", axis=0)
+        total_len = g.op("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)
+
+        cos, sin = a.rope_cache(max_seq_len)
+        cos_name = g.initializer("cos_cache", cos)
+        sin_name = g.initializer("sin_cache", sin)
+
+        if quantize_embedding is None:
+            embed = g.initializer("model.embed_tokens.weight", w.embed_tokens)
+            hidden = g.op("Gather", [embed, ids], "/model/embed_tokens/Gather", axis=0)
+        else:
+            hidden = self._quantized_embedding(ids, quantize_embedding, quant_method)
+            embed = ""  # an fp32 head adds the fp32 table itself
+        eps = a.rms_norm_eps
+
+        def norm_weight(name: str, arr: np.ndarray) -> str:
+            return g.initializer(name, np.asarray(arr, dtype=np.float32))
+
+        x = g.op(
+            "SimplifiedLayerNormalization",
+            [hidden, norm_weight("model.layers.0.input_layernorm.weight", w.input_layernorm[0])],
+            "/model/layers.0/input_layernorm/SimplifiedLayerNorm",
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+        )
+        residual = hidden
+        for i in range(n_layers):
+            names = {p: llama_linear_name(i, p) for p in ("q_proj", "k_proj", "v_proj")}
+            qkv = [names["q_proj"], names["k_proj"], names["v_proj"]]
+            pre = f"model.layers.{i}"
+            past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+            if fuse_qkv and _group_options_match(w, qkv):
+                packed = self.linear(x, qkv, f"{pre}.self_attn.qkv_proj")
+                qkv_in = [packed, "", ""]
+            else:
+                qkv_in = [self.linear(x, [n], n) for n in qkv]
+            attn = g.node(
+                "GroupQueryAttention",
+                [*qkv_in, past_k, past_v, seqlens_k, total_len, cos_name, sin_name],
+                f"/model/layers.{i}/attn/GroupQueryAttention",
+                outputs=[
+                    f"/model/layers.{i}/attn/output",
+                    f"present.{i}.key",
+                    f"present.{i}.value",
+                ],
+                domain=MS,
+                num_heads=a.num_attention_heads,
+                kv_num_heads=kv,
+                scale=1.0 / math.sqrt(hd),
+                do_rotary=1,
+                rotary_interleaved=0,
+                local_window_size=-1,
+            )[0]
+            o = self.linear(attn, [f"{pre}.self_attn.o_proj"], f"{pre}.self_attn.o_proj")
+            x, _, _, residual = g.node(
+                "SkipSimplifiedLayerNormalization",
+                [
+                    o,
+                    residual,
+                    norm_weight(
+                        f"{pre}.post_attention_layernorm.weight", w.post_attention_layernorm[i]
+                    ),
+                ],
+                f"/model/layers.{i}/post_attention_layernorm/SkipSimplifiedLayerNorm",
+                outputs=[
+                    f"/model/layers.{i}/post_attention_layernorm/output_0",
+                    "",
+                    "",
+                    f"/model/layers.{i}/post_attention_layernorm/output_3",
+                ],
+                domain=MS,
+                epsilon=eps,
+            )
+            gate_up = [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]
+            if fuse_gate_up and _group_options_match(w, gate_up):
+                gu = self.linear(x, gate_up, f"{pre}.mlp.gate_up_proj")
+                gate, up = g.node(
+                    "Split", [gu], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2
+                )
+            else:
+                gate, up = (self.linear(x, [n], n) for n in gate_up)
+            sig = g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/act_fn/Sigmoid")
+            act = g.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/act_fn/Mul")
+            h = g.op("Mul", [act, up], f"/model/layers.{i}/mlp/Mul")
+            down = self.linear(h, [f"{pre}.mlp.down_proj"], f"{pre}.mlp.down_proj")
+            last = i == n_layers - 1
+            nxt_name = (
+                "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
+            )
+            nxt = w.norm if last else w.input_layernorm[i + 1]
+            x, _, _, residual = g.node(
+                "SkipSimplifiedLayerNormalization",
+                [down, residual, norm_weight(nxt_name, nxt)],
+                f"/model/layers.{i}/next_norm/SkipSimplifiedLayerNorm",
+                outputs=[
+                    f"/model/layers.{i}/next_norm/output_0",
+                    "",
+                    "",
+                    "" if last else f"/model/layers.{i}/next_norm/output_3",
+                ],
+                domain=MS,
+                epsilon=eps,
+            )
+
+        self._lm_head(x, ids, embed, quantize_lm_head, quant_method)
+        g.output("logits", f32, ["batch_size", "sequence_length", a.vocab_size])
+        for i in range(n_layers):
+            for kind in ("key", "value"):
+                g.output(f"present.{i}.{kind}", f32, present_shape)
+        meta = {
+            ARCH_METADATA_KEY: json.dumps(asdict(a)),
+            "coalora.lora_rank": str(self.rank or 0),
+            "coalora.accuracy_level": str(self.level),
+        }
+        if self.rank:
+            meta[LORA_METADATA_KEY] = lora_slots_to_metadata(self.slots)
+        return g.model(meta)
+
+    def _quantize_embed(self, option: QuantOption, method: str) -> MatMulNBitsWeights:
+        # Cached: a tied model quantized with one option serves the gather and the head.
+        if option not in self._embed_q:
+            q = quantize(self.w.embed_tokens, option, method=method)  # type: ignore[arg-type]
+            self._embed_q[option] = to_matmulnbits(q)
+        return self._embed_q[option]
+
+    def _quantized_embedding(self, ids: str, option: QuantOption, method: str) -> str:
+        """GatherBlockQuantized reads the MatMulNBits codes as [V, H * bits / 8] (the padding
+        of a last partial block dropped), scales [V, n_blocks], packed zero points per row."""
+        g, h = self.g, self.arch.hidden_size
+        if h * option.bits % 8:
+            raise ValueError(f"hidden size {h} cannot hold whole bytes of {option.bits}-bit codes")
+        w = self._quantize_embed(option, method)
+        v = self.arch.vocab_size
+        data = np.ascontiguousarray(w.b.reshape(v, -1)[:, : h * option.bits // 8])
+        return g.op(
+            "GatherBlockQuantized",
+            [
+                g.initializer("model.embed_tokens.qweight", data),
+                ids,
+                g.initializer("model.embed_tokens.scales", w.scales.reshape(v, w.n_blocks)),
+                g.initializer("model.embed_tokens.qzeros", w.zero_points.reshape(v, -1)),
+            ],
+            "/model/embed_tokens/GatherBlockQuantized",
+            domain=MS,
+            bits=option.bits,
+            block_size=option.block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+
+    def _lm_head(
+        self, x: str, ids: str, embed: str, option: QuantOption | None, method: str
+    ) -> None:
+        a, w, g = self.arch, self.w, self.g
+        head = w.lm_head
+        if isinstance(head, MatMulNBitsWeights) or option is not None:
+            if not isinstance(head, MatMulNBitsWeights):
+                if head is None:
+                    head = self._quantize_embed(option, method)  # type: ignore[arg-type]
+                else:
+                    head = to_matmulnbits(quantize(head, option, method=method))  # type: ignore[arg-type]
+            y = g.matmulnbits(x, head, "lm_head", accuracy_level=self.level)
+            g.node("Identity", [y], "/lm_head/Identity", outputs=["logits"])
+            return
+        # fp32 head: Gemm with transB reads the [V, H] matrix as stored, so a tied head shares
+        # the embedding's initializer instead of holding a transposed copy.
+        if head is None and not embed:
+            embed = g.initializer("model.embed_tokens.weight", w.embed_tokens)
+        weight = embed if head is None else g.initializer("lm_head.weight", head)
+        flat = g.op("Reshape", [x, g.const([-1, a.hidden_size])], "/lm_head/Reshape")
+        y = g.op("Gemm", [flat, weight], "/lm_head/Gemm", transB=1)
+        bs = g.op("Shape", [ids], "/lm_head/Shape")
+        shape = g.op("Concat", [bs, g.const([a.vocab_size])], "/lm_head/Concat", axis=0)
+        g.node("Reshape", [y, shape], "/lm_head/Reshape_out", outputs=["logits"])
+
+
+def build_llama_decoder(
+    arch: LlamaArch,
+    weights: DecoderWeights,
+    *,
+    lora_rank: int | None,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    lora_bits: int = 32,
+    quantize_lm_head: QuantOption | None = None,
+    quantize_embedding: QuantOption | None = None,
+    quant_method: str = "rtn",
+    fuse_qkv: bool = True,
+    fuse_gate_up: bool = True,
+    max_seq_len: int | None = None,
+) -> ModelProto:
+    """The decoder graph for ``arch`` with ``weights``'s quantized linears.
+
+    lora_rank         None/0: no side branch; else every target linear gets one of this rank
+                      (initial values from ``weights.lora``, zeros where absent).
+    accuracy_level    MatMulNBits accuracy_level (4: int8 activations, the fast CPU path).
+    lora_bits         32: fp32 MatMul side branch; 8: A and B as 8-bit MatMulNBits (a quarter
+                      of the bytes per token; see ``weights.LoraSlot`` for the names).
+    quantize_lm_head  quantize an fp32 (or tied) LM head with this option; a head already
+                      given as MatMulNBitsWeights is used as is.
+    quantize_embedding
+                      store the embedding table quantized (GatherBlockQuantized, same codes
+                      layout); None keeps an fp32 Gather.
+    quant_method      "rtn" or "search" for the two options above (build-time cost).
+    fuse_qkv / fuse_gate_up
+                      stack q/k/v (gate/up) into one MatMulNBits when their options match.
+    max_seq_len       length of the RoPE cos/sin caches (default max_position_embeddings).
+    """
+    if weights.embed_tokens.shape != (arch.vocab_size, arch.hidden_size):
+        raise ValueError(
+            f"embed_tokens is {weights.embed_tokens.shape}, the arch says "
+            f"{(arch.vocab_size, arch.hidden_size)}"
+        )
+    if arch.head_dim % 16:
+        raise ValueError(
+            f"head_dim {arch.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16"
+        )
+    if lora_rank is not None and lora_rank < 0:
+        raise ValueError("lora_rank must be positive")
+    if lora_bits not in (8, 32):
+        raise ValueError(f"lora_bits must be 8 or 32, got {lora_bits}")
+    builder = _DecoderBuilder(arch, weights, lora_rank or None, accuracy_level, lora_bits)
+    return builder.build(
+        quantize_lm_head=quantize_lm_head,
+        quantize_embedding=quantize_embedding,
+        quant_method=quant_method,
+        fuse_qkv=fuse_qkv,
+        fuse_gate_up=fuse_gate_up,
+        max_seq_len=max_seq_len or arch.max_position_embeddings,
+    )
