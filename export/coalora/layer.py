@@ -1,0 +1,121 @@
+"""``QuantLoRALinear``: a frozen linear run at a quantization option, plus a shared LoRA branch.
+
+    y = x W_q^T + b + s * ((x A^T) (I + U)^T) B^T          ΔW = s B (I + U) A
+
+``W_q`` is the weight after ``coalora.kernels.quantize`` (the same quantizer the bundle
+writer uses) and dequantization, i.e. exactly what the device's kernel multiplies by. Each
+option's dequantized weight is computed once and cached, so switching configuration between
+steps costs nothing. ``U`` comes from θ (set by the model); ``None`` means U = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coalora.kernels.options import QuantOption
+from coalora.kernels.quantize import Method, quantize
+
+Mode = Literal["quant", "fp", "no-lora", "fp-no-lora"]
+MODES: tuple[str, ...] = ("quant", "fp", "no-lora", "fp-no-lora")
+
+
+class QuantLoRALinear(nn.Module):
+    """Replaces an ``nn.Linear``; the base weight and bias stay frozen.
+
+    Modes: ``quant`` (quantized base + LoRA, the default), ``fp`` (full-precision base + LoRA:
+    the upper bound), ``no-lora`` (quantized base alone), ``fp-no-lora`` (the original layer).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        importance: np.ndarray | None = None,
+        method: Method = "search",
+    ) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = (
+            None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        )
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
+        self.importance = None if importance is None else np.asarray(importance, np.float32)
+        self.method: Method = method
+        self.option: QuantOption | None = None
+        self.mode: Mode = "quant"
+        self.U: torch.Tensor | None = None
+        # Not buffers: they are derived from ``weight`` and never belong in a checkpoint.
+        self._cache: dict[QuantOption, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"s={self.scaling:g}, option={self.option}, mode={self.mode}"
+        )
+
+    # -- quantized weights ----------------------------------------------------------------------
+    def quantized_weight(self, option: QuantOption) -> torch.Tensor:
+        """Dequantized fp32 weight for ``option`` (quantized on first use, then cached)."""
+        w = self._cache.get(option)
+        if w is None:
+            w_np = self.weight.detach().float().cpu().numpy()
+            qm = quantize(w_np, option, method=self.method, importance=self.importance)
+            w = torch.from_numpy(qm.dequantize())
+        if w.device != self.weight.device:  # the model moved after quantizing
+            w = w.to(self.weight.device)
+        self._cache[option] = w
+        return w
+
+    def drop_cache(self, keep: set[QuantOption] | None = None) -> None:
+        """Free cached options (all of them, or all but ``keep``)."""
+        for opt in list(self._cache):
+            if keep is None or opt not in keep:
+                del self._cache[opt]
+
+    @property
+    def cached_options(self) -> tuple[QuantOption, ...]:
+        return tuple(self._cache)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        if self.mode in ("fp", "fp-no-lora"):
+            return self.weight
+        if self.option is None:
+            raise RuntimeError("no quantization option set: call set_configuration first")
+        return self.quantized_weight(self.option)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s * ((x A^T)(I + U)^T) B^T."""
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        if self.U is not None:
+            h = h + F.linear(h, self.U.to(h.dtype))
+        return (self.scaling * F.linear(h, self.lora_B)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.base_weight()
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.mode in ("quant", "fp"):
+            y = y + self.lora_delta(x)
+        return y
+
+    @torch.no_grad()
+    def folded_A(self, U: torch.Tensor | None = None) -> torch.Tensor:
+        """A' = (I + U) A: with it the adapter is a plain LoRA pair (A', B, s)."""
+        U = self.U if U is None else U
+        A = self.lora_A.detach()
+        return A if U is None else A + U.detach().to(A.dtype) @ A

