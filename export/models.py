@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from coalora.kernels import DEFAULT_OPTIONS, ConfigSpace, MatrixSpec, QuantOption
+from coalora.runtime.theta import matrix_role
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,28 +42,6 @@ TASKS: tuple[str, ...] = ("classify",)
 _ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
 )
-
-# Suffix of a matrix name -> module type. Order matters: BERT's "attention.output.dense" must
-# win over the block output's "output.dense".
-_MODULE_TYPES: tuple[tuple[str, str], ...] = (
-    ("self_attn.q_proj", "q"),
-    ("self_attn.k_proj", "k"),
-    ("self_attn.v_proj", "v"),
-    ("self_attn.o_proj", "o"),
-    ("mlp.gate_proj", "gate"),
-    ("mlp.up_proj", "up"),
-    ("mlp.down_proj", "down"),
-    ("attention.self.query", "q"),
-    ("attention.self.key", "k"),
-    ("attention.self.value", "v"),
-    ("attention.output.dense", "o"),
-    ("intermediate.dense", "up"),
-    ("output.dense", "down"),
-)
-MODULE_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-
-# The block index: the number after the last "layers"/"layer"/"h"/"blocks" component.
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 class ModelLoadError(ValueError):
@@ -299,23 +277,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
 
 
 # -- the quantized matrices -------------------------------------------------------------------
-def matrix_role(name: str) -> tuple[int, str]:
-    """(block index, module type) of a quantized matrix, e.g.
-    ``model.layers.12.self_attn.q_proj`` -> (12, "q"),
-    ``bert.encoder.layer.3.attention.self.query`` -> (3, "q")."""
-    base = name.removesuffix(".weight")
-    layer = _LAYER_RE.findall(base)
-    if not layer:
-        raise ValueError(f"matrix {name!r} has no block index (expected e.g. 'layers.3.')")
-    for suffix, module in _MODULE_TYPES:
-        if base == suffix or base.endswith("." + suffix):
-            return int(layer[-1]), module
-    raise ValueError(
-        f"matrix {name!r} is not an attention or MLP projection coalora quantizes "
-        "(q/k/v/o/gate/up/down)"
-    )
-
-
 def _is_quantizable(name: str) -> bool:
     try:
         matrix_role(name)

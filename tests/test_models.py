@@ -21,12 +21,12 @@ from coalora.export.models import (
     ModelLoadError,
     config_space,
     load_model,
-    matrix_role,
     quantizable_linears,
     tiny_bert,
     tiny_llama,
     tiny_tokenizer,
 )
+from coalora.runtime.theta import matrix_role
 
 LLAMA_TYPES = ["q", "k", "v", "o", "gate", "up", "down"]
 BERT_TYPES = ["q", "k", "v", "o", "up", "down"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.export.coalora import CoALoRAConfig, CoALoRAModel, train
-from coalora.export.coalora.search import (
+from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, train
+from coalora.export.coa_lora.search import (
     CandidateGenerator,
     ConfigFeatures,
     ParetoSearch,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.export.coalora.theta import ConfigTheta, ThetaVocab
+from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
 from coalora.export.models import config_space, tiny_llama
 from coalora.kernels import Configuration, QuantOption
 

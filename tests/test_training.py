@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalora.export.coalora import (
+from coalora.export.coa_lora import (
     CoALoRAConfig,
     CoALoRAModel,
     QuantLoRALinear,
@@ -18,7 +18,7 @@ from coalora.export.coalora import (
     evaluate_configs,
     train,
 )
-from coalora.export.coalora.train import get_lr, load_checkpoint, sample_configs
+from coalora.export.coa_lora.train import get_lr, load_checkpoint, sample_configs
 from coalora.export.data import Batches
 from coalora.export.models import config_space, tiny_bert, tiny_llama
 from coalora.kernels import Configuration, QuantOption, quantize

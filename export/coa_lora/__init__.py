@@ -8,11 +8,11 @@ to an r x r adjustment U, so that ΔW = s·B(I+U)A fits every configuration.
 - ``train``   the training loop, evaluation, checkpoints
 """
 
-from coalora.export.coalora.config import CoALoRAConfig
-from coalora.export.coalora.layer import QuantLoRALinear
-from coalora.export.coalora.model import CoALoRAModel
-from coalora.export.coalora.theta import ConfigTheta, ThetaVocab
-from coalora.export.coalora.train import (
+from coalora.export.coa_lora.config import CoALoRAConfig
+from coalora.export.coa_lora.layer import QuantLoRALinear
+from coalora.export.coa_lora.model import CoALoRAModel
+from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
+from coalora.export.coa_lora.train import (
     TrainResult,
     evaluate,
     evaluate_configs,

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from coalora.export.coalora.model import CoALoRAModel
+from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.kernels.config import ConfigSpace, Configuration
 
 Batch = dict[str, torch.Tensor]

@@ -40,15 +40,15 @@ import numpy as np
 import torch
 
 from coalora.export.allocation import CostTable, allocate
-from coalora.export.coalora.model import CoALoRAModel
-from coalora.export.coalora.train import (
+from coalora.export.coa_lora.model import CoALoRAModel
+from coalora.export.coa_lora.train import (
     Batch,
     evaluate_configs,
     initial_configurations,
     random_configurations,
 )
-from coalora.export.models import MODULE_TYPES, matrix_role
 from coalora.kernels.config import ConfigSpace, Configuration
+from coalora.runtime.theta import MODULE_TYPES, matrix_role
 
 REF_MARGIN = 0.1
 

@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from coalora.export.coalora.config import CoALoRAConfig
-from coalora.export.coalora.layer import MODES, Mode, QuantLoRALinear
-from coalora.export.coalora.theta import ConfigTheta, ThetaVocab
-from coalora.export.models import config_space, matrix_role
+from coalora.export.coa_lora.config import CoALoRAConfig
+from coalora.export.coa_lora.layer import MODES, Mode, QuantLoRALinear
+from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
+from coalora.export.models import config_space
 from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import Method
+from coalora.runtime.theta import matrix_role
 
 Adapter = dict[str, tuple[np.ndarray, np.ndarray, float]]
 
