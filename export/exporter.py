@@ -1,0 +1,201 @@
+"""Turn a trained CoA-LoRA model into a bundle (format: docs/bundle-format.md).
+
+What ships: every (matrix, option) pair that some stored Pareto configuration uses, quantized
+with exactly the quantizer and calibration importance the model was trained against (so the
+device runs the codes the adapter was trained for), the other weights in fp32, the shared LoRA,
+θ as ONNX, the Pareto set, the tokenizer and the chat format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coalora.export.bundle import BundleContents, write_bundle
+from coalora.export.chat import chat_format_from_tokenizer
+from coalora.export.coa_lora.model import CoALoRAModel
+from coalora.kernels import QuantOption, quantize
+from coalora.kernels.matmulnbits import MatMulNBitsWeights, to_matmulnbits
+from coalora.runtime.selection import ParetoSet
+
+THETA_INPUTS = ("bits", "block", "layer", "module", "global")
+DEFAULT_LM_HEAD = QuantOption(8, 32)
+_LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
+_BERT_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+
+
+class _ThetaForExport(nn.Module):
+    """θ with a fixed five-input signature; a Shared-LoRA model (no θ) exports U = 0."""
+
+    def __init__(self, model: CoALoRAModel):
+        super().__init__()
+        self.theta = model.theta
+        self.rank = model.cfg.rank
+        self.use_global = bool(self.theta is not None and self.theta.use_global_feature)
+
+    def forward(self, bits, block, layer, module, global_feature):  # type: ignore[no-untyped-def]
+        if self.theta is None:
+            return (
+                torch.zeros_like(bits, dtype=torch.float32)[:, None, None].expand(
+                    -1, self.rank, self.rank
+                )
+                * global_feature.sum()
+            )
+        return self.theta(bits, block, layer, module, global_feature if self.use_global else None)
+
+
+def theta_to_onnx(model: CoALoRAModel) -> bytes:
+    """θ as an ONNX graph: index arrays (+ global feature) -> U [n, r, r], batched over n."""
+    config = model.space.cheapest()
+    arrays = model.vocab.encode(config, model.space)
+    inputs = tuple(torch.as_tensor(arrays[k]) for k in THETA_INPUTS)
+    wrapper = _ThetaForExport(model).eval()
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is the one that keeps θ's graph to plain, portable ops.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            wrapper,
+            inputs,
+            buf,
+            input_names=list(THETA_INPUTS),
+            output_names=["U"],
+            dynamic_axes={k: {0: "n"} for k in THETA_INPUTS[:4]} | {"U": {0: "n"}},
+            dynamo=False,
+        )
+    return buf.getvalue()
+
+
+def _family(model_type: str) -> str:
+    if model_type in _LLAMA_TYPES:
+        return "llama"
+    if model_type in _BERT_TYPES:
+        return "bert"
+    raise ValueError(f"no device graph for model type {model_type!r} (llama or bert families)")
+
+
+def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None) -> dict:
+    hf_config = model.base.config
+    cfg = json.loads(hf_config.to_json_string(use_diff=False))
+    family = _family(cfg.get("model_type", ""))
+    tok = loaded.tokenizer
+    eos: list[int] = []
+    gen = getattr(model.base, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tok, "eos_token_id", None)):
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in eos:
+                eos.append(v)
+    labels = None
+    if model.kind == "encoder":
+        id2label = getattr(hf_config, "id2label", {}) or {}
+        labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(hf_config.num_labels)]
+    chat = chat_format_from_tokenizer(tok) if model.kind == "causal-lm" else None
+    return {
+        "family": family,
+        "task": "causal-lm" if model.kind == "causal-lm" else "classify",
+        "config": cfg,
+        "labels": labels,
+        "chat_format": None if chat is None else chat.to_dict(),
+        "eos_token_ids": eos,
+        "bos_token_id": getattr(tok, "bos_token_id", None),
+        "lm_head": None if (lm_head is None or model.kind != "causal-lm") else lm_head.name,
+    }
+
+
+def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str, np.ndarray]:
+    """Every tensor of the base model that is not a quantized matrix (HF names, fp32)."""
+    skip = {f"{n}.weight" for n in model.layers}
+    tied = bool(getattr(model.base.config, "tie_word_embeddings", False))
+    out: dict[str, np.ndarray] = {}
+    for key, value in model.base.state_dict().items():
+        if key in skip or key.endswith((".lora_A", ".lora_B")):
+            continue
+        if key == "lm_head.weight" and (tied or lm_head is not None):
+            continue
+        out[key] = value.detach().float().cpu().numpy()
+    if model.kind == "causal-lm" and lm_head is not None:
+        head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()
+        q = to_matmulnbits(quantize(head, lm_head))
+        out["lm_head.qweight"], out["lm_head.scales"], out["lm_head.qzeros"] = (
+            q.b,
+            q.scales,
+            q.zero_points,
+        )
+    return out
+
+
+def _shipped(
+    model: CoALoRAModel, pareto: ParetoSet
+) -> dict[QuantOption, dict[str, MatMulNBitsWeights]]:
+    """Quantize each (matrix, option) pair some stored configuration uses, once."""
+    pairs: dict[QuantOption, set[str]] = {}
+    for entry in pareto.entries:
+        for name, opt in entry.config.items():
+            pairs.setdefault(opt, set()).add(name)
+    out: dict[QuantOption, dict[str, MatMulNBitsWeights]] = {}
+    for opt in sorted(pairs):
+        out[opt] = {}
+        for name in sorted(pairs[opt]):
+            layer = model.layers[name]
+            w = layer.weight.detach().float().cpu().numpy()
+            qm = quantize(w, opt, method=layer.method, importance=layer.importance)
+            out[opt][name] = to_matmulnbits(qm)
+    return out
+
+
+def _tokenizer_json(tokenizer: Any, tmp: Path) -> Path | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    path = tmp / "tokenizer.json"
+    path.write_text(backend.to_str(), encoding="utf-8")
+    return path
+
+
+def export_bundle(
+    model: CoALoRAModel,
+    loaded: Any,
+    pareto: ParetoSet,
+    out_dir: str | Path,
+    *,
+    lm_head: QuantOption | None = DEFAULT_LM_HEAD,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s bundle to ``out_dir``; nothing is left behind if anything fails."""
+    if not pareto.entries:
+        raise ValueError("the Pareto set is empty: nothing to ship")
+    for entry in pareto.entries:
+        model.space.validate(entry.config)
+    # Every quantized matrix ships an A/B pair; a matrix left out of training keeps B = 0.
+    lora_a = {n: la.lora_A.detach().float().cpu().numpy() for n, la in model.layers.items()}
+    lora_b = {n: la.lora_B.detach().float().cpu().numpy() for n, la in model.layers.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        contents = BundleContents(
+            architecture=_architecture(model, loaded, lm_head),
+            space=model.space,
+            quantized=_shipped(model, pareto),
+            base=_base_tensors(model, lm_head),
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_rank=model.cfg.rank,
+            lora_alpha=float(model.cfg.alpha),
+            theta_onnx=theta_to_onnx(model),
+            theta_vocab=model.vocab.to_dict(),
+            pareto=pareto.to_dict(),
+            tokenizer_json=_tokenizer_json(loaded.tokenizer, Path(tmp)),
+            theta_inputs=THETA_INPUTS,
+            extra=dict(extra or {}),
+        )
+        return write_bundle(out_dir, contents, overwrite=overwrite)
