@@ -1,0 +1,83 @@
+"""A bundle's summary and Pareto table, for ``coalora inspect`` and ``coalora-run --dry-run``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from coalora.runtime.bundle import Bundle
+from coalora.runtime.selection import ParetoSet
+
+
+def option_histogram(config: Any) -> str:
+    """``"4b32x120, 8b32x90"``: how many matrices take each option."""
+    counts = Counter(opt.name for opt in config.values())
+    return ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+
+
+def bundle_summary(bundle: Bundle) -> dict[str, Any]:
+    arch = bundle.architecture
+    pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
+    cfg = arch.get("config", {})
+    return {
+        "path": str(bundle.root),
+        "format_version": bundle.manifest["format_version"],
+        "producer": bundle.manifest.get("producer"),
+        "family": arch.get("family"),
+        "task": arch.get("task"),
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "vocab_size": cfg.get("vocab_size"),
+        "labels": arch.get("labels"),
+        "lm_head": arch.get("lm_head"),
+        "quantized_matrices": len(bundle.space.matrices),
+        "quantized_params": bundle.space.total_params,
+        "options_shipped": [o.name for o in bundle.space.options],
+        "lora": bundle.manifest["lora"],
+        "size_on_disk_bytes": bundle.size_on_disk(),
+        "metric": pareto.metric_name,
+        "higher_is_better": pareto.higher_is_better,
+        "pareto": [
+            {
+                "bits": e.bits,
+                "nbytes": e.nbytes,
+                "metric": e.metric,
+                "seen_in_training": e.seen_in_training,
+                "options": option_histogram(e.config),
+            }
+            for e in sorted(pareto.entries, key=lambda e: e.bits)
+        ],
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    mb = summary["size_on_disk_bytes"] / 1e6
+    console.print(
+        f"[bold]{summary['path']}[/bold]  format v{summary['format_version']}, "
+        f"{summary['family']} {summary['task']}, {summary['layers']} layers, "
+        f"hidden {summary['hidden_size']}, {mb:.1f} MB on disk"
+    )
+    lora = summary["lora"]
+    console.print(
+        f"{summary['quantized_matrices']} quantized matrices "
+        f"({summary['quantized_params'] / 1e6:.1f}M weights), options "
+        f"{', '.join(summary['options_shipped'])}; LoRA rank {lora['rank']}, alpha {lora['alpha']}"
+        + (f"; LM head {summary['lm_head']}" if summary.get("lm_head") else "")
+    )
+    arrow = "higher is better" if summary["higher_is_better"] else "lower is better"
+    table = Table(title=f"Pareto set: {summary['metric']} ({arrow})")
+    for col in ("bits", "weights MB", summary["metric"], "seen in training", "options"):
+        table.add_column(col, justify="right" if col != "options" else "left")
+    for e in summary["pareto"]:
+        table.add_row(
+            f"{e['bits']:.3f}",
+            f"{e['nbytes'] / 1e6:.1f}",
+            f"{e['metric']:.4g}",
+            "yes" if e["seen_in_training"] else "no",
+            e["options"],
+        )
+    console.print(table)

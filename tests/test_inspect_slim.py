@@ -1,0 +1,46 @@
+"""Inspecting a bundle, plotting its Pareto set, and slimming it for a device class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coalora.export.plots import plot_pareto
+from coalora.export.slim import SlimError, slim_bundle
+from coalora.runtime.bundle import Bundle
+from coalora.runtime.report import bundle_summary, print_summary
+from coalora.runtime.selection import ParetoSet
+
+
+def test_summary_and_plot(tiny_llama_bundle: Path, tmp_path: Path, capsys) -> None:
+    summary = bundle_summary(Bundle.open(tiny_llama_bundle))
+    assert summary["family"] == "llama" and len(summary["pareto"]) == 4
+    bits = [e["bits"] for e in summary["pareto"]]
+    assert bits == sorted(bits)
+    print_summary(summary)
+    assert "Pareto set: perplexity" in capsys.readouterr().out
+    png = plot_pareto(summary, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_slim_keeps_only_what_fits(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+    full = Bundle.open(tiny_llama_bundle)
+    out = slim_bundle(tiny_llama_bundle, tmp_path / "slim", max_bits=6.0)
+    slim = Bundle.open(out, verify="all")
+    pareto = ParetoSet.from_dict(slim.pareto_dict(), slim.space)
+    assert pareto.entries and all(e.bits <= 6.0 for e in pareto.entries)
+    used: dict = {}
+    for e in pareto.entries:
+        for name, opt in e.config.items():
+            used.setdefault(opt, set()).add(name)
+    assert {o: set(n) for o, n in slim.shipped.items()} == used  # only what a config uses
+    assert sum(map(len, slim.shipped.values())) < sum(map(len, full.shipped.values()))
+    assert slim.size_on_disk() < full.size_on_disk()
+    assert slim.manifest["slimmed"]["max_bits"] == 6.0
+
+
+def test_slim_below_everything_fails_cleanly(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(SlimError, match="smallest needs"):
+        slim_bundle(tiny_llama_bundle, tmp_path / "none", max_bits=1.0)
+    assert not (tmp_path / "none").exists()
