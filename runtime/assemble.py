@@ -1,0 +1,207 @@
+"""From a bundle and a configuration to the graph a session runs (and what it will cost).
+
+Weights are views onto the memory-mapped bundle files (``mapped``); the graph builders get
+those views, and ``sources()`` names them the way the builders name their initializers so
+``session.create_session`` can hand them to onnxruntime without copying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from coalora.kernels import Configuration, QuantOption
+from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime.bundle import BASE_FILE, LORA_FILE, Bundle, BundleError, quant_file
+from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
+from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
+from coalora.runtime.graphs.weights import (
+    LORA_A_OPTION,
+    LORA_B_OPTION,
+    Adapter,
+    LoraSlot,
+    decoder_weights_from_arrays,
+)
+from coalora.runtime.mapped import MappedFileError, MappedSafetensors
+from coalora.runtime.plan import kv_cache_bytes_per_token
+
+# 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
+# (benchmarks/results/decode_speed_graph.md), at ~0.2% relative error on the delta.
+DEFAULT_LORA_BITS = 8
+
+Arch = LlamaArch | BertArch
+
+
+def arch_of(bundle: Bundle) -> Arch:
+    a = bundle.architecture
+    try:
+        if a.get("family") == "llama" and bundle.task == "causal-lm":
+            return LlamaArch.from_config(a["config"])
+        if a.get("family") == "bert" and bundle.task == "classify":
+            return BertArch.from_config(a["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{bundle.root}: architecture config is not usable ({exc})") from None
+    raise BundleError(
+        f"{bundle.root}: no device graph for family {a.get('family')!r} with task {bundle.task!r}"
+    )
+
+
+def kv_bytes_per_token(arch: Arch) -> int:
+    if isinstance(arch, BertArch):
+        return 0
+    return kv_cache_bytes_per_token(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+
+
+def _slot_bytes(slot: LoraSlot) -> int:
+    if slot.bits == 32:
+        return 4 * (slot.a_shape[0] * slot.a_shape[1] + slot.b_shape[0] * slot.b_shape[1])
+    (k_a, n_a), (k_b, n_b) = slot.a_shape, slot.b_shape
+    return LORA_A_OPTION.nbytes(n_a, k_a) + LORA_B_OPTION.nbytes(n_b, k_b)
+
+
+def lora_bytes(bundle: Bundle, lora_bits: int) -> int:
+    """Bytes of the session's LoRA initializers: one A/B pair per matrix (unfused)."""
+    total = 0
+    for m in bundle.space.matrices:
+        slot = LoraSlot(
+            m.name, (m.name,), m.in_features, (m.out_features,), bundle.lora_rank, lora_bits
+        )
+        total += _slot_bytes(slot)
+    return total
+
+
+def rope_cache_bytes(arch: Arch, context_length: int) -> int:
+    return 0 if isinstance(arch, BertArch) else 4 * context_length * arch.head_dim
+
+
+@dataclass
+class MappedBundle:
+    """The bundle's safetensors files, memory-mapped on first use."""
+
+    bundle: Bundle
+    _maps: dict[str, MappedSafetensors] = field(default_factory=dict)
+
+    def file(self, rel: str) -> MappedSafetensors:
+        if rel not in self._maps:
+            try:
+                self._maps[rel] = MappedSafetensors(self.bundle.file(rel))
+            except MappedFileError as exc:
+                raise BundleError(str(exc)) from None
+        return self._maps[rel]
+
+    def tensor(self, rel: str, name: str) -> np.ndarray:
+        m = self.file(rel)
+        if name not in m:
+            raise BundleError(f"{self.bundle.root}: {rel} has no tensor {name!r}")
+        return m[name]
+
+    def base(self) -> dict[str, np.ndarray]:
+        m = self.file(BASE_FILE)
+        return {k: m[k] for k in m}
+
+    def lora(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        names = [m.name for m in self.bundle.space.matrices]
+        a = {n: self.tensor(LORA_FILE, f"{n}.A") for n in names}
+        b = {n: self.tensor(LORA_FILE, f"{n}.B") for n in names}
+        return a, b
+
+    def linears(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
+        self.bundle.check_config(config)
+        out: dict[str, MatMulNBitsWeights] = {}
+        for name, opt in config.items():
+            rel = quant_file(opt)
+            spec = self.bundle.space.matrix(name)
+            w = MatMulNBitsWeights(
+                b=self.tensor(rel, f"{name}.qweight"),
+                scales=self.tensor(rel, f"{name}.scales"),
+                zero_points=self.tensor(rel, f"{name}.qzeros"),
+                K=spec.in_features,
+                N=spec.out_features,
+                bits=opt.bits,
+                block_size=opt.block_size,
+            )
+            if w.nbytes() != opt.nbytes(w.N, w.K):
+                raise BundleError(f"{self.bundle.root}: tensors of {name} at {opt} are damaged")
+            out[name] = w
+        return out
+
+    def release(self) -> None:
+        for m in self._maps.values():
+            m.release()
+
+
+def _sources(base: dict[str, np.ndarray], linears: dict[str, MatMulNBitsWeights]) -> dict:
+    out: dict[str, np.ndarray] = dict(base)
+    for name, w in linears.items():
+        out[f"{name}.qweight"] = w.b
+        out[f"{name}.scales"] = w.scales
+        out[f"{name}.qzeros"] = w.zero_points
+    return out
+
+
+def _lm_head(bundle: Bundle, base: dict[str, np.ndarray], arch: LlamaArch) -> Any:
+    name = bundle.architecture.get("lm_head")
+    if not name:
+        return None
+    try:
+        opt = QuantOption.parse(name)
+        w = MatMulNBitsWeights(
+            b=base["lm_head.qweight"],
+            scales=base["lm_head.scales"],
+            zero_points=base["lm_head.qzeros"],
+            K=arch.hidden_size,
+            N=arch.vocab_size,
+            bits=opt.bits,
+            block_size=opt.block_size,
+        )
+    except KeyError as exc:
+        raise BundleError(f"{bundle.root}: quantized lm_head tensor {exc} is missing") from None
+    except ValueError as exc:
+        raise BundleError(f"{bundle.root}: lm_head {name!r}: {exc}") from None
+    if w.nbytes() != opt.nbytes(w.N, w.K):
+        raise BundleError(f"{bundle.root}: quantized lm_head has the wrong size")
+    return w
+
+
+def build_graph(
+    mapped: MappedBundle,
+    arch: Arch,
+    config: Configuration,
+    *,
+    context_length: int,
+    lora_bits: int = DEFAULT_LORA_BITS,
+    adapters: dict[str, Adapter] | None = None,
+) -> tuple[ModelProto, dict[str, np.ndarray]]:
+    """The graph for ``config`` (zero LoRA unless ``adapters`` are baked in) and the
+    initializer sources it may take from the mapped files."""
+    bundle = mapped.bundle
+    base = mapped.base()
+    linears = mapped.linears(config)
+    rank = bundle.lora_rank
+    try:
+        if isinstance(arch, LlamaArch):
+            weights = decoder_weights_from_arrays(arch, base, linears, adapters)
+            head = _lm_head(bundle, base, arch)
+            if head is not None:
+                weights.lm_head = head
+            proto = build_llama_decoder(
+                arch,
+                weights,
+                lora_rank=rank,
+                lora_bits=lora_bits,
+                max_seq_len=context_length,
+                # Fused q/k/v and gate/up would be new arrays onnxruntime copies and keeps
+                # next to its prepacked copy; unfused, every linear is a mapped view.
+                fuse_qkv=False,
+                fuse_gate_up=False,
+            )
+        else:
+            prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""
+            weights = BertWeights(base, linears, dict(adapters or {}), prefix)
+            proto = build_bert_classifier(arch, weights, lora_rank=rank, lora_bits=lora_bits)
+    except KeyError as exc:
+        raise BundleError(f"{bundle.root}: {exc.args[0] if exc.args else exc}") from None
+    return proto, _sources(base, linears)
