@@ -1,6 +1,7 @@
 """The workstation CLI, ``coalora``.
 
     coalora quantize-report MODEL [--budgets 2.5,3,4,5] [--calib-texts N] [--json]
+    coalora export train MODEL --out BUNDLE [--data bbc|FILE.jsonl|DIR] [--fast] [--fresh] ...
 
 Commands are registered on ``app`` (a group, so further commands and sub-apps attach with
 ``app.command`` / ``app.add_typer``). torch and transformers are imported inside commands so
@@ -184,6 +185,163 @@ def quantize_report(
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_report(data)
+
+
+# -- coalora export ... ------------------------------------------------------------------------
+export_app = typer.Typer(
+    name="export",
+    help="Train a model's configuration-aware adapter and write its bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(export_app, name="export")
+
+_TRAIN_HELP = (
+    "Fine-tune CoA-LoRA on MODEL and DATA and write one bundle every device serves from."
+    "\n\n"
+    "MODEL is 'smollm2' (SmolLM2-135M-Instruct, LLaMA, trained as a causal LM on the data's "
+    "text; defaults: 200 steps, batch 4, 256 tokens, search every 50 steps), 'minilm' "
+    "(all-MiniLM-L6-v2, BERT, trained as a topic classifier; defaults: 300 steps, batch 16, "
+    "128 tokens, search every 75 steps), a .gguf file or a Hugging Face model folder. All "
+    "default to rank 16, alpha 32, lr 2e-3, 2 configurations per step and all nine options "
+    "(2/4/8 bits x blocks 32/64/128)."
+    "\n\n"
+    "--fast is a demo preset (8 steps, batch 2, 64 tokens, 300 examples, 3 options, "
+    "round-to-nearest quantization, a coarse sweep): a few minutes on 2 cores, not a useful "
+    "adapter. Explicit flags override any preset."
+    "\n\n"
+    "Slow work (calibration, cost table, checkpoint, sweep) is kept in --work-dir (default "
+    ".cache/coalora/<model>-<hash of the options and data>) and reused by a second run with "
+    "the same options; --fresh starts over."
+)
+
+
+@export_app.command("train", help=_TRAIN_HELP)
+def export_train(
+    model: Annotated[
+        str, typer.Argument(help="'smollm2', 'minilm', a .gguf file or a local HF model folder.")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write.")],
+    data: Annotated[
+        str, typer.Option(help="'bbc' (BBC News, installed offline), a .jsonl file or a folder.")
+    ] = "bbc",
+    task: Annotated[
+        str, typer.Option(help="auto (causal-lm for decoders, classify for encoders).")
+    ] = "auto",
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per example.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank [16].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [32].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [2e-3].")] = None,
+    configs_per_step: Annotated[
+        int | None, typer.Option(help="Configurations trained per step [2].")
+    ] = None,
+    steps_per_epoch: Annotated[
+        int | None, typer.Option(help="Steps between Pareto searches (0: a frozen set).")
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help="Pareto searches over the run (sets --steps-per-epoch)."),
+    ] = None,
+    eval_batches: Annotated[
+        int | None, typer.Option(help="Held-out batches for the search and for the sweep [4].")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction [0.1].")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the split, init and sampling [0].")
+    ] = None,
+    calib_texts: Annotated[int | None, typer.Option(help="Calibration texts [32].")] = None,
+    options: Annotated[
+        str | None, typer.Option(help="Quantization options, e.g. 2b64,4b64,8b64 [all nine].")
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            help="Sweep LO:HI:STEP in bits per weight, clipped to the model's range [2.5:8:0.25]."
+        ),
+    ] = None,
+    random_configs: Annotated[
+        int | None, typer.Option(help="Unseen random configurations added to the sweep [8].")
+    ] = None,
+    lm_head: Annotated[
+        str | None, typer.Option(help="LM head option in the bundle, or 'none' for fp32 [8b32].")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
+    work_dir: Annotated[str | None, typer.Option(help="Checkpoints, logs and caches.")] = None,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Demo preset: minutes, not quality.")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached work.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log.")] = False,
+) -> None:
+    import logging
+
+    from coalora.export.pipeline import ExportOptions, run_export
+
+    try:
+        overrides: dict[str, Any] = dict(
+            data=data,
+            task=task,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            rank=rank,
+            alpha=alpha,
+            lr=lr,
+            configs_per_step=configs_per_step,
+            steps_per_epoch=steps_per_epoch,
+            eval_batches=eval_batches,
+            val_fraction=val_fraction,
+            seed=seed,
+            calib_texts=calib_texts,
+            sweep_random=random_configs,
+            lm_head=lm_head,
+            threads=threads,
+            limit=limit,
+            work_dir=work_dir,
+        )
+        if options is not None:
+            overrides["options"] = tuple(o.strip() for o in options.split(",") if o.strip())
+        if budgets is not None:
+            overrides.update(_parse_sweep(budgets))
+        opts = ExportOptions.for_model(
+            model, out, fast=fast, fresh=fresh, overwrite=overwrite, progress=not quiet, **overrides
+        )
+        if epochs is not None:
+            if steps_per_epoch is not None:
+                raise ValueError("give --epochs or --steps-per-epoch, not both")
+            if epochs < 0:
+                raise ValueError(f"--epochs must be >= 0, got {epochs}")
+            opts.steps_per_epoch = max(1, opts.steps // epochs) if epochs else 0
+        if not quiet:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            logging.getLogger("coalora.export.pipeline").setLevel(logging.INFO)
+        result = run_export(opts)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    for line in result.summary():
+        typer.echo(line)
+
+
+def _parse_sweep(text: str) -> dict[str, float]:
+    """``"2.5:8:0.25"`` -> sweep_lo/hi/step (the step may be left out)."""
+    parts = [p.strip().lower().removesuffix("bits") for p in text.split(":")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3):  # also an unreadable number
+        raise ValueError(f"cannot read --budgets {text!r}: expected LO:HI[:STEP], e.g. 2.5:8:0.25")
+    out = {"sweep_lo": values[0], "sweep_hi": values[1]}
+    if len(values) == 3:
+        out["sweep_step"] = values[2]
+    return out
 
 
 def main() -> None:

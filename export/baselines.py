@@ -1,0 +1,215 @@
+"""Baselines in the export job's harness: same data, split, calibration, quantized weights,
+training configuration set and held-out batches as ``run_export``; only the adapter differs.
+
+Methods (quality at the optimal allocation of every budget):
+
+- ``coa-lora``        the method: shared LoRA + θ, Pareto search every epoch (as ``run_export``)
+- ``shared-lora``     one LoRA for every configuration (``use_theta=False``), trained over the
+                      same starting configuration set
+- ``per-config-lora`` one LoRA fine-tuned per evaluated configuration (its own single-config
+                      training set): fine-tuning time grows with the number of configurations
+- ``no-lora``         the quantized model alone (a classifier still trains its task head, or
+                      its accuracy would be chance)
+- ``fp``              full-precision base + LoRA: the upper bound, the same value at every budget
+
+``run_baselines`` returns the curves and the fine-tuning seconds of each method.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coalora.export.pipeline import (
+    ExportError,
+    ExportOptions,
+    cached_calibration,
+    cached_cost_table,
+    held_out_batches,
+    load_data,
+    load_for_training,
+    torch_threads,
+    work_dir_for,
+)
+from coalora.kernels import Configuration
+
+log = logging.getLogger("coalora.export.baselines")
+
+METHODS: tuple[str, ...] = ("coa-lora", "shared-lora", "per-config-lora", "no-lora", "fp")
+
+
+@dataclass
+class BaselineResults:
+    """``curves[method]``: (bits, metric) per budget, in ``budgets`` order."""
+
+    budgets: list[float]
+    bits: list[float]  # of the allocation evaluated at each budget
+    curves: dict[str, list[tuple[float, float]]]
+    train_seconds: dict[str, float]  # total fine-tuning time per method
+    metric_name: str
+    higher_is_better: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budgets": self.budgets,
+            "bits": self.bits,
+            "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
+            "curves": {m: [list(p) for p in pts] for m, pts in self.curves.items()},
+            "train_seconds": self.train_seconds,
+            "notes": self.notes,
+        }
+
+
+def _share_quantized(src: Any, dst: Any) -> None:
+    # Both models quantize the same weights with the same importance and method: one cache
+    # (a dict per layer) serves both, so the slow quantizer runs once per (matrix, option).
+    for name, layer in src.layers.items():
+        dst.layers[name]._cache = layer._cache
+
+
+def run_baselines(
+    opts: ExportOptions,
+    budgets: Sequence[float],
+    methods: Sequence[str] = METHODS,
+) -> BaselineResults:
+    """Train and evaluate each method at the optimal allocation of every budget."""
+    from coalora.export.allocation import BudgetError, allocate
+    from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, evaluate, train
+    from coalora.export.coa_lora.search import ParetoSearch
+    from coalora.export.data import DataError
+    from coalora.export.models import ModelLoadError
+    from coalora.export.sweep import metric_direction
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ExportError(f"unknown baseline {unknown[0]!r}: expected some of {', '.join(METHODS)}")
+    if not budgets:
+        raise ExportError("no budgets given")
+    opts.check()
+    try:
+        inp = load_for_training(opts, load_data(opts))
+    except (ModelLoadError, DataError) as exc:
+        raise ExportError(str(exc)) from exc
+    loaded, space = inp.loaded, inp.space
+    search_batches, held_out, _ = held_out_batches(inp.val_batches, opts.eval_batches)
+    # Calibration and the cost table are the export job's: the same work directory serves both.
+    work = work_dir_for(opts, inp)
+    work.mkdir(parents=True, exist_ok=True)
+    pristine = copy.deepcopy(loaded.model)  # the second adapter model wraps its own copy
+
+    with torch_threads(opts.threads):
+        import numpy as np
+
+        pick = np.random.default_rng(opts.seed).permutation(len(inp.split.train))
+        texts = [inp.split.train.texts[int(i)] for i in pick[: opts.calib_texts]]
+        moments, _ = cached_calibration(
+            loaded, texts, opts.calib_len, work / "calibration.safetensors", opts.fresh
+        )
+        base_cfg = dict(
+            rank=opts.rank,
+            alpha=opts.alpha,
+            lr=opts.lr,
+            configs_per_step=opts.configs_per_step,
+            seed=opts.seed,
+        )
+        coa = CoALoRAModel(
+            loaded.model,
+            space,
+            CoALoRAConfig(**base_cfg),
+            kind=loaded.kind,
+            importance=moments,
+            method=opts.quantizer,
+        )
+        costs, _ = cached_cost_table(coa, moments, work / "costs.json", opts.fresh, opts.progress)
+        try:
+            configs = [allocate(space, costs, float(b)) for b in budgets]
+        except BudgetError as exc:
+            raise ExportError(str(exc)) from exc
+        bits = [space.bits(c) for c in configs]
+        search = ParetoSearch(
+            space,
+            eval_batches=search_batches,
+            allocation_costs=costs,
+            proposals_per_epoch=opts.proposals_per_epoch,
+            candidates=opts.search_candidates,
+            seed=opts.seed,
+        )
+        initial = search.initial_set(opts.initial_budgets)
+
+        shared = CoALoRAModel(
+            pristine,
+            space,
+            CoALoRAConfig(**base_cfg, use_theta=False),
+            kind=loaded.kind,
+            importance=moments,
+            method=opts.quantizer,
+        )
+        _share_quantized(coa, shared)
+        init_state = {k: v.clone() for k, v in shared.trainable_state_dict().items()}
+
+        def reset(mode: str) -> Any:
+            shared.load_trainable_state_dict(init_state)
+            shared.set_mode(mode)
+            return shared
+
+        def fit(model: Any, train_set: Sequence[Configuration], **kw: Any) -> float:
+            t0 = time.perf_counter()
+            train(
+                model, inp.train_batches, train_set, steps=opts.steps, progress=opts.progress, **kw
+            )
+            return time.perf_counter() - t0
+
+        def curve(model: Any) -> list[tuple[float, float]]:
+            return [(b, evaluate(model, c, held_out)) for b, c in zip(bits, configs, strict=True)]
+
+        curves: dict[str, list[tuple[float, float]]] = {}
+        seconds: dict[str, float] = {}
+        notes: list[str] = []
+        for method in methods:
+            log.info("baseline %s ...", method)
+            if method == "coa-lora":
+                spe = opts.steps_per_epoch
+                seconds[method] = fit(
+                    coa, initial, steps_per_epoch=spe or None, on_epoch_end=search if spe else None
+                )
+                curves[method] = curve(coa)
+            elif method == "shared-lora":
+                seconds[method] = fit(reset("quant"), initial)
+                curves[method] = curve(shared)
+            elif method == "per-config-lora":
+                seconds[method], curves[method] = 0.0, []
+                for b, c in zip(bits, configs, strict=True):
+                    seconds[method] += fit(reset("quant"), [c])
+                    curves[method].append((b, evaluate(shared, c, held_out)))
+            elif method == "no-lora":
+                model = reset("no-lora")
+                if model.head_state_dict():  # a fresh task head must learn, or it is chance
+                    seconds[method] = fit(model, initial)
+                    notes.append("no-lora: the task head alone was trained (LoRA off)")
+                else:
+                    seconds[method] = 0.0
+                curves[method] = curve(model)
+            else:  # fp: the configuration is irrelevant, the base runs unquantized
+                model = reset("fp")
+                seconds[method] = fit(model, initial[:1])
+                value = evaluate(model, None, held_out)
+                curves[method] = [(b, value) for b in bits]
+            log.info("baseline %s: %.1f s of fine-tuning", method, seconds[method])
+        shared.set_mode("quant")
+
+    name, higher = metric_direction(loaded.kind)
+    return BaselineResults(
+        budgets=[float(b) for b in budgets],
+        bits=bits,
+        curves=curves,
+        train_seconds=seconds,
+        metric_name=name,
+        higher_is_better=higher,
+        notes=notes,
+    )

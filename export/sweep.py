@@ -1,0 +1,161 @@
+"""The deployable Pareto set: a dense sweep of configurations measured with the trained adapter.
+
+After training, the configurations a device may pick are:
+
+- the optimal allocation (``export.allocation.allocate``) at every budget from 2.5 to 8 bits
+  in steps of 0.25, clipped to what the configuration space can reach;
+- a few random configurations that training never drew, to measure (and ship) how θ does on
+  configurations it has never seen.
+
+Each is evaluated on held-out batches with the CURRENT adapter (U = θ(config)), giving a
+``ParetoEntry(config, bits, nbytes, metric, seen_in_training)``; the bundle keeps the
+non-dominated ones (``ParetoSet.front()``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from coalora.export.allocation import CostTable, allocate
+from coalora.export.coa_lora.model import CoALoRAModel
+from coalora.export.coa_lora.train import Batch, evaluate, random_configurations
+from coalora.kernels.config import ConfigSpace, Configuration
+from coalora.runtime.selection import ParetoEntry, ParetoSet
+
+SWEEP_LO = 2.5
+SWEEP_HI = 8.0
+SWEEP_STEP = 0.25
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run (an empty or impossible budget range)."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One evaluated configuration; ``source`` is "allocation@<budget>" or "random"."""
+
+    entry: ParetoEntry
+    source: str
+
+
+def metric_direction(kind: str) -> tuple[str, bool]:
+    """(metric name, higher is better) of ``evaluate(..., "auto")`` for a model kind."""
+    return ("perplexity", False) if kind == "causal-lm" else ("accuracy", True)
+
+
+def sweep_budgets(
+    space: ConfigSpace,
+    lo: float = SWEEP_LO,
+    hi: float = SWEEP_HI,
+    step: float = SWEEP_STEP,
+) -> list[float]:
+    """Budgets ``lo, lo+step, ..., hi`` clipped to [space.min_bits(), space.max_bits()].
+
+    The space's own ends join the list when clipping cut the range, so the cheapest and the
+    most precise reachable configurations are always offered.
+    """
+    if not all(math.isfinite(v) for v in (lo, hi, step)) or step <= 0:
+        raise SweepError(f"sweep step must be a positive number, got {step}")
+    if lo > hi:
+        raise SweepError(f"sweep range is empty: low end {lo:g} is above high end {hi:g}")
+    s_lo, s_hi = space.min_bits(), space.max_bits()
+    if hi < s_lo or lo > s_hi:
+        raise SweepError(
+            f"sweep range {lo:g}-{hi:g} bits misses everything this model can reach "
+            f"({s_lo:.3f}-{s_hi:.3f} bits per weight)"
+        )
+    n = int(math.floor((hi - lo) / step + 1e-9)) + 1
+    grid = [round(lo + i * step, 6) for i in range(n)]
+    budgets = [b for b in grid if s_lo <= b <= s_hi]
+    if lo < s_lo:
+        budgets.insert(0, s_lo)
+    if hi > s_hi:
+        budgets.append(s_hi)
+    return sorted(set(budgets))
+
+
+def sweep_configurations(
+    space: ConfigSpace,
+    costs: CostTable | np.ndarray,
+    budgets: Sequence[float],
+    *,
+    n_random: int = 0,
+    exclude_random: Iterable[Configuration] = (),
+    seed: int = 0,
+) -> list[tuple[Configuration, str]]:
+    """Distinct (configuration, source): allocations at ``budgets``, then ``n_random`` random
+    configurations not in ``exclude_random`` (nor among the allocations)."""
+    out: dict[Configuration, str] = {}
+    for b in budgets:
+        out.setdefault(allocate(space, costs, float(b)), f"allocation@{b:g}")
+    excluded = set(exclude_random) | set(out)
+    if n_random > 0:
+        # Draw extra so that excluded ones can be skipped and still leave n_random.
+        pool = random_configurations(space, 4 * n_random + len(excluded), seed=seed)
+        picked = [c for c in pool if c not in excluded][:n_random]
+        for c in picked:
+            out[c] = "random"
+    return list(out.items())
+
+
+def evaluate_sweep(
+    model: CoALoRAModel,
+    candidates: Sequence[tuple[Configuration, str]],
+    batches: Iterable[Batch],
+    *,
+    seen: Iterable[Configuration] = (),
+    progress: bool = True,
+) -> list[SweepPoint]:
+    """Evaluate each candidate with the current adapter on ``batches`` (metric "auto")."""
+    space = model.space
+    seen_set = set(seen)
+    held_out = list(batches)
+    if not held_out:
+        raise SweepError("the sweep needs held-out evaluation batches")
+    points: list[SweepPoint] = []
+    for config, source in tqdm(candidates, desc="sweep", disable=not progress, leave=False):
+        metric = evaluate(model, config, held_out, "auto")
+        entry = ParetoEntry(
+            config=config,
+            bits=space.bits(config),
+            nbytes=space.nbytes(config),
+            metric=float(metric),
+            seen_in_training=config in seen_set,
+        )
+        points.append(SweepPoint(entry, source))
+    return points
+
+
+def pareto_set(points: Sequence[SweepPoint], kind: str) -> ParetoSet:
+    """Every evaluated point as a ``ParetoSet`` (call ``.front()`` for the deployable one)."""
+    name, higher = metric_direction(kind)
+    return ParetoSet(tuple(p.entry for p in points), name, higher)
+
+
+def dense_sweep(
+    model: CoALoRAModel,
+    costs: CostTable | np.ndarray,
+    batches: Iterable[Batch],
+    *,
+    lo: float = SWEEP_LO,
+    hi: float = SWEEP_HI,
+    step: float = SWEEP_STEP,
+    n_random: int = 8,
+    seen: Iterable[Configuration] = (),
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[ParetoSet, list[SweepPoint]]:
+    """The deployable front and every evaluated point (allocations + unseen random ones)."""
+    seen = set(seen)
+    budgets = sweep_budgets(model.space, lo, hi, step)
+    candidates = sweep_configurations(
+        model.space, costs, budgets, n_random=n_random, exclude_random=seen, seed=seed
+    )
+    points = evaluate_sweep(model, candidates, batches, seen=seen, progress=progress)
+    return pareto_set(points, model.kind).front(), points

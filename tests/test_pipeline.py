@@ -1,0 +1,209 @@
+"""The export job end to end on a tiny LLaMA saved to disk: bundle, reuse, bad input, CLI,
+and the baselines harness."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from coalora.export.baselines import METHODS, run_baselines
+from coalora.export.cli import app
+from coalora.export.models import tiny_llama, tiny_tokenizer
+from coalora.export.pipeline import ExportError, ExportOptions, run_export
+from coalora.export.sweep import SweepError, sweep_budgets
+from coalora.runtime.bundle import Bundle
+from coalora.runtime.selection import ParetoSet
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "ran", "to", "red", "house", "near", "old", "tree"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: extra threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    model_dir = root / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    data = root / "text.jsonl"
+    with data.open("w") as f:
+        for _ in range(48):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(24))}) + "\n")
+    return {"model": model_dir, "data": data}
+
+
+def _opts(inputs: dict[str, Path], tmp_path: Path, **kw) -> ExportOptions:
+    values = dict(
+        model=str(inputs["model"]),
+        data=str(inputs["data"]),
+        work_dir=tmp_path / "work",
+        steps=4,
+        batch_size=4,
+        seq_len=32,
+        rank=4,
+        steps_per_epoch=2,
+        proposals_per_epoch=2,
+        search_candidates=16,
+        initial_budgets=5,
+        eval_batches=1,
+        calib_texts=4,
+        calib_len=48,
+        options=("2b64", "4b64", "8b64"),
+        sweep_step=1.0,
+        sweep_random=2,
+        progress=False,
+    )
+    values.update(kw)
+    return ExportOptions(out=tmp_path / "bundle", **values)
+
+
+def test_export_end_to_end_then_reuse(inputs, tmp_path, caplog):
+    opts = _opts(inputs, tmp_path)
+    res = run_export(opts)
+
+    bundle = Bundle.open(res.bundle, verify="all")
+    pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)  # validates every entry
+    assert len(pareto) >= 2 and pareto.metric_name == "perplexity"
+    assert not pareto.higher_is_better
+    for e in pareto.entries:
+        assert bundle.space.validate(e.config) == e.config
+    assert pareto.front().entries == pareto.entries  # only non-dominated ones ship
+    assert any(not p["seen_in_training"] for p in res.evaluated)  # unseen ones were measured
+    training = bundle.manifest["training"]
+    assert training["steps"] == 4 and training["split"]["seed"] == 0
+    assert training["split"]["train"] + training["split"]["val"] == 48
+    assert set(res.phases) >= {"data", "calibration", "train", "sweep", "export"}
+    assert not any(res.reused.values())
+    assert (res.work_dir / "train" / "checkpoint" / "trainer.json").is_file()
+
+    # A second run with the same options reuses every slow phase and trains nothing.
+    opts.overwrite = True
+    caplog.set_level(logging.INFO, logger="coalora.export.pipeline")
+    again = run_export(opts)
+    assert all(again.reused.values()), again.reused
+    assert "reusing checkpoint at step 4: no training" in caplog.text
+    log_text = (again.work_dir / "export.log").read_text()
+    assert "reusing calibration" in log_text and "reusing the sweep" in log_text
+    assert again.phases["train"] < res.phases["train"]
+    assert [e.bits for e in again.pareto.entries] == [e.bits for e in res.pareto.entries]
+    Bundle.open(again.bundle, verify="all")
+
+    # the same work dir with other training options is refused, the bundle left as it was
+    with pytest.raises(ExportError, match=r"other options \(steps\)"):
+        run_export(_opts(inputs, tmp_path, steps=5, overwrite=True))
+    Bundle.open(again.bundle, verify="all")
+
+    # fresh ignores the cache
+    opts.fresh = True
+    assert not any(run_export(opts).reused.values())
+
+
+def test_bad_inputs_leave_no_output(inputs, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError, match="cannot load model"):
+        run_export(_opts(inputs, tmp_path, model=str(tmp_path / "nope")))
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": broken\n')
+    with pytest.raises(ExportError, match=r"bad\.jsonl:3: invalid JSON"):
+        run_export(_opts(inputs, tmp_path, data=str(bad)))
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+    with pytest.raises(ExportError, match="sweep"):
+        run_export(_opts(inputs, tmp_path, sweep_lo=12.0, sweep_hi=16.0))
+    with pytest.raises(ExportError, match="impossible sweep budgets"):
+        run_export(_opts(inputs, tmp_path, sweep_lo=6.0, sweep_hi=3.0))
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists"):
+        run_export(_opts(inputs, tmp_path))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_sweep_budgets_clip_to_the_space():
+    from coalora.export.models import config_space
+    from coalora.kernels import QuantOption
+
+    space = config_space(tiny_llama(), [QuantOption(2, 64), QuantOption(4, 64)])
+    budgets = sweep_budgets(space, 2.5, 8.0, 0.25)
+    assert budgets[0] == pytest.approx(space.min_bits())
+    assert budgets[-1] == pytest.approx(space.max_bits())
+    assert all(space.min_bits() <= b <= space.max_bits() for b in budgets)
+    with pytest.raises(SweepError, match="misses"):
+        sweep_budgets(space, 9.0, 12.0)
+
+
+def test_cli_export_train(inputs, tmp_path):
+    out = tmp_path / "cli-bundle"
+    args = ["export", "train", str(inputs["model"]), "--out", str(out)]
+    args += ["--data", str(inputs["data"]), "--work-dir", str(tmp_path / "work"), "--fast"]
+    args += ["--steps", "2", "--steps-per-epoch", "0", "--seq-len", "32", "--rank", "4"]
+    args += ["--calib-texts", "2", "--budgets", "2.5:8:1.5", "--random-configs", "1", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Pareto set:" in result.output and "time per phase" in result.output
+    Bundle.open(out, verify="all")
+
+    # the same command again: the bundle exists, one line on stderr, exit 2
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2
+    assert "already exists" in again.output and "Traceback" not in again.output
+
+    other = str(tmp_path / "other")
+    missing = CliRunner().invoke(app, ["export", "train", "no-such-model", "--out", other])
+    assert missing.exit_code == 2 and "cannot load model" in missing.output
+
+
+def test_baselines_give_a_metric_per_method_and_budget(inputs, tmp_path):
+    opts = _opts(inputs, tmp_path, steps=2, steps_per_epoch=0)
+    budgets = [3.5, 5.0]
+    res = run_baselines(opts, budgets)
+    assert set(res.curves) == set(METHODS) == set(res.train_seconds)
+    for method, points in res.curves.items():
+        assert len(points) == len(budgets), method
+        assert all(p[1] > 0 for p in points)
+    assert res.metric_name == "perplexity"
+    assert res.bits == sorted(res.bits) and res.bits[0] <= 3.5
+    assert res.train_seconds["no-lora"] == 0.0  # an LM has no head to train
+    assert res.train_seconds["per-config-lora"] > 0
+    json.dumps(res.to_dict())
+
+
+def test_export_classifier_from_labelled_jsonl(tmp_path):
+    from coalora.export.models import tiny_bert
+
+    model_dir = tmp_path / "tiny-bert"
+    tiny_bert(num_labels=2).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "labelled.jsonl"
+    rng = random.Random(1)
+    with data.open("w") as f:
+        for i in range(40):
+            label = ["sport", "tech"][i % 2]
+            words = " ".join(rng.choice(WORDS) for _ in range(8))
+            f.write(json.dumps({"text": f"{label} {words}", "label": label}) + "\n")
+    opts = _opts({"model": model_dir, "data": data}, tmp_path, sweep_random=1)
+    res = run_export(opts)
+    assert res.record["task"] == "classify"
+    bundle = Bundle.open(res.bundle, verify="all")
+    pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
+    assert pareto.metric_name == "accuracy" and pareto.higher_is_better
+    assert all(0.0 <= e.metric <= 1.0 for e in pareto.entries)
+    assert bundle.manifest["architecture"]["labels"] == ["sport", "tech"]
