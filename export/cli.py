@@ -168,7 +168,8 @@ def quantize_report(
 ) -> None:
     """Per-option quantization error (search vs round-to-nearest) and optimal allocations.
 
-    Errors are weighted by calibration activations E[x_k^2] from BBC News text.
+    Errors are weighted by calibration activations (second moments of each input column)
+    from BBC News text.
     """
     from coalora.export.allocation import BudgetError
     from coalora.export.calibration import CalibrationError
@@ -327,6 +328,68 @@ def export_train(
         raise fail(str(exc)) from None
     for line in result.summary():
         typer.echo(line)
+
+
+@export_app.command("bundle")
+def export_bundle_cmd(
+    bundle: Annotated[str, typer.Argument(help="An exported bundle directory.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the slimmed bundle.")],
+    max_bits: Annotated[
+        float, typer.Option(help="Keep stored configurations up to this many bits per weight.")
+    ],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Slim a bundle for a device class: keep the configurations up to --max-bits and ship only
+    the (matrix, option) pairs they use.
+
+    Example: coalora export bundle smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
+    """
+    from coalora.export.slim import slim_bundle
+    from coalora.runtime.bundle import Bundle
+
+    if not (max_bits > 0 and max_bits < 64):
+        raise fail(f"--max-bits must be a positive number of bits, got {max_bits}")
+    try:
+        path = slim_bundle(bundle, out, max_bits, overwrite=overwrite)
+    except (ValueError, FileExistsError) as exc:
+        raise fail(str(exc)) from None
+    before = Bundle.open(bundle).size_on_disk()
+    after = Bundle.open(path).size_on_disk()
+    typer.echo(f"wrote {path}: {after / 1e6:.1f} MB on disk (from {before / 1e6:.1f} MB)")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bundle: Annotated[str, typer.Argument(help="A bundle directory.")],
+    plot: Annotated[
+        str | None, typer.Option(help="Also write a PNG of the metric against bits here.")
+    ] = None,
+    verify: Annotated[bool, typer.Option(help="Check every file's SHA-256 first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Print a bundle's manifest summary and its Pareto table.
+
+    Example: coalora inspect smollm2-bbc/ --plot pareto.png
+    """
+    from coalora.runtime.bundle import Bundle
+    from coalora.runtime.report import bundle_summary, print_summary
+
+    try:
+        summary = bundle_summary(Bundle.open(bundle, verify="all" if verify else "used"))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    if plot:
+        from coalora.export.plots import plot_pareto
+
+        try:
+            path = plot_pareto(summary, plot)
+        except OSError as exc:
+            raise fail(f"cannot write {plot}: {exc}") from None
+        typer.echo(f"plot: {path}", err=as_json)
 
 
 def _parse_sweep(text: str) -> dict[str, float]:

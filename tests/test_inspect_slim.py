@@ -44,3 +44,30 @@ def test_slim_below_everything_fails_cleanly(tiny_llama_bundle: Path, tmp_path: 
     with pytest.raises(SlimError, match="smallest needs"):
         slim_bundle(tiny_llama_bundle, tmp_path / "none", max_bits=1.0)
     assert not (tmp_path / "none").exists()
+
+
+def test_cli_inspect_and_slim(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from coalora.export.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(tiny_llama_bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["family"] == "llama"
+    res = runner.invoke(app, ["inspect", str(tiny_llama_bundle), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 0 and (tmp_path / "p.png").exists()
+    out = tmp_path / "slim"
+    res = runner.invoke(
+        app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "6", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert Bundle.open(out, verify="all").manifest["slimmed"]["max_bits"] == 6.0
+    res = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "no bundle" in res.stderr
+    res = runner.invoke(
+        app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "1", "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "smallest needs" in res.stderr
