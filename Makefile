@@ -6,7 +6,7 @@ PYTHON  := $(BIN)/python
 # The test command README.md and .ci/run use.
 TEST_CMD := $(PYTHON) -m pytest -q
 
-.PHONY: install install-runtime test lint format bench e2e demo clean
+.PHONY: install install-runtime test lint format bench demo clean
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -30,9 +30,33 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The main job: export SmolLM2 fine-tuned on BBC News (offline packages), then serve it at two
+# budgets. A second run reuses the bundle; `make demo FRESH=1` rebuilds it.
+DEMO_BUNDLE ?= .cache/demo/smollm2-bbc
+DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
+DEMO_BUDGETS ?= 4.5bits 6bits
+DEMO_EXPORT_FLAGS ?= --fast
+
+demo: install
+	@if [ -z "$(FRESH)" ] && [ -f $(DEMO_BUNDLE)/manifest.json ]; then \
+		echo "reusing $(DEMO_BUNDLE) (make demo FRESH=1 rebuilds it)"; \
+	else \
+		HF_HUB_OFFLINE=1 $(BIN)/coalora export train smollm2 $(DEMO_EXPORT_FLAGS) \
+			$(if $(FRESH),--fresh --overwrite) --out $(DEMO_BUNDLE) || exit $$?; \
+	fi
+	$(BIN)/coalora inspect $(DEMO_BUNDLE)
+	@for budget in $(DEMO_BUDGETS); do \
+		echo; echo "== coalora-run $(DEMO_BUNDLE) --budget $$budget"; \
+		$(BIN)/coalora-run $(DEMO_BUNDLE) --budget $$budget --max-tokens 64 --prompt "$(DEMO_PROMPT)" || exit $$?; \
+	done
+
 bench: install  ## benchmarks on the real offline models; results land in benchmarks/results/
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+
+.PHONY: smoke-arm64
+smoke-arm64: install  ## runtime on emulated Cortex-A72/A76 (qemu-user, root); docs/arm64-smoke.md
+	bash scripts/smoke_arm64.sh $(SMOKE_ARM64_ARGS)
