@@ -23,6 +23,9 @@ def plot_pareto(summary: dict[str, Any], out: str | Path, title: str | None = No
     ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.6", lw=1, zorder=2)
     ax.set_xlabel("bits per weight (codes + scales + zero points, as the device holds them)")
     ax.set_ylabel(summary["metric"])
+    values = [e["metric"] for e in summary["pareto"]]
+    if summary["metric"] == "perplexity" and min(values) > 0 and max(values) / min(values) > 5:
+        ax.set_yscale("log")  # perplexity spans orders of magnitude at low bits
     ax.set_title(title or f"{summary['family']} {summary['task']}: stored configurations")
     ax.grid(alpha=0.3)
     ax.legend()
