@@ -1,8 +1,10 @@
 """From a bundle and a configuration to the graph a session runs (and what it will cost).
 
-Weights are views onto the memory-mapped bundle files (``mapped``); the graph builders get
-those views, and ``sources()`` names them the way the builders name their initializers so
-``session.create_session`` can hand them to onnxruntime without copying.
+Weights are views onto the memory-mapped bundle files (``mapped``). With ``external=True``
+the graph builders leave every large initializer out of the proto and return the arrays
+(those views, plus what the build computes: fused q/k/v and gate/up, the packed LoRA, in a
+``Scratch`` whose pages can be given back once the session has prepacked them), so
+``session.create_session`` hands them to onnxruntime without copying.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
-from coalora.runtime.bundle import BASE_FILE, LORA_FILE, Bundle, BundleError, quant_file
+from coalora.runtime.bundle import (
+    BASE_FILE,
+    LORA_FILE,
+    TOKENIZER_FILE,
+    Bundle,
+    BundleError,
+    quant_file,
+)
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
 from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
 from coalora.runtime.graphs.weights import (
@@ -25,7 +34,7 @@ from coalora.runtime.graphs.weights import (
     LoraSlot,
     decoder_weights_from_arrays,
 )
-from coalora.runtime.mapped import MappedFileError, MappedSafetensors
+from coalora.runtime.mapped import MappedFileError, MappedSafetensors, Scratch
 from coalora.runtime.plan import kv_cache_bytes_per_token
 
 # 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
@@ -62,15 +71,60 @@ def _slot_bytes(slot: LoraSlot) -> int:
     return LORA_A_OPTION.nbytes(n_a, k_a) + LORA_B_OPTION.nbytes(n_b, k_b)
 
 
-def lora_bytes(bundle: Bundle, lora_bits: int) -> int:
-    """Bytes of the session's LoRA initializers: one A/B pair per matrix (unfused)."""
+def _fused_groups(bundle: Bundle, config: Configuration | None) -> list[tuple[str, ...]]:
+    """The matrices that share one LoRA slot in the runtime's graph: q/k/v and gate/up of a
+    LLaMA layer when their options match (``fuse``), every other matrix alone."""
+    names = [m.name for m in bundle.space.matrices]
+    if config is None or bundle.architecture.get("family") != "llama":
+        return [(n,) for n in names]
+    groups: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    for n in names:
+        if n in done:
+            continue
+        prefix, _, proj = n.rpartition(".")
+        members = {
+            "q_proj": ("q_proj", "k_proj", "v_proj"),
+            "gate_proj": ("gate_proj", "up_proj"),
+        }.get(proj)
+        group = (n,)
+        if members:
+            cand = tuple(f"{prefix}.{p}" for p in members)
+            if all(c in config for c in cand) and len({config[c] for c in cand}) == 1:
+                group = cand
+        groups.append(group)
+        done.update(group)
+    return groups
+
+
+def lora_bytes(bundle: Bundle, lora_bits: int, config: Configuration | None = None) -> int:
+    """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
+    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
     total = 0
-    for m in bundle.space.matrices:
+    for group in _fused_groups(bundle, config):
+        specs = [bundle.space.matrix(n) for n in group]
         slot = LoraSlot(
-            m.name, (m.name,), m.in_features, (m.out_features,), bundle.lora_rank, lora_bits
+            group[0],
+            group,
+            specs[0].in_features,
+            tuple(m.out_features for m in specs),
+            bundle.lora_rank,
+            lora_bits,
         )
         total += _slot_bytes(slot)
     return total
+
+
+# A loaded tokenizers.Tokenizer holds about this many times its tokenizer.json in RAM:
+# measured (RSS before/after Tokenizer.from_file, tokenizers 0.23) 33.1 MB for SmolLM2's
+# 1.56 MB file (21.2x) and 10.0 MB for all-MiniLM-L6-v2's 0.47 MB (21.4x).
+TOKENIZER_RSS_FACTOR = 22
+
+
+def tokenizer_bytes(bundle: Bundle) -> int:
+    """RAM of the bundle's tokenizer once loaded (0 without one)."""
+    entry = bundle.manifest["files"].get(TOKENIZER_FILE)
+    return TOKENIZER_RSS_FACTOR * int(entry["bytes"]) if entry else 0
 
 
 def rope_cache_bytes(arch: Arch, context_length: int) -> int:
@@ -174,13 +228,25 @@ def build_graph(
     context_length: int,
     lora_bits: int = DEFAULT_LORA_BITS,
     adapters: dict[str, Adapter] | None = None,
+    external: bool = False,
+    fuse: bool = False,
+    scratch: Scratch | None = None,
+    last_logits: bool = False,
 ) -> tuple[ModelProto, dict[str, np.ndarray]]:
-    """The graph for ``config`` (zero LoRA unless ``adapters`` are baked in) and the
-    initializer sources it may take from the mapped files."""
+    """The graph for ``config`` (zero LoRA unless ``adapters`` are given) and the arrays the
+    session takes in place.
+
+    ``external``: the proto holds no large initializer; the returned dict has them all
+    (views of the mapped files, and the LoRA packed from ``adapters``), for
+    ``create_session(initializers=...)``. Otherwise the proto is self-contained and the dict
+    names the initializers it may take from the mapped files instead
+    (``create_session(sources=...)``).
+    """
     bundle = mapped.bundle
     base = mapped.base()
     linears = mapped.linears(config)
     rank = bundle.lora_rank
+    held: dict[str, np.ndarray] | None = {} if external else None
     try:
         if isinstance(arch, LlamaArch):
             weights = decoder_weights_from_arrays(arch, base, linears, adapters)
@@ -195,13 +261,18 @@ def build_graph(
                 max_seq_len=context_length,
                 # Fused q/k/v and gate/up would be new arrays onnxruntime copies and keeps
                 # next to its prepacked copy; unfused, every linear is a mapped view.
-                fuse_qkv=False,
-                fuse_gate_up=False,
+                fuse_qkv=fuse,
+                fuse_gate_up=fuse,
+                external=held,
+                scratch=scratch,
+                last_logits=last_logits,
             )
         else:
             prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""
             weights = BertWeights(base, linears, dict(adapters or {}), prefix)
-            proto = build_bert_classifier(arch, weights, lora_rank=rank, lora_bits=lora_bits)
+            proto = build_bert_classifier(
+                arch, weights, lora_rank=rank, lora_bits=lora_bits, external=held, scratch=scratch
+            )
     except KeyError as exc:
         raise BundleError(f"{bundle.root}: {exc.args[0] if exc.args else exc}") from None
-    return proto, _sources(base, linears)
+    return proto, (held if held is not None else _sources(base, linears))

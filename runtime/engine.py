@@ -1,14 +1,25 @@
 """``Runtime``: serve one bundle on this device, at the best configuration the budget allows.
 
     bundle -> Pareto set -> select(budget, memory plan) -> θ(config) -> fold -> graph
-           -> onnxruntime session (weights memory-mapped, LoRA as initializer overrides)
+           -> onnxruntime session (every weight handed over in place: memory-mapped bundle
+              tensors, fused q/k/v and gate/up plus the packed LoRA in scratch pages)
+
+The graph references its weights instead of holding them, and the pages MatMulNBits has
+prepacked leave the process while the session is built, so building holds about one copy of
+the weights (benchmarks/results/runtime_speed.md, SmolLM2-135M shapes: open() peaks at
+0.76-0.90 of the plan; with the weights embedded in the proto it peaked at 985 MB against a
+303 MB plan). The graph fuses q/k/v and gate/up (with
+one LoRA slot per fused group) and computes logits for the last position only.
 
 ``switch()`` repeats the same steps from selection on in the running process, dropping the
-old session first so its memory is gone before the new one is built.
+old session first (and trimming the C heap) so its memory is gone before the new one is
+built.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import time
 from collections.abc import Iterator
@@ -26,8 +37,8 @@ from coalora.runtime.bundle import THETA_FILE, Bundle, BundleError, Verify
 from coalora.runtime.chat import ChatFormat
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
-from coalora.runtime.graphs.weights import lora_initializers, lora_slots
-from coalora.runtime.plan import MemoryPlan, plan_memory
+from coalora.runtime.mapped import Scratch
+from coalora.runtime.plan import DEFAULT_OVERHEAD, MemoryPlan, plan_memory
 from coalora.runtime.probe import available_memory, physical_cores
 from coalora.runtime.profiles import DeviceProfile, load_profile
 from coalora.runtime.sampling import SamplingParams
@@ -123,8 +134,8 @@ class Runtime:
             + assemble.rope_cache_bytes(self.arch, context_length)
             + bundle.manifest["files"][THETA_FILE]["bytes"]
         )
-        self._lora_bytes = assemble.lora_bytes(bundle, lora_bits)
         self._kv_per_token = assemble.kv_bytes_per_token(self.arch)
+        self._overhead = DEFAULT_OVERHEAD + assemble.tokenizer_bytes(bundle)
 
     # -- opening and switching ------------------------------------------------------------------
     @classmethod
@@ -178,9 +189,10 @@ class Runtime:
             self.bundle.space,
             config,
             other_weights_bytes=self._other_bytes,
-            lora_bytes=self._lora_bytes,
+            lora_bytes=assemble.lora_bytes(self.bundle, self.lora_bits, config),
             kv_bytes_per_token=self._kv_per_token,
             context_length=self.context_length,
+            overhead_bytes=self._overhead,
         )
 
     def choose(self, budget: Budget, profile: DeviceProfile | None = None) -> Selection:
@@ -224,6 +236,11 @@ class Runtime:
         self._decoder = None
         self._built = None
         gc.collect()
+        # Pages of the mapped files that decoding touched (the embedding table) go too, and
+        # the C heap gives the freed session back to the system (glibc keeps it otherwise:
+        # measured ~120 MB held after dropping a SmolLM2-sized session).
+        self._mapped.release()
+        trim_heap()
 
     def _apply(self, sel: Selection) -> None:
         t = self.timings
@@ -233,23 +250,34 @@ class Runtime:
         t.theta_s, t.fold_s = timing.theta_s, timing.fold_s
 
         t0 = time.perf_counter()
-        proto, sources = assemble.build_graph(
+        # The proto only references the weights; ``arrays`` holds them: views of the mapped
+        # files, and what the build computes (fused q/k/v and gate/up, the LoRA packed from
+        # ``adapters``) in ``scratch``. The session uses them in place.
+        scratch = Scratch()
+        proto, arrays = assemble.build_graph(
             self._mapped,
             self.arch,
             config,
             context_length=self.context_length,
             lora_bits=self.lora_bits,
+            adapters=adapters,
+            external=True,
+            fuse=True,
+            scratch=scratch,
+            last_logits=True,
         )
-        overrides = lora_initializers(lora_slots(proto), adapters)
         del adapters
         t1 = time.perf_counter()
         t.graph_s = t1 - t0
+        # Mapped pages leave the process as soon as MatMulNBits has prepacked them (and for
+        # good after); the scratch pages once the session exists. The prepacked copies are
+        # all the session reads.
         self._built = create_session(
-            proto, threads=self.threads, sources=sources, overrides=overrides
+            proto, threads=self.threads, initializers=arrays, release=self._mapped.release
         )
-        del proto, sources, overrides
-        # The session holds its prepacked copies now; the mapped pages can go.
-        self._mapped.release()
+        scratch.release()
+        self._built.keep.append(scratch)
+        del proto, arrays
         gc.collect()
         if isinstance(self.arch, LlamaArch):
             self._decoder = KVDecoder(self._built.session, self.arch, self.context_length)
@@ -434,6 +462,15 @@ class Runtime:
     def close(self) -> None:
         self._drop()
         self._theta = None
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc's malloc_trim; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def pareto_of(bundle: Bundle) -> ParetoSet:

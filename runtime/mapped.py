@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,3 +106,60 @@ class MappedSafetensors:
         """Drop the file's pages from this process (they reload on the next touch)."""
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+class Scratch:
+    """Arrays the runtime computes (fused weights, packed LoRA), kept in shared maps of an
+    unlinked temporary file, so their pages can leave the process once onnxruntime has
+    prepacked them: ``release()`` drops every page (MADV_DONTNEED) and a later read faults
+    the same bytes back in from the file. Whether a kernel prepacks depends on the CPU (without
+    dot-product instructions MatMulNBits keeps reading some originals), so the pages must stay
+    readable: private anonymous memory would read back as zeros. Bump-allocated in chunks,
+    64-byte aligned. ``COALORA_SCRATCH_DIR`` picks the file's folder (default: the temp dir;
+    on a tmpfs the pages stay in memory, still correct).
+    """
+
+    CHUNK = 16 * 2**20
+    ALIGN = 64
+
+    # Without shared file maps and madvise (not POSIX) arrays are plain numpy ones.
+    AVAILABLE = hasattr(mmap, "MAP_SHARED") and hasattr(mmap, "MADV_DONTNEED")
+
+    def __init__(self) -> None:
+        self._chunks: list[mmap.mmap] = []
+        self._files: list[Any] = []
+        self._used = 0
+        self.nbytes = 0  # bytes handed out
+
+    def _new_chunk(self, length: int) -> mmap.mmap:
+        fh = tempfile.TemporaryFile(  # noqa: SIM115  (lives as long as its map)
+            prefix="coalora-scratch-", dir=os.environ.get("COALORA_SCRATCH_DIR")
+        )
+        fh.truncate(length)
+        self._files.append(fh)
+        return mmap.mmap(fh.fileno(), length, flags=mmap.MAP_SHARED)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        self.nbytes += n
+        if not self.AVAILABLE:
+            return np.empty(shape, dtype=dt)
+        size = max(n, 1)
+        if not self._chunks or self._used + size > len(self._chunks[-1]):
+            length = max(self.CHUNK, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+            self._chunks.append(self._new_chunk(length))
+            self._used = 0
+        arr = np.frombuffer(self._chunks[-1], dtype=dt, count=n // dt.itemsize, offset=self._used)
+        self._used += -(-size // self.ALIGN) * self.ALIGN
+        return arr.reshape(shape)
+
+    def copy(self, array: np.ndarray) -> np.ndarray:
+        out = self.empty(array.shape, array.dtype)
+        out[...] = array
+        return out
+
+    def release(self) -> None:
+        """Give every page back; a later read reloads it from the scratch file."""
+        for m in self._chunks:
+            m.madvise(mmap.MADV_DONTNEED)

@@ -1,18 +1,23 @@
 """An onnxruntime session over a built graph without extra copies of the weights.
 
-The graph builders embed every weight in the ModelProto. Handed over as bytes, a 135M model
-exists several times during session creation (numpy, proto, serialized bytes, onnxruntime's
-own tensors) before MatMulNBits prepacks yet another copy. Measured on a SmolLM2-135M-shaped
-bundle (onnxruntime 1.32): ``add_external_initializers`` copies the arrays it is given
-(+280 MB), while ``add_initializer`` uses them in place (+87 MB: the MatMulNBits prepacking
-alone). So every initializer that is a plain view of a memory-mapped bundle file
-(``sources``: same name, shape and dtype), and every LoRA override, becomes an
-``add_initializer`` override. The proto still has to name each one with its shape: it
-points to external data in a sparse placeholder file that onnxruntime never reads (the
-override wins), so the serialized model stays a few MB. Once the session exists, the caller
-releases the mapped pages: prepacked kernels hold their own copy, and the tensors read
-directly (the embedding table, norms) fault back in page by page as decoding touches them.
-The overridden arrays must outlive the session, hence ``keep``.
+The graph builders can leave every large initializer out of the ModelProto
+(``external=...``): the proto names each one with its shape and points it at external data
+in a placeholder file that onnxruntime never reads, and the arrays themselves (views of the
+memory-mapped bundle files, or the few arrays the build computes: LoRA, RoPE caches) are
+handed over with ``SessionOptions.add_initializer``, which uses them in place. Measured on a
+SmolLM2-135M-shaped bundle (onnxruntime 1.32): ``add_external_initializers`` copies the
+arrays it is given (+280 MB), ``add_initializer`` does not; and a proto that embeds the
+weights costs them three more times (numpy, proto, serialized bytes) while the session is
+built. The serialized model stays a few hundred kB.
+
+Once the session exists, the caller releases the mapped pages: MatMulNBits prepacks its
+weights into buffers of its own, and the tensors read directly (the embedding table, norms)
+fault back in page by page as decoding touches them. The arrays must outlive the session,
+hence ``keep``.
+
+``sources`` / ``overrides`` serve a proto that embeds its weights (the older path): every
+embedded initializer that ``sources`` holds unchanged (same name, shape and dtype), and every
+``overrides`` entry, is moved out of the proto the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +34,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper
 
-# Below this an initializer is not worth an external reference.
-MIN_EXTERNAL_BYTES = 1024
-_PLACEHOLDER = "placeholder.bin"
+from coalora.runtime.graphs._onnx import MIN_EXTERNAL_BYTES, PLACEHOLDER, external_tensor
+
+_PLACEHOLDER = PLACEHOLDER
 
 
 @dataclass
@@ -41,8 +47,10 @@ class BuiltSession:
     proto_bytes: int = 0  # size of the serialized (stripped) model
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -72,12 +80,7 @@ def _placeholders(
             continue
         if arr.nbytes < MIN_EXTERNAL_BYTES and t.name not in always:
             continue
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for key, value in (("location", location), ("offset", "0"), ("length", str(arr.nbytes))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
+        t.CopyFrom(external_tensor(t.name, arr, location))
         moved[t.name] = arr
     return moved
 
@@ -89,22 +92,89 @@ def _ortvalue(arr: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(arr)
 
 
+# How often ``release`` runs while onnxruntime builds the session.
+RELEASE_INTERVAL_S = 0.005
+
+
+class _Releaser:
+    """Calls ``fn`` every ``interval`` seconds on a thread while the block runs (onnxruntime
+    releases the GIL while it builds a session), and once more at the end."""
+
+    def __init__(self, fn: Callable[[], None] | None, interval: float = RELEASE_INTERVAL_S):
+        self.fn = fn
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        assert self.fn is not None
+        while not self._stop.wait(self.interval):
+            self.fn()
+
+    def __enter__(self) -> _Releaser:
+        if self.fn is not None:
+            self._thread = threading.Thread(target=self._run, name="coalora-release", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        if self.fn is not None:
+            self.fn()
+
+
+def _referenced(proto: ModelProto, location: str) -> set[str]:
+    """Names of the initializers whose data the proto says lies in ``location``."""
+    out = set()
+    for t in proto.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL and any(
+            e.key == "location" and e.value == location for e in t.external_data
+        ):
+            out.add(t.name)
+    return out
+
+
 def create_session(
     proto: ModelProto,
     *,
     threads: int,
+    initializers: Mapping[str, np.ndarray] | None = None,
     sources: Mapping[str, np.ndarray] | None = None,
     overrides: Mapping[str, np.ndarray] | None = None,
+    config: Mapping[str, str] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> BuiltSession:
-    """A CPU session for ``proto`` whose ``sources`` and ``overrides`` initializers are used
-    in place; consumes ``proto`` (cleared on return)."""
-    so = session_options(threads)
+    """A CPU session for ``proto``; consumes ``proto`` (cleared on return).
+
+    ``initializers``: the arrays of the initializers a builder left out of the proto (its
+    ``external`` dict); every placeholder reference must be served. ``sources`` and
+    ``overrides``: embedded initializers to use in place (see the module doc). ``config``:
+    extra session config entries. ``release``: called every few milliseconds while
+    onnxruntime builds the session, and once after: ``MappedBundle.release``, so the mapped
+    pages MatMulNBits has already prepacked leave the process while it prepacks the rest
+    (the peak then holds one copy of the weights, not two; a page still being read simply
+    faults back in from the file).
+    """
+    so = session_options(threads, config)
     arrays = {**(sources or {}), **(overrides or {})}
     with tempfile.TemporaryDirectory(prefix="coalora-") as tmp:
         moved = _placeholders(proto, arrays, _PLACEHOLDER, set(overrides or {}))
         missing = sorted(set(overrides or {}) - set(moved))
         if missing:
             raise ValueError(f"the graph has no initializer {missing[0]!r} to override")
+        wanted = _referenced(proto, _PLACEHOLDER)
+        for name, arr in (initializers or {}).items():
+            if name not in wanted:
+                raise ValueError(f"the graph has no external initializer {name!r}")
+            moved.setdefault(name, arr)
+        unserved = sorted(wanted - set(moved))
+        if unserved:
+            raise ValueError(
+                f"no array for the graph's external initializer {unserved[0]!r} "
+                f"({len(unserved)} in all)"
+            )
         with open(os.path.join(tmp, _PLACEHOLDER), "wb") as fh:
             # Sparse: takes no disk and is never read.
             fh.truncate(max((a.nbytes for a in moved.values()), default=0))
@@ -121,7 +191,8 @@ def create_session(
             so.add_initializer(name, value)
             keep.append(value)
         gc.collect()
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        with _Releaser(release):
+            session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     return BuiltSession(
         session=session,
         keep=keep,

@@ -393,3 +393,89 @@ def test_lora_slot_layout_and_8bit_storage() -> None:
     got = x @ dequantize(wa).T @ dequantize(wb).T
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
     assert LoraSlot.from_json(slot.to_json()) == slot
+
+
+def _built(arch, weights, *, rank, lora_bits=8, fuse=True, last=False, head=None):
+    """The decoder built with its large initializers outside the proto (as the runtime does)."""
+    from coalora.runtime.mapped import Scratch
+
+    external: dict[str, np.ndarray] = {}
+    scratch = Scratch()
+    proto = build_llama_decoder(
+        arch,
+        weights,
+        lora_rank=rank,
+        lora_bits=lora_bits,
+        quantize_lm_head=head,
+        fuse_qkv=fuse,
+        fuse_gate_up=fuse,
+        external=external,
+        scratch=scratch,
+        last_logits=last,
+    )
+    return proto, external, scratch
+
+
+@pytest.mark.parametrize("kind", ["mixed", "random"])
+def test_external_initializers_equal_embedded_and_survive_release(kind) -> None:
+    """Weights left out of the proto and handed over in place give the same logits as the
+    self-contained graph, also after the scratch pages (fused weights, packed LoRA) are given
+    back. Where onnxruntime prepacks (x86-64, ARM with dot product) it never reads them again;
+    where it does not (Cortex-A72) the pages reload from the scratch file."""
+    from onnx import TensorProto
+
+    from coalora.runtime.graphs._onnx import MIN_EXTERNAL_BYTES
+    from coalora.runtime.session import create_session
+
+    model = _tiny_llama(seed=4)
+    arch, weights, lora = _prepare(model, kind, 4, seed=2)
+    weights.lora = lora
+    want, want_tokens = _onnx_generate(
+        _session(build_llama_decoder(arch, weights, lora_rank=4, lora_bits=8)), arch, 3
+    )
+    proto, external, scratch = _built(arch, weights, rank=4)
+    for t in proto.graph.initializer:
+        assert t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < MIN_EXTERNAL_BYTES
+    assert scratch.nbytes > 0 and any(n.startswith("lora.") for n in external)
+    built = create_session(proto, threads=1, initializers=external)
+    assert built.proto_bytes < 100_000 and built.external_bytes == sum(
+        a.nbytes for a in external.values()
+    )
+    got, got_tokens = _onnx_generate(built.session, arch, 3)
+    assert got_tokens == want_tokens and _max_diff(got, want) == 0.0
+    scratch.release()
+    computed = [n for n in external if n.startswith("lora.") or ("qkv_proj" in n or "gate_up" in n)]
+    assert computed
+    again, _ = _onnx_generate(built.session, arch, 3)
+    assert _max_diff(again, want) == 0.0
+
+
+def test_external_initializers_must_all_be_served() -> None:
+    from coalora.runtime.session import create_session
+
+    model = _tiny_llama(seed=6)
+    arch, weights, _ = _prepare(model, "4b32", 4)
+    proto, external, _ = _built(arch, weights, rank=4)
+    name = next(iter(external))
+    missing = dict(external)
+    del missing[name]
+    with pytest.raises(ValueError, match="no array for the graph's external initializer"):
+        create_session(proto, threads=1, initializers=missing)
+    proto, external, _ = _built(arch, weights, rank=4)
+    with pytest.raises(ValueError, match="no external initializer 'nope'"):
+        create_session(proto, threads=1, initializers={**external, "nope": external[name]})
+
+
+@pytest.mark.parametrize("head", [None, QuantOption(8, 32)])
+def test_last_logits_are_the_last_row(head) -> None:
+    """``last_logits`` runs the LM head on the last position only (fp32 and quantized heads)."""
+    model = _tiny_llama(seed=7, tied=head is None)
+    arch, weights, lora = _prepare(model, "4b32", 4)
+    weights.lora = lora
+    full = build_llama_decoder(arch, weights, lora_rank=4, quantize_lm_head=head)
+    last = build_llama_decoder(arch, weights, lora_rank=4, quantize_lm_head=head, last_logits=True)
+    want, want_tokens = _onnx_generate(_session(full), arch, 3)
+    got, got_tokens = _onnx_generate(_session(last), arch, 3)
+    assert got_tokens == want_tokens
+    assert all(g.shape == (1, 1, arch.vocab_size) for g in got)
+    assert _max_diff(got, [w[:, -1:] for w in want]) < 1e-5

@@ -37,7 +37,8 @@ def bert(tiny_bert_bundle: Path) -> Runtime:
 
 
 def _reference_session(rt: Runtime, with_adapter: bool) -> ort.InferenceSession:
-    """The same configuration built the plain way: weights (and the adapter) embedded."""
+    """The same graph (fused q/k/v and gate/up, as the runtime builds it) the plain way:
+    weights and the adapter embedded in the proto."""
     b = rt.bundle
     adapters = None
     if with_adapter:
@@ -50,7 +51,12 @@ def _reference_session(rt: Runtime, with_adapter: bool) -> ort.InferenceSession:
         bb = {n: lora[f"{n}.B"] for n in names}
         adapters = fold(names, u, a, bb, b.lora_scale)
     proto, _ = assemble.build_graph(
-        assemble.MappedBundle(b), rt.arch, rt.config, context_length=64, adapters=adapters
+        assemble.MappedBundle(b),
+        rt.arch,
+        rt.config,
+        context_length=64,
+        adapters=adapters,
+        fuse=True,
     )
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -186,3 +192,35 @@ def test_dry_open_builds_nothing(tiny_llama_bundle: Path) -> None:
     assert rt.selection.plan.total <= 1718 * 10**6 and rt.profile is not None
     with pytest.raises(RuntimeError, match="build"):
         _ = rt.session
+
+
+def test_session_is_built_without_copies_and_planned_in_full(high: Runtime) -> None:
+    """The proto carries no weights (they are handed over in place), the computed ones
+    (fused q/k/v, gate/up and the packed LoRA) sit in scratch pages that were given back,
+    and the plan counts the loaded tokenizer and the fused LoRA slots."""
+    from coalora.runtime.mapped import Scratch
+    from coalora.runtime.plan import DEFAULT_OVERHEAD
+
+    built = high._built
+    assert built is not None and built.proto_bytes < 200_000 and built.external_bytes > 0
+    scratch = [k for k in built.keep if isinstance(k, Scratch)]
+    assert len(scratch) == 1 and scratch[0].nbytes > 0
+    plan = high.selection.plan
+    tok = assemble.tokenizer_bytes(high.bundle)
+    assert tok > 0 and plan.runtime_overhead_bytes == DEFAULT_OVERHEAD + tok
+    unfused = assemble.lora_bytes(high.bundle, high.lora_bits)
+    assert plan.lora_bytes == assemble.lora_bytes(high.bundle, high.lora_bits, high.config)
+    assert plan.lora_bytes >= unfused
+
+
+def test_scratch_pages_read_back_after_release() -> None:
+    # Some CPUs' kernels keep reading the arrays they were given: a released page must come
+    # back with its bytes, never as zeros.
+    from coalora.runtime.mapped import Scratch
+
+    scratch = Scratch()
+    a = scratch.copy(np.arange(300_000, dtype=np.float32))
+    b = scratch.copy(np.full((64, 33), 7, dtype=np.uint8))
+    scratch.release()
+    np.testing.assert_array_equal(a, np.arange(300_000, dtype=np.float32))
+    assert int(b.sum()) == 7 * 64 * 33

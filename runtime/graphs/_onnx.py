@@ -1,4 +1,20 @@
-"""A small ONNX graph-building helper shared by the decoder and encoder builders (onnx only)."""
+"""A small ONNX graph-building helper shared by the decoder and encoder builders (onnx only).
+
+Large initializers need not live in the ModelProto. With ``external`` (a dict the builder
+fills), every initializer of ``MIN_EXTERNAL_BYTES`` or more is written as a reference to
+external data in ``PLACEHOLDER``, a file nobody writes, and the array itself (a view of the
+caller's array, e.g. of a memory-mapped bundle file: no copy) goes into ``external`` under
+the initializer's name. ``runtime.session.create_session`` hands those arrays to onnxruntime
+with ``SessionOptions.add_initializer``, so the weights exist once, where they already were,
+instead of once more in the proto, once in its serialized bytes and once in onnxruntime.
+Without ``external`` the proto is self-contained, as before.
+
+``scratch`` (an object with ``copy(array) -> array``, e.g. ``runtime.mapped.Scratch``) takes
+the weights the build computes (fused q/k/v and gate/up, packed LoRA) when only a
+MatMulNBits node with accuracy_level 4 reads them: onnxruntime prepacks such weights into
+buffers of its own and never reads the originals again (tests/test_graphs.py checks it), so
+the caller can give their pages back right after the session is built.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +32,36 @@ MS = "com.microsoft"
 OPSET = 21
 # ir_version 10 is what onnx 1.23 writes for opset 21 and what onnxruntime 1.32 reads.
 IR_VERSION = 10
+# Below this an initializer stays inside the proto (constants, norms of tiny models).
+MIN_EXTERNAL_BYTES = 1024
+# The external-data location of initializers held outside the proto; never read.
+PLACEHOLDER = "coalora.placeholder.bin"
+# The MatMulNBits accuracy level whose CPU kernels prepack B, scales and zero points all.
+PREPACKED_LEVEL = 4
+
+
+def external_tensor(name: str, array: np.ndarray, location: str = PLACEHOLDER) -> TensorProto:
+    """A TensorProto with ``array``'s name, dtype and shape whose data lies "in" ``location``."""
+    t = TensorProto()
+    t.name = name
+    t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.dims.extend(array.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
 
 
 class GraphBuilder:
     """Collects nodes, initializers and value infos; names stay readable in profiles."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, *, external: dict[str, np.ndarray] | None = None, scratch: Any = None
+    ) -> None:
         self.name = name
+        self.external = external
+        self.scratch = scratch if external is not None else None
         self.nodes: list[Any] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[Any] = []
@@ -41,8 +80,14 @@ class GraphBuilder:
         if name in self._init_names:
             raise ValueError(f"duplicate initializer {name!r}")
         self._init_names.add(name)
-        # asarray, not ascontiguousarray: the latter turns a scalar into shape [1].
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
+        # asarray, not ascontiguousarray: the latter turns a scalar into shape [1]. A
+        # contiguous array (a mapped view) is not copied.
+        arr = np.asarray(array, order="C")
+        if self.external is not None and arr.nbytes >= MIN_EXTERNAL_BYTES:
+            self.initializers.append(external_tensor(name, arr))
+            self.external[name] = arr
+        else:
+            self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
     def const(self, value: Any, dtype: type | np.dtype = np.int64) -> str:
@@ -85,16 +130,31 @@ class GraphBuilder:
         *,
         accuracy_level: int,
         bias: np.ndarray | None = None,
+        computed: bool = False,
     ) -> str:
-        node, inits = mnb.make_node(
-            x, f"{prefix}/MatMulNBits/output_0", prefix, w, accuracy_level=accuracy_level
-        )
-        node.name = f"{prefix}/MatMulNBits"
-        for t in inits:
-            self._init_names.add(t.name)
-        self.initializers.extend(inits)
+        """A MatMulNBits node; ``computed``: ``w``'s arrays were made by the build (not views
+        of the bundle), so they may live in ``scratch``."""
+        # The initializers go through ``initializer`` (so they can stay outside the proto);
+        # names and attributes are ``kernels.matmulnbits.make_node``'s.
+        arrays = [w.b, w.scales, w.zero_points]
+        if computed and self.scratch is not None and accuracy_level == PREPACKED_LEVEL:
+            arrays = [self.scratch.copy(a) if a.nbytes >= MIN_EXTERNAL_BYTES else a for a in arrays]
+        inputs = [
+            x,
+            self.initializer(f"{prefix}.qweight", arrays[0]),
+            self.initializer(f"{prefix}.scales", arrays[1]),
+            self.initializer(f"{prefix}.qzeros", arrays[2]),
+        ]
         if bias is not None:
-            node.input.extend(["", self.initializer(f"{prefix}.bias", bias.astype(np.float32))])
+            inputs += ["", self.initializer(f"{prefix}.bias", bias.astype(np.float32))]
+        node = helper.make_node(
+            "MatMulNBits",
+            inputs,
+            [f"{prefix}/MatMulNBits/output_0"],
+            name=f"{prefix}/MatMulNBits",
+            domain=mnb.DOMAIN,
+            **w.attributes(accuracy_level),
+        )
         self.nodes.append(node)
         return node.output[0]
 
@@ -154,6 +214,6 @@ def lora_branch(
         u = g.op("MatMul", [t, b], f"{key}/lora/MatMul_B")
     else:
         wa, wb = slot.quantized(adapters)
-        t = g.matmulnbits(x, wa, slot.a_name, accuracy_level=accuracy_level)
-        u = g.matmulnbits(t, wb, slot.b_name, accuracy_level=accuracy_level)
+        t = g.matmulnbits(x, wa, slot.a_name, accuracy_level=accuracy_level, computed=True)
+        u = g.matmulnbits(t, wb, slot.b_name, accuracy_level=accuracy_level, computed=True)
     return g.op("Add", [y, u], f"{key}/lora/Add")

@@ -119,12 +119,15 @@ def build_bert_classifier(
     lora_rank: int | None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     lora_bits: int = 32,
+    external: dict[str, np.ndarray] | None = None,
+    scratch: Any = None,
 ) -> ModelProto:
     """Inputs input_ids, attention_mask, token_type_ids [batch, seq] int64;
-    output logits [batch, num_labels]. ``lora_bits`` as in ``build_llama_decoder``."""
+    output logits [batch, num_labels]. ``lora_bits``, ``external`` and ``scratch``
+    as in ``build_llama_decoder``."""
     if arch.hidden_size % arch.num_attention_heads:
         raise ValueError("hidden_size must be a multiple of num_attention_heads")
-    g = GraphBuilder("coalora_bert_classifier")
+    g = GraphBuilder("coalora_bert_classifier", external=external, scratch=scratch)
     p = weights.prefix
     rank = lora_rank or None
     slots: list[LoraSlot] = []

@@ -148,13 +148,15 @@ class _DecoderBuilder:
         lora_rank: int | None,
         accuracy_level: int,
         lora_bits: int,
+        external: dict[str, np.ndarray] | None = None,
+        scratch: Any = None,
     ) -> None:
         self.arch = arch
         self.w = weights
         self.rank = lora_rank
         self.level = accuracy_level
         self.lora_bits = lora_bits
-        self.g = GraphBuilder("coalora_llama_decoder")
+        self.g = GraphBuilder("coalora_llama_decoder", external=external, scratch=scratch)
         self.slots: list[LoraSlot] = []
         self._embed_q: dict[QuantOption, MatMulNBitsWeights] = {}
 
@@ -165,7 +167,9 @@ class _DecoderBuilder:
         bias = None
         if members[0] in self.w.biases:
             bias = np.concatenate([self.w.biases[m] for m in members])
-        y = self.g.matmulnbits(x, w, key, accuracy_level=self.level, bias=bias)
+        y = self.g.matmulnbits(
+            x, w, key, accuracy_level=self.level, bias=bias, computed=len(ws) > 1
+        )
         if not self.rank:
             return y
         outs = tuple(p.N for p in ws)
@@ -182,6 +186,7 @@ class _DecoderBuilder:
         fuse_qkv: bool,
         fuse_gate_up: bool,
         max_seq_len: int,
+        last_logits: bool = False,
     ) -> ModelProto:
         a, w, g = self.arch, self.w, self.g
         n_layers, kv, hd = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
@@ -305,8 +310,19 @@ class _DecoderBuilder:
                 epsilon=eps,
             )
 
-        self._lm_head(x, ids, embed, quantize_lm_head, quant_method)
-        g.output("logits", f32, ["batch_size", "sequence_length", a.vocab_size])
+        shape_of = ids
+        if last_logits:
+            # Only the last position's logits: a prefill then runs the head once, not once
+            # per prompt token, and never holds [seq, vocab] floats.
+            x = g.op(
+                "Slice",
+                [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
+                "/model/last_position/Slice",
+            )
+            shape_of = x
+        self._lm_head(x, shape_of, embed, quantize_lm_head, quant_method)
+        seq = 1 if last_logits else "sequence_length"
+        g.output("logits", f32, ["batch_size", seq, a.vocab_size])
         for i in range(n_layers):
             for kind in ("key", "value"):
                 g.output(f"present.{i}.{kind}", f32, present_shape)
@@ -372,7 +388,8 @@ class _DecoderBuilder:
         weight = embed if head is None else g.initializer("lm_head.weight", head)
         flat = g.op("Reshape", [x, g.const([-1, a.hidden_size])], "/lm_head/Reshape")
         y = g.op("Gemm", [flat, weight], "/lm_head/Gemm", transB=1)
-        bs = g.op("Shape", [ids], "/lm_head/Shape")
+        # [batch, seq] of the head's input (``ids``, or the sliced hidden state).
+        bs = g.op("Shape", [ids], "/lm_head/Shape", end=2)
         shape = g.op("Concat", [bs, g.const([a.vocab_size])], "/lm_head/Concat", axis=0)
         g.node("Reshape", [y, shape], "/lm_head/Reshape_out", outputs=["logits"])
 
@@ -390,6 +407,9 @@ def build_llama_decoder(
     fuse_qkv: bool = True,
     fuse_gate_up: bool = True,
     max_seq_len: int | None = None,
+    external: dict[str, np.ndarray] | None = None,
+    scratch: Any = None,
+    last_logits: bool = False,
 ) -> ModelProto:
     """The decoder graph for ``arch`` with ``weights``'s quantized linears.
 
@@ -407,6 +427,14 @@ def build_llama_decoder(
     fuse_qkv / fuse_gate_up
                       stack q/k/v (gate/up) into one MatMulNBits when their options match.
     max_seq_len       length of the RoPE cos/sin caches (default max_position_embeddings).
+    external          a dict to receive every large initializer (name -> array, no copy),
+                      which the proto then only references (see ``_onnx.GraphBuilder``);
+                      build the session with ``runtime.session.create_session``. None: a
+                      self-contained proto.
+    scratch           with ``external``: where fused weights and packed LoRA go when only
+                      prepacking MatMulNBits reads them (see ``_onnx.GraphBuilder``).
+    last_logits       logits of the last position only ([batch, 1, vocab]): what decoding
+                      needs; the head then runs once per prefill instead of once per token.
     """
     if weights.embed_tokens.shape != (arch.vocab_size, arch.hidden_size):
         raise ValueError(
@@ -421,7 +449,15 @@ def build_llama_decoder(
         raise ValueError("lora_rank must be positive")
     if lora_bits not in (8, 32):
         raise ValueError(f"lora_bits must be 8 or 32, got {lora_bits}")
-    builder = _DecoderBuilder(arch, weights, lora_rank or None, accuracy_level, lora_bits)
+    builder = _DecoderBuilder(
+        arch,
+        weights,
+        lora_rank or None,
+        accuracy_level,
+        lora_bits,
+        external=external,
+        scratch=scratch,
+    )
     return builder.build(
         quantize_lm_head=quantize_lm_head,
         quantize_embedding=quantize_embedding,
@@ -429,4 +465,5 @@ def build_llama_decoder(
         fuse_qkv=fuse_qkv,
         fuse_gate_up=fuse_gate_up,
         max_seq_len=max_seq_len or arch.max_position_embeddings,
+        last_logits=last_logits,
     )
