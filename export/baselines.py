@@ -80,7 +80,7 @@ def run_baselines(
 ) -> BaselineResults:
     """Train and evaluate each method at the optimal allocation of every budget."""
     from coalora.export.allocation import BudgetError, allocate
-    from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, evaluate, train
+    from coalora.export.coa_lora import CoALoRAModel, evaluate, train
     from coalora.export.coa_lora.search import ParetoSearch
     from coalora.export.data import DataError
     from coalora.export.models import ModelLoadError
@@ -111,17 +111,10 @@ def run_baselines(
         moments, _ = cached_calibration(
             loaded, texts, opts.calib_len, work / "calibration.safetensors", opts.fresh
         )
-        base_cfg = dict(
-            rank=opts.rank,
-            alpha=opts.alpha,
-            lr=opts.lr,
-            configs_per_step=opts.configs_per_step,
-            seed=opts.seed,
-        )
         coa = CoALoRAModel(
             loaded.model,
             space,
-            CoALoRAConfig(**base_cfg),
+            opts.adapter_config(),
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,
@@ -145,7 +138,7 @@ def run_baselines(
         shared = CoALoRAModel(
             pristine,
             space,
-            CoALoRAConfig(**base_cfg, use_theta=False),
+            opts.adapter_config(use_theta=False),
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,

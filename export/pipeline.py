@@ -106,6 +106,20 @@ class ExportOptions:
             raise ExportError(f"unknown export option(s): {', '.join(unknown)}")
         return cls(model=model, out=out, **values)
 
+    def adapter_config(self, **overrides: Any) -> Any:
+        """The CoA-LoRA settings (``CoALoRAConfig``) these options train with; baselines
+        override a field. Imported here: the module loads without torch."""
+        from coalora.export.coa_lora import CoALoRAConfig
+
+        return CoALoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            lr=self.lr,
+            configs_per_step=self.configs_per_step,
+            seed=self.seed,
+            **overrides,
+        )
+
     def check(self) -> None:
         """Reject impossible options before any work."""
         positive = ("steps", "batch_size", "rank", "configs_per_step", "eval_batches")
@@ -587,7 +601,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
 def _run(opts: ExportOptions, out: Path) -> ExportResult:
     import torch
 
-    from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, train
+    from coalora.export.coa_lora import CoALoRAModel, train
     from coalora.export.coa_lora.search import ParetoSearch
     from coalora.export.sweep import dense_sweep, metric_direction, sweep_budgets
 
@@ -642,13 +656,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
         # 4. the adapter model (quantizing with that importance, as the bundle will) and the
         # cost table read off its quantized weights
         with phase("quantize + costs"):
-            cfg = CoALoRAConfig(
-                rank=opts.rank,
-                alpha=opts.alpha,
-                lr=opts.lr,
-                configs_per_step=opts.configs_per_step,
-                seed=opts.seed,
-            )
+            cfg = opts.adapter_config()
             model = CoALoRAModel(
                 loaded.model,
                 space,
