@@ -655,14 +655,15 @@ NOTES = [
     "peak while opening the ~4.5-bit configuration was 985 MB against a 303 MB plan.",
     "- While onnxruntime builds the session a thread drops the mapped pages every 5 ms "
     "(MADV_DONTNEED; a page still being read faults back in from the file): MatMulNBits "
-    "prepacks B, scales and zero points into its own buffers at accuracy_level 4 and never "
-    "reads the originals again (tests/test_graphs.py checks it by zeroing them), so building "
-    "holds about one copy of the quantized weights instead of two.",
+    "prepacks B, scales and zero points into its own buffers at accuracy_level 4 on x86-64 "
+    "and on ARM with dot product, and does not read the originals again, so building holds "
+    "about one copy of the quantized weights instead of two.",
     "- Fusion without the memory: fused q/k/v and gate/up (and the packed LoRA) are built "
-    "into private anonymous maps of our own (`runtime.mapped.Scratch`) whose pages are given "
-    "back right after the session exists; the mappings stay valid (they would read as "
-    "zeros). The variants table shows what fusion buys: one LoRA slot per fused group "
-    "halves the LoRA nodes.",
+    "into shared maps of an unlinked scratch file (`runtime.mapped.Scratch`) whose pages are "
+    "given back right after the session exists; a page read again reloads from the file "
+    "(a Cortex-A72 without dot product does read some of them: see docs/arm64-smoke.md). "
+    "The variants table shows what fusion buys: one LoRA slot per fused group halves the "
+    "LoRA nodes.",
     "- LoRA: 8-bit storage (MatMulNBits) beats fp32 MatMul; its cost is per node "
     "(A, B and an Add per slot, ~8-10 us each on this machine), not bytes, so block size of "
     "B (16 vs 32) made no difference (measured). Cheaper forms not taken here because they "
@@ -832,6 +833,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global BUDGETS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--bundle", type=Path, help="a SmolLM2 bundle")
@@ -843,6 +845,11 @@ def main(argv: list[str] | None = None) -> None:
         help=f"build (if missing) and use a SmolLM2-shaped random bundle (default {RANDOM_BUNDLE})",
     )
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--budgets",
+        default=",".join(BUDGETS),
+        help="comma-separated bits budgets (the bundle's smallest configuration sets the floor)",
+    )
     ap.add_argument("--profile", action="store_true", help="add onnxruntime per-op shares")
     ap.add_argument("--out", type=Path, default=RESULTS / "runtime_speed.md")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -870,6 +877,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle, random_weights = path, True
     else:
         bundle, random_weights = args.bundle, False
+    BUDGETS = tuple(b.strip() for b in args.budgets.split(",") if b.strip())
     res = run(bundle, args.rounds, args.profile, random_weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(res), encoding="utf-8")
