@@ -167,19 +167,13 @@ class MappedBundle:
         out: dict[str, MatMulNBitsWeights] = {}
         for name, opt in config.items():
             rel = quant_file(opt)
-            spec = self.bundle.space.matrix(name)
-            w = MatMulNBitsWeights(
-                b=self.tensor(rel, f"{name}.qweight"),
-                scales=self.tensor(rel, f"{name}.scales"),
-                zero_points=self.tensor(rel, f"{name}.qzeros"),
-                K=spec.in_features,
-                N=spec.out_features,
-                bits=opt.bits,
-                block_size=opt.block_size,
+            out[name] = self.bundle.matmulnbits(
+                name,
+                opt,
+                self.tensor(rel, f"{name}.qweight"),
+                self.tensor(rel, f"{name}.scales"),
+                self.tensor(rel, f"{name}.qzeros"),
             )
-            if w.nbytes() != opt.nbytes(w.N, w.K):
-                raise BundleError(f"{self.bundle.root}: tensors of {name} at {opt} are damaged")
-            out[name] = w
         return out
 
     def release(self) -> None:

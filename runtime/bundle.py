@@ -195,20 +195,33 @@ class Bundle:
             keys = [f"{n}.{part}" for n in names for part in ("qweight", "scales", "qzeros")]
             tensors = self._load(quant_file(opt), keys)
             for n in names:
-                spec = self.space.matrix(n)
-                w = MatMulNBitsWeights(
-                    b=tensors[f"{n}.qweight"],
-                    scales=tensors[f"{n}.scales"],
-                    zero_points=tensors[f"{n}.qzeros"],
-                    K=spec.in_features,
-                    N=spec.out_features,
-                    bits=opt.bits,
-                    block_size=opt.block_size,
+                out[n] = self.matmulnbits(
+                    n, opt, tensors[f"{n}.qweight"], tensors[f"{n}.scales"], tensors[f"{n}.qzeros"]
                 )
-                if w.nbytes() != opt.nbytes(w.N, w.K):
-                    raise BundleError(f"{self.root}: tensors of {n} at {opt} have the wrong size")
-                out[n] = w
         return out
+
+    def matmulnbits(
+        self,
+        name: str,
+        option: QuantOption,
+        qweight: np.ndarray,
+        scales: np.ndarray,
+        qzeros: np.ndarray,
+    ) -> MatMulNBitsWeights:
+        """One matrix's stored tensors as MatMulNBits weights, refused if their size is off."""
+        spec = self.space.matrix(name)
+        w = MatMulNBitsWeights(
+            b=qweight,
+            scales=scales,
+            zero_points=qzeros,
+            K=spec.in_features,
+            N=spec.out_features,
+            bits=option.bits,
+            block_size=option.block_size,
+        )
+        if w.nbytes() != option.nbytes(w.N, w.K):
+            raise BundleError(f"{self.root}: tensors of {name} at {option} have the wrong size")
+        return w
 
     def theta_path(self) -> Path:
         return self._verify(THETA_FILE)
