@@ -81,7 +81,6 @@ def run_baselines(
     """Train and evaluate each method at the optimal allocation of every budget."""
     from coalora.export.allocation import BudgetError, allocate
     from coalora.export.coa_lora import CoALoRAModel, evaluate, train
-    from coalora.export.coa_lora.search import ParetoSearch
     from coalora.export.data import DataError
     from coalora.export.models import ModelLoadError
     from coalora.export.sweep import metric_direction
@@ -125,14 +124,7 @@ def run_baselines(
         except BudgetError as exc:
             raise ExportError(str(exc)) from exc
         bits = [space.bits(c) for c in configs]
-        search = ParetoSearch(
-            space,
-            eval_batches=search_batches,
-            allocation_costs=costs,
-            proposals_per_epoch=opts.proposals_per_epoch,
-            candidates=opts.search_candidates,
-            seed=opts.seed,
-        )
+        search = opts.pareto_search(space, search_batches, costs)
         initial = search.initial_set(opts.initial_budgets)
 
         shared = CoALoRAModel(

@@ -120,6 +120,22 @@ class ExportOptions:
             **overrides,
         )
 
+    def pareto_search(
+        self, space: Any, eval_batches: Any, costs: Any, log_path: Path | None = None
+    ) -> Any:
+        """The Pareto configuration search (``ParetoSearch``) these options run."""
+        from coalora.export.coa_lora.search import ParetoSearch
+
+        return ParetoSearch(
+            space,
+            eval_batches=eval_batches,
+            allocation_costs=costs,
+            proposals_per_epoch=self.proposals_per_epoch,
+            candidates=self.search_candidates,
+            seed=self.seed,
+            log_path=log_path,
+        )
+
     def check(self) -> None:
         """Reject impossible options before any work."""
         positive = ("steps", "batch_size", "rank", "configs_per_step", "eval_batches")
@@ -602,7 +618,6 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
     import torch
 
     from coalora.export.coa_lora import CoALoRAModel, train
-    from coalora.export.coa_lora.search import ParetoSearch
     from coalora.export.sweep import dense_sweep, metric_direction, sweep_budgets
 
     t_start = time.perf_counter()
@@ -671,14 +686,8 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
 
         # 5. the starting training set: optimal allocations over the whole bit range
         with phase("initial set"):
-            search = ParetoSearch(
-                space,
-                eval_batches=search_batches,
-                allocation_costs=costs,
-                proposals_per_epoch=opts.proposals_per_epoch,
-                candidates=opts.search_candidates,
-                seed=opts.seed,
-                log_path=work / "search_log.jsonl",
+            search = opts.pareto_search(
+                space, search_batches, costs, log_path=work / "search_log.jsonl"
             )
             initial = search.initial_set(opts.initial_budgets)
             sets = _TrainingSets(work / "training_sets.json", initial, space)
