@@ -213,6 +213,9 @@ def test_lr_schedule_and_sampling():
     configs = list(range(10))
     assert sample_configs(configs, 3, 0, 5) == sample_configs(configs, 3, 0, 5)
     assert len(set(sample_configs(configs, 3, 0, 5))) == 3
+    # a set smaller than k: each configuration once, never a repeat
+    assert sample_configs(configs[:1], 3, 0, 5) == configs[:1]
+    assert sorted(map(str, sample_configs(configs[:2], 3, 0, 5))) == sorted(map(str, configs[:2]))
 
 
 def test_training_tiny_llama_lowers_loss(tmp_path):

@@ -56,9 +56,14 @@ def get_lr(step: int, base_lr: float, total_steps: int, warmup: int, min_ratio: 
 def sample_configs(
     configs: Sequence[Configuration], k: int, seed: int, step: int
 ) -> list[Configuration]:
-    """``k`` configurations for ``step`` (without replacement while the set is large enough)."""
+    """``min(k, len(configs))`` distinct configurations for ``step``.
+
+    A set smaller than ``k`` is not drawn with replacement: a repeated configuration on the
+    same batch adds an identical gradient, i.e. only compute (a per-configuration LoRA would
+    pay twice per step for nothing).
+    """
     rng = np.random.default_rng([seed, step])
-    idx = rng.choice(len(configs), size=k, replace=len(configs) < k)
+    idx = rng.choice(len(configs), size=min(k, len(configs)), replace=False)
     return [configs[int(i)] for i in idx]
 
 
