@@ -322,6 +322,37 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "mean_abs": float(d.mean()),
                 "divergence_from_lora8": dv32,
             }
+        # the same device path with fp32 activations (accuracy_level 0) and an fp32 LoRA branch:
+        # what is left once the int8 activations are gone
+        if args.exact:
+            rt0 = Runtime.open(
+                bundle,
+                budget=Budget.bits(e.bits),
+                threads=args.ort_threads,
+                lora_bits=32,
+                accuracy_level=0,
+            )
+            d0, div0 = [], []
+            for (_, ids), ttoks in zip(prompts, torch_tok, strict=True):
+                t0_, lg0 = device_greedy(rt0, ids, n)
+                forced = torch_forced_logits(model, ids, t0_, {"k": heads[head_key]})["k"]
+                d0.append(np.abs(forced - lg0).ravel())
+                div0.append(first_divergence(t0_, ttoks))
+            rt0.close()
+            del rt0
+            d = np.concatenate(d0)
+            row["exact"] = {
+                "max_abs": float(d.max()),
+                "mean_abs": float(d.mean()),
+                "divergence": div0,
+                "identical": int(sum(v == n for v in div0)),
+                "median_divergence": float(np.median(div0)),
+            }
+            print(
+                f"  accuracy_level 0 + fp32 LoRA: logits max {d.max():.4f}, identical "
+                f"{row['exact']['identical']}/{len(prompts)}",
+                flush=True,
+            )
         # the cost of the 8-bit LoRA and the device quantization, measured against the same
         # model without any adapter: how big is the adapter's effect at all
         row["seconds"] = round(time.perf_counter() - tc, 1)
@@ -681,6 +712,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=float, nargs="*", help="pick the stored ones nearest these")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--no-lora32", dest="lora32", action="store_false")
+    p.add_argument(
+        "--no-exact",
+        dest="exact",
+        action="store_false",
+        help="skip the accuracy_level 0 + fp32 LoRA device run (the int8-activation check)",
+    )
     p.add_argument("--articles", type=int, default=200)
     p.add_argument("--minilm-configs", type=int, default=4)
     p.add_argument("--minilm-bits", type=float, nargs="*")

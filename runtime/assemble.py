@@ -16,7 +16,7 @@ import numpy as np
 from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
-from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
 from coalora.runtime.bundle import (
     BASE_FILE,
     LORA_FILE,
@@ -221,6 +221,7 @@ def build_graph(
     *,
     context_length: int,
     lora_bits: int = DEFAULT_LORA_BITS,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     adapters: dict[str, Adapter] | None = None,
     external: bool = False,
     fuse: bool = False,
@@ -252,6 +253,7 @@ def build_graph(
                 weights,
                 lora_rank=rank,
                 lora_bits=lora_bits,
+                accuracy_level=accuracy_level,
                 max_seq_len=context_length,
                 # Fused q/k/v and gate/up would be new arrays onnxruntime copies and keeps
                 # next to its prepacked copy; unfused, every linear is a mapped view.
@@ -265,7 +267,13 @@ def build_graph(
             prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""
             weights = BertWeights(base, linears, dict(adapters or {}), prefix)
             proto = build_bert_classifier(
-                arch, weights, lora_rank=rank, lora_bits=lora_bits, external=held, scratch=scratch
+                arch,
+                weights,
+                lora_rank=rank,
+                lora_bits=lora_bits,
+                accuracy_level=accuracy_level,
+                external=held,
+                scratch=scratch,
             )
     except KeyError as exc:
         raise BundleError(f"{bundle.root}: {exc.args[0] if exc.args else exc}") from None

@@ -163,6 +163,14 @@ def run(
     threads: Annotated[
         int | None, typer.Option(help="intra-op threads (default: physical cores)", min=1)
     ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="fp32 activations and LoRA branch: matches the exporter's torch model token "
+            "for token, at a speed cost (default: int8 activations, the fast CPU path)",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the choice and memory plan, build nothing")
     ] = False,
@@ -196,6 +204,7 @@ def run(
         context_length=context,
         threads=threads,
         build=False,
+        **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:
         if as_json:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from coalora.kernels import Configuration
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
 from coalora.runtime.adapter import ThetaRunner, generate_adapters
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
@@ -111,12 +112,14 @@ class Runtime:
         context_length: int,
         threads: int,
         lora_bits: int,
+        accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     ) -> None:
         self.bundle = bundle
         self.pareto = pareto
         self.context_length = context_length
         self.threads = threads
         self.lora_bits = lora_bits
+        self.accuracy_level = accuracy_level
         self.arch = assemble.arch_of(bundle)
         self.timings = Timings()
         self.last_stats: GenerationStats | None = None
@@ -149,10 +152,15 @@ class Runtime:
         threads: int | None = None,
         verify: Verify = "used",
         lora_bits: int = assemble.DEFAULT_LORA_BITS,
+        accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
         build: bool = True,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
-        (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run)."""
+        (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
+
+        ``accuracy_level``: MatMulNBits' compute type; 4 (the default) quantizes activations
+        to int8 per block, the fast CPU path; 0 keeps them in fp32 (slower, for parity checks).
+        """
         t0 = time.perf_counter()
         parsed = _budget(budget)
         dev = load_profile(profile) if profile else None
@@ -166,6 +174,7 @@ class Runtime:
             context_length=context_length,
             threads=threads or (dev.threads if dev else physical_cores()),
             lora_bits=lora_bits,
+            accuracy_level=accuracy_level,
         )
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
@@ -260,6 +269,7 @@ class Runtime:
             config,
             context_length=self.context_length,
             lora_bits=self.lora_bits,
+            accuracy_level=self.accuracy_level,
             adapters=adapters,
             external=True,
             fuse=True,

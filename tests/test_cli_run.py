@@ -95,6 +95,11 @@ def test_stdin_prompt_quiet_and_json(tiny_llama_bundle: Path, capsys, monkeypatc
     )
     d = json.loads(out)
     assert code == 0 and isinstance(d["answer"], str) and d["stats"]["prompt_tokens"] > 0
+    code, out, err = run_cli(
+        [*args, "--exact", "--json", "--prompt", "the news"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert isinstance(json.loads(out)["answer"], str)
 
 
 def test_classify(tiny_bert_bundle: Path, capsys, monkeypatch) -> None:

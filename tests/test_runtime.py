@@ -36,7 +36,7 @@ def bert(tiny_bert_bundle: Path) -> Runtime:
     return Runtime.open(tiny_bert_bundle, budget="10bits", threads=1)
 
 
-def _reference_session(rt: Runtime, with_adapter: bool) -> ort.InferenceSession:
+def _reference_session(rt: Runtime, with_adapter: bool, **graph: int) -> ort.InferenceSession:
     """The same graph (fused q/k/v and gate/up, as the runtime builds it) the plain way:
     weights and the adapter embedded in the proto."""
     b = rt.bundle
@@ -57,6 +57,7 @@ def _reference_session(rt: Runtime, with_adapter: bool) -> ort.InferenceSession:
         context_length=64,
         adapters=adapters,
         fuse=True,
+        **graph,
     )
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -113,6 +114,28 @@ def test_greedy_matches_plain_session_and_adapter_matters(high: Runtime) -> None
     assert np.abs(mine - want_logits).max() < 1e-4
     _, zero_logits = _greedy(_reference_session(high, False), high, PROMPT_IDS, 1)
     assert np.abs(mine - zero_logits).max() > 100 * np.abs(mine - want_logits).max() + 1e-4
+
+
+def test_exact_mode_runs_fp32_activations(tiny_llama_bundle: Path, high: Runtime) -> None:
+    exact = Runtime.open(
+        tiny_llama_bundle,
+        budget=HIGH,
+        threads=1,
+        context_length=64,
+        lora_bits=32,
+        accuracy_level=0,
+    )
+    meta = exact.session.get_modelmeta().custom_metadata_map
+    assert meta["coalora.accuracy_level"] == "0"
+    assert exact.config == high.config
+    ref = _reference_session(exact, True, lora_bits=32, accuracy_level=0)
+    _, want = _greedy(ref, exact, PROMPT_IDS, 1)
+    mine = _first_logits(exact, PROMPT_IDS)
+    assert np.abs(mine - want).max() < 1e-4
+    # the default path quantizes activations to int8: close, but not the same numbers
+    fast = _first_logits(high, PROMPT_IDS)
+    assert 1e-4 < np.abs(mine - fast).max() < 0.1 * np.abs(mine).max()
+    exact.close()
 
 
 def test_stream_equals_generate_and_greedy_is_deterministic(high: Runtime) -> None:
