@@ -186,6 +186,22 @@ def test_baselines_give_a_metric_per_method_and_budget(inputs, tmp_path):
     json.dumps(res.to_dict())
 
 
+def test_baselines_measure_on_batches_the_search_did_not_see(inputs, tmp_path):
+    from benchmarks.baselines import targets
+
+    opts = _opts(inputs, tmp_path, steps=2, steps_per_epoch=1)
+    res = run_baselines(opts, [3.5, 5.0], methods=("coa-lora", "per-config-lora"), eval_batches=2)
+    assert res.eval_examples == 2 * opts.batch_size  # the two batches after the search's one
+    assert len(res.coa_budget_seen) == 2
+    assert res.coa_seen_allocations, "the starting allocations near the budgets are measured"
+    assert all(v > 0 for _, v in res.coa_seen_allocations)
+    t = targets(res.to_dict())
+    assert len(t["vs_per-config-lora"]) == 2 and len(t["within_per_config"]) == 2
+    assert t["coa_vs_3_per_config"] > 0
+    with pytest.raises(ExportError, match="eval-batches"):
+        run_baselines(opts, [3.5], methods=("no-lora",), eval_batches=0)
+
+
 def test_export_classifier_from_labelled_jsonl(tmp_path):
     from coalora.export.models import tiny_bert
 
@@ -207,3 +223,15 @@ def test_export_classifier_from_labelled_jsonl(tmp_path):
     assert pareto.metric_name == "accuracy" and pareto.higher_is_better
     assert all(0.0 <= e.metric <= 1.0 for e in pareto.entries)
     assert bundle.manifest["architecture"]["labels"] == ["sport", "tech"]
+
+
+def test_presets_layer_model_fast_and_overrides():
+    lm = ExportOptions.for_model("smollm2", "out", fast=True)
+    assert (lm.steps, lm.batch_size, lm.eval_batches) == (16, 2, 2)
+    # a classifier's fast preset measures accuracy on 8x more held-out articles
+    clf = ExportOptions.for_model("MiniLM", "out", fast=True)
+    assert (clf.steps, clf.batch_size, clf.eval_batches, clf.val_fraction) == (16, 8, 4, 0.2)
+    assert ExportOptions.for_model("minilm", "out", fast=True, batch_size=4).batch_size == 4
+    assert ExportOptions.for_model("minilm", "out").batch_size == 16
+    with pytest.raises(ExportError, match="unknown export option"):
+        ExportOptions.for_model("minilm", "out", nonsense=1)
