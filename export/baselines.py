@@ -53,6 +53,11 @@ class BaselineResults:
     metric_name: str
     higher_is_better: bool
     notes: list[str] = field(default_factory=list)
+    # CoA-LoRA on configurations it trained on vs never saw: was each budget's allocation in
+    # the training set, and the metric of every seen allocation (bits, metric) in range.
+    coa_budget_seen: list[bool] = field(default_factory=list)
+    coa_seen_allocations: list[tuple[float, float]] = field(default_factory=list)
+    eval_examples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +68,9 @@ class BaselineResults:
             "curves": {m: [list(p) for p in pts] for m, pts in self.curves.items()},
             "train_seconds": self.train_seconds,
             "notes": self.notes,
+            "coa_budget_seen": self.coa_budget_seen,
+            "coa_seen_allocations": [list(p) for p in self.coa_seen_allocations],
+            "eval_examples": self.eval_examples,
         }
 
 
@@ -77,8 +85,14 @@ def run_baselines(
     opts: ExportOptions,
     budgets: Sequence[float],
     methods: Sequence[str] = METHODS,
+    *,
+    eval_batches: int | None = None,
 ) -> BaselineResults:
-    """Train and evaluate each method at the optimal allocation of every budget."""
+    """Train and evaluate each method at the optimal allocation of every budget.
+
+    The search selects on the first ``opts.eval_batches`` held-out batches; the curves are
+    measured on the next ``eval_batches`` (default: as many), which the search never saw.
+    """
     from coalora.export.allocation import BudgetError, allocate
     from coalora.export.coa_lora import CoALoRAModel, evaluate, train
     from coalora.export.data import DataError
@@ -97,6 +111,11 @@ def run_baselines(
         raise ExportError(str(exc)) from exc
     loaded, space = inp.loaded, inp.space
     search_batches, held_out, _ = held_out_batches(inp.val_batches, opts.eval_batches)
+    if eval_batches is not None:
+        if eval_batches < 1:
+            raise ExportError(f"eval-batches must be >= 1, got {eval_batches}")
+        n = opts.eval_batches
+        held_out = inp.val_batches.head(n + eval_batches)[n:] or search_batches
     # Calibration and the cost table are the export job's: the same work directory serves both.
     work = work_dir_for(opts, inp)
     work.mkdir(parents=True, exist_ok=True)
@@ -150,20 +169,40 @@ def run_baselines(
             )
             return time.perf_counter() - t0
 
+        seen: set[Configuration] = set(initial)
+
+        def search_and_record(epoch: int, model: Any, current: list[Configuration]) -> Any:
+            new_set = search(epoch, model, current)
+            seen.update(new_set if new_set is not None else current)
+            return new_set
+
         def curve(model: Any) -> list[tuple[float, float]]:
             return [(b, evaluate(model, c, held_out)) for b, c in zip(bits, configs, strict=True)]
 
         curves: dict[str, list[tuple[float, float]]] = {}
         seconds: dict[str, float] = {}
         notes: list[str] = []
+        coa_seen: list[bool] = []
+        coa_alloc: list[tuple[float, float]] = []
         for method in methods:
             log.info("baseline %s ...", method)
             if method == "coa-lora":
                 spe = opts.steps_per_epoch
                 seconds[method] = fit(
-                    coa, initial, steps_per_epoch=spe or None, on_epoch_end=search if spe else None
+                    coa,
+                    initial,
+                    steps_per_epoch=spe or None,
+                    on_epoch_end=search_and_record if spe else None,
                 )
                 curves[method] = curve(coa)
+                coa_seen = [c in seen for c in configs]
+                # the seen allocations around the budgets: the curve unseen ones are held to
+                lo, hi = min(bits) - 0.5, max(bits) + 0.5
+                coa_alloc = [
+                    (space.bits(c), evaluate(coa, c, held_out))
+                    for c in initial
+                    if lo <= space.bits(c) <= hi
+                ]
             elif method == "shared-lora":
                 seconds[method] = fit(reset("quant"), initial)
                 curves[method] = curve(shared)
@@ -197,4 +236,11 @@ def run_baselines(
         metric_name=name,
         higher_is_better=higher,
         notes=notes,
+        coa_budget_seen=coa_seen,
+        coa_seen_allocations=sorted(coa_alloc),
+        eval_examples=sum(_batch_size(b) for b in held_out),
     )
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return int(batch["labels"].shape[0])
