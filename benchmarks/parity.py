@@ -367,7 +367,11 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
         )
     rt.close()
     sizes = size_table(bundle, manifest, rt)
+    speed = (
+        exact_speed(bundle, entries[len(entries) // 2].bits, prompts[0][1]) if args.exact else None
+    )
     return {
+        "exact_speed": speed,
         "bundle": str(bundle),
         "work_dir": str(work),
         "lm_head": head_name,
@@ -379,6 +383,42 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
         "configs": results,
         "sizes": sizes,
         "load_s": round(t_load, 1),
+    }
+
+
+def exact_speed(
+    bundle: Path, bits: float, ids: list[int], rounds: int = 5, tokens: int = 64, threads: int = 2
+) -> dict[str, Any]:
+    """Decode tok/s of the fast path and the exact path at one configuration, alternating
+    rounds in one process (timings here are noisy: the ratio per round is what counts)."""
+    from coalora.runtime.budget import Budget
+    from coalora.runtime.engine import Runtime
+
+    budget = Budget.bits(bits)
+    paths = {
+        "fast": Runtime.open(bundle, budget=budget, threads=threads),
+        "exact": Runtime.open(
+            bundle, budget=budget, threads=threads, lora_bits=32, accuracy_level=0
+        ),
+    }
+    tok_s: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds + 1):  # round 0 warms up
+        for k, rt in paths.items():
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            device_greedy(rt, ids, tokens)
+            if r:
+                tok_s[k].append(tokens / (time.perf_counter() - t0))
+    for rt in paths.values():
+        rt.close()
+    ratios = [e / f for e, f in zip(tok_s["exact"], tok_s["fast"], strict=True)]
+    return {
+        "bits": bits,
+        "threads": threads,
+        "tokens": tokens,
+        "tok_s": tok_s,
+        "median_tok_s": {k: float(np.median(v)) for k, v in tok_s.items()},
+        "exact_over_fast_median": float(np.median(ratios)),
     }
 
 
@@ -653,6 +693,17 @@ def write_report(res: dict[str, Any], command: str, wall: float, out_md: Path) -
                     f"| {r['bits']:.3f} | {x['max_abs']:.5f} | {x['mean_abs']:.6f} | "
                     f"{x['identical']}/{len(x['divergence'])} | {x['median_divergence']:.0f} |"
                 )
+        sp = lm.get("exact_speed")
+        if sp:
+            m = sp["median_tok_s"]
+            L += [
+                "",
+                f"What the exact path costs: decode speed at {sp['bits']:.2f} bits, "
+                f"{sp['threads']} threads, {sp['tokens']} tokens (prompt + decode, "
+                f"{len(sp['tok_s']['fast'])} alternating rounds in one process): fast "
+                f"{m['fast']:.1f} tok/s, exact {m['exact']:.1f} tok/s; exact/fast per-round "
+                f"median {sp['exact_over_fast_median']:.2f}.",
+            ]
         L += ["", "Prompts, in the order of the per-prompt column:", ""]
         L += [f"{i + 1}. {p}" for i, p in enumerate(lm["prompts"])]
         L += [""]

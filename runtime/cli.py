@@ -168,7 +168,8 @@ def run(
         typer.Option(
             "--exact",
             help="fp32 activations and LoRA branch: matches the exporter's torch model token "
-            "for token, at a speed cost (default: int8 activations, the fast CPU path)",
+            "for token, but decodes about 10x slower (a check, not a serving mode; default: "
+            "int8 activations, the fast CPU path)",
         ),
     ] = False,
     dry_run: Annotated[
