@@ -761,8 +761,14 @@ def write_report(res: dict[str, Any], command: str, wall: float, out_md: Path) -
         "onnxruntime kernels rather than torch's. Errors of ~0.5-1% per matmul compound over 30 "
         "layers, so logits differences of a few percent of the logit spread are what this path "
         "gives; they are not a bound one can tighten by a flag without giving up the fast "
-        "kernel. The fp32 LoRA branch (`lora_bits=32`) does not shrink the typical difference "
-        "(table above): the int8 activations of the base matmuls dominate, not the LoRA storage.",
+        "kernel"
+        + (
+            ". The fp32 LoRA branch (`lora_bits=32`) does not shrink the typical difference "
+            "(table above): the int8 activations of the base matmuls dominate, not the LoRA "
+            "storage."
+            if lm and any("lora32" in r for r in lm["configs"])
+            else "."
+        ),
         "- Greedy continuations therefore diverge at near-ties, and once one token differs the "
         "rest differs too. A fast-preset adapter (16 steps) on a 135M model leaves many "
         "near-ties (repetitive, low-confidence text).",
