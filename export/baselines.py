@@ -110,12 +110,9 @@ def run_baselines(
     except (ModelLoadError, DataError) as exc:
         raise ExportError(str(exc)) from exc
     loaded, space = inp.loaded, inp.space
-    search_batches, held_out, _ = held_out_batches(inp.val_batches, opts.eval_batches)
-    if eval_batches is not None:
-        if eval_batches < 1:
-            raise ExportError(f"eval-batches must be >= 1, got {eval_batches}")
-        n = opts.eval_batches
-        held_out = inp.val_batches.head(n + eval_batches)[n:] or search_batches
+    if eval_batches is not None and eval_batches < 1:
+        raise ExportError(f"eval-batches must be >= 1, got {eval_batches}")
+    search_batches, held_out, _ = held_out_batches(inp.val_batches, opts.eval_batches, eval_batches)
     # Calibration and the cost table are the export job's: the same work directory serves both.
     work = work_dir_for(opts, inp)
     work.mkdir(parents=True, exist_ok=True)

@@ -249,6 +249,13 @@ def export_train(
     eval_batches: Annotated[
         int | None, typer.Option(help="Held-out batches for the search and for the sweep [4].")
     ] = None,
+    sweep_batches: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-out batches the sweep measures on, after the search's [--eval-batches]; "
+            "changing it reuses the trained adapter."
+        ),
+    ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction [0.1].")] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the split, init and sampling [0].")
@@ -298,6 +305,7 @@ def export_train(
             configs_per_step=configs_per_step,
             steps_per_epoch=steps_per_epoch,
             eval_batches=eval_batches,
+            sweep_batches=sweep_batches,
             val_fraction=val_fraction,
             seed=seed,
             calib_texts=calib_texts,

@@ -81,6 +81,9 @@ class ExportOptions:
     sweep_hi: float = 8.0
     sweep_step: float = 0.25
     sweep_random: int = 8  # random configurations never seen in training
+    # held-out batches the sweep measures on (after the search's); None: eval_batches. Only
+    # the sweep reads them, so raising it reuses the trained adapter.
+    sweep_batches: int | None = None
     lm_head: str | None = "8b32"  # the causal LM head's option in the bundle; None: fp32
     # the run
     threads: int | None = None
@@ -165,6 +168,8 @@ class ExportOptions:
                 f"impossible sweep budgets {self.sweep_lo:g}-{self.sweep_hi:g} step "
                 f"{self.sweep_step:g}: need low <= high and a positive step"
             )
+        if self.sweep_batches is not None and self.sweep_batches < 1:
+            raise ExportError(f"sweep-batches must be >= 1, got {self.sweep_batches}")
         if self.sweep_random < 0:
             raise ExportError(f"sweep-random must be >= 0, got {self.sweep_random}")
         if self.limit is not None and self.limit < 2:
@@ -198,7 +203,7 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
-        skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random"}
+        skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])
         return d
@@ -504,10 +509,11 @@ def _checkpoint_step(train_dir: Path) -> int:
     return int(state["step"]) if state else 0
 
 
-def held_out_batches(val: Any, n: int) -> tuple[list, list, bool]:
-    """(search batches, sweep batches, disjoint?): the sweep measures on batches the search
-    did not select by, when the held-out split has enough of them."""
-    held = val.head(2 * n)
+def held_out_batches(val: Any, n: int, measure: int | None = None) -> tuple[list, list, bool]:
+    """(search batches, measuring batches, disjoint?): the first ``n`` held-out batches for the
+    search, the next ``measure`` (default ``n``) to measure on, which the search did not select
+    by; when the held-out split has no more than ``n`` batches both use the same ones."""
+    held = val.head(n + (n if measure is None else measure))
     if len(held) > n:
         return held[:n], held[n:], True
     return held, held, False
@@ -645,7 +651,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
         loaded, space = inp.loaded, inp.space
         budgets = sweep_budgets(space, opts.sweep_lo, opts.sweep_hi, opts.sweep_step)
         search_batches, sweep_held_out, disjoint = held_out_batches(
-            inp.val_batches, opts.eval_batches
+            inp.val_batches, opts.eval_batches, opts.sweep_batches
         )
 
     # The work directory: keyed by the options that shape training and by the data itself.
@@ -745,6 +751,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 "random": opts.sweep_random,
                 "seed": opts.seed,
                 "batches": opts.eval_batches,
+                "measured_on": len(sweep_held_out),
             }
             cached = None if opts.fresh else _read_json(work / "sweep.json")
             if cached and cached.get("key") == sweep_key:

@@ -102,6 +102,14 @@ def test_export_end_to_end_then_reuse(inputs, tmp_path, caplog):
     assert [e.bits for e in again.pareto.entries] == [e.bits for e in res.pareto.entries]
     Bundle.open(again.bundle, verify="all")
 
+    # more held-out batches for the sweep: the adapter is reused, only the sweep runs again
+    opts.sweep_batches = 3
+    wider = run_export(opts)
+    assert wider.reused["train"] and not wider.reused["sweep"], wider.reused
+    measured = Bundle.open(wider.bundle).manifest["training"]["sweep"]["held_out_batches"]
+    assert measured == 3 and opts.eval_batches == 1
+    opts.sweep_batches = None
+
     # the same work dir with other training options is refused, the bundle left as it was
     with pytest.raises(ExportError, match=r"other options \(steps\)"):
         run_export(_opts(inputs, tmp_path, steps=5, overwrite=True))
