@@ -54,6 +54,11 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
 
+.PHONY: bench-baselines
+bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (about 1 h each, 2 cores)
+	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2
+	$(PYTHON) -m benchmarks.baselines --model smollm2 --threads 2
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 
