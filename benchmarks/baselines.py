@@ -53,16 +53,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
         initial_budgets=16,
     ),
     "smollm2": dict(
-        steps=80,
+        steps=64,
         batch_size=4,
         seq_len=128,
-        steps_per_epoch=20,
+        steps_per_epoch=16,
         eval_batches=3,  # the search's held-out batches (1,536 tokens)
         val_fraction=0.1,
         initial_budgets=16,
     ),
 }
-EVAL_BATCHES = {"minilm": 20, "smollm2": 16}  # measured on (at most) this many more batches
+EVAL_BATCHES = {"minilm": 20, "smollm2": 12}  # measured on (at most) this many more batches
 QUICK = dict(steps=4, steps_per_epoch=2, limit=200, initial_budgets=8, search_candidates=32)
 
 
@@ -87,8 +87,21 @@ def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
     out["settings"]["threads"] = threads
     out["quick"] = quick
     out["wall_seconds"] = wall
+    out["train_passes"] = train_passes(out)
     out["targets"] = targets(res.to_dict())
     return out
+
+
+def train_passes(res: dict[str, Any]) -> dict[str, int]:
+    """Forward+backward passes over a batch per method: the machine-independent size of each
+    fine-tune (a step trains min(configs per step, set size) configurations). CoA-LoRA's
+    search adds forward passes on held-out batches that this leaves out (its seconds don't)."""
+    steps, k = res["settings"]["steps"], res["settings"]["configs_per_step"]
+    n = len(res["budgets"])
+    passes = {"coa-lora": steps * k, "shared-lora": steps * k, "per-config-lora": n * steps}
+    passes["no-lora"] = steps * k if res["train_seconds"].get("no-lora", 0) > 0 else 0
+    passes["fp"] = steps
+    return {m: v for m, v in passes.items() if m in res["train_seconds"]}
 
 
 # -- the issue's targets, computed from the curves --------------------------------------------
@@ -148,7 +161,9 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
     lines = [
         f"# CoA-LoRA vs baselines: {res['model']} ({unit} on held-out BBC News)",
         "",
-        *machine_md(res["machine"], command, res["wall_seconds"]),
+        *machine_md(res["machine"], command, res["wall_seconds"])[:-1],
+        f"- wall time: {res['wall_seconds']:.0f} s"
+        + (f" ({res['machine_note']})" if res.get("machine_note") else ""),
         f"- settings: {json.dumps(res['settings'])}",
         f"- held-out examples measured: {res['eval_examples']} ({examples}); the configuration "
         "search selected on other held-out batches",
@@ -158,7 +173,7 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
     header = (
         "| method | "
         + " | ".join(f"{b:g} ({x:.2f})" for b, x in zip(res["budgets"], res["bits"], strict=True))
-        + " | fine-tuning s |"
+        + " | fine-tuning s | passes |"
     )
     lines += [
         "",
@@ -166,11 +181,14 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
         "weight of its allocation):",
         "",
         header,
-        "|---" * (len(res["budgets"]) + 2) + "|",
+        "|---" * (len(res["budgets"]) + 3) + "|",
     ]
+    passes = res.get("train_passes", {})
     for m, pts in res["curves"].items():
         row = " | ".join(fmt(p[1], name) for p in pts)
-        lines.append(f"| {METHOD_LABELS[m]} | {row} | {res['train_seconds'][m]:.0f} |")
+        lines.append(
+            f"| {METHOD_LABELS[m]} | {row} | {res['train_seconds'][m]:.0f} | {passes.get(m, '')} |"
+        )
     seen = res.get("coa_budget_seen") or []
     if seen:
         lines += [
@@ -183,6 +201,12 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
             + ".",
         ]
     what = "accuracy points" if name == "accuracy" else "% lower perplexity"
+    lines += [
+        "",
+        "`passes`: forward+backward passes over a training batch, the machine-independent size "
+        "of each fine-tune (CoA-LoRA's search adds forward passes on held-out batches, which its "
+        "seconds include).",
+    ]
     lines += ["", f"## Targets (positive = CoA-LoRA better, in {what})", ""]
     for key, label in (
         ("vs_per-config-lora", "vs per-configuration LoRA"),
@@ -254,12 +278,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps on a subset")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the .md and .png from the .json"
+    )
+    p.add_argument("--machine-note", help="how the machine was loaded during the run")
     args = p.parse_args(argv)
-    command = "python -m benchmarks.baselines " + " ".join(sys.argv[1:] if argv is None else argv)
-    res = run(args.model, args.quick, args.threads)
-    res["machine"] = machine()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"baselines_{args.model}"
+    if args.report_only:
+        res = json.loads(stem.with_suffix(".json").read_text())
+        res.setdefault("train_passes", train_passes(res))
+        res["targets"] = targets(res)
+    else:
+        res = run(args.model, args.quick, args.threads)
+        res["machine"] = machine()
+        res["command"] = "python -m benchmarks.baselines " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+    if args.machine_note:
+        res["machine_note"] = args.machine_note
+    command = res.get("command", f"python -m benchmarks.baselines --model {args.model}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     plot(res, stem.with_suffix(".png"))
     write_report(res, command, stem)
