@@ -241,13 +241,14 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
+    """Metric against bits: every method (left) and the adapters alone, zoomed (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     name = res["metric_name"]
-    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=120)
     styles = {
         "coa-lora": "o-",
         "shared-lora": "s--",
@@ -255,18 +256,24 @@ def plot(res: dict[str, Any], path: Path) -> None:
         "no-lora": "x:",
         "fp": "-",
     }
-    for m, pts in res["curves"].items():
-        xs = [p[0] for p in pts]
-        ys = [100 * p[1] if name == "accuracy" else p[1] for p in pts]
-        label = f"{METHOD_LABELS[m]} ({res['train_seconds'][m]:.0f} s)"
-        ax.plot(xs, ys, styles[m], label=label, lw=1.5 if m == "coa-lora" else 1.0)
-    ax.set_xlabel("bits per weight of the allocation")
-    ax.set_ylabel("accuracy (%)" if name == "accuracy" else "held-out perplexity")
-    if name == "perplexity":
-        ax.set_yscale("log")
-    ax.set_title(f"{res['model']}: metric against bits (fine-tuning seconds in the legend)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    colors = dict(zip(styles, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for m, pts in res["curves"].items():
+            if zoom and m == "no-lora":
+                continue
+            xs = [p[0] for p in pts]
+            ys = [100 * p[1] if name == "accuracy" else p[1] for p in pts]
+            label = f"{METHOD_LABELS[m]} ({res['train_seconds'][m]:.0f} s)"
+            lw = 1.6 if m == "coa-lora" else 1.0
+            ax.plot(xs, ys, styles[m], color=colors[m], label=label, lw=lw)
+        ax.set_xlabel("bits per weight of the allocation")
+        ax.set_ylabel("accuracy (%)" if name == "accuracy" else "held-out perplexity")
+        if name == "perplexity" and not zoom:
+            ax.set_yscale("log")
+        ax.set_title("the adapters, zoomed" if zoom else "every method")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{res['model']}: metric against bits (fine-tuning seconds in the legend)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
