@@ -168,7 +168,7 @@ def run(
         typer.Option(
             "--exact",
             help="fp32 activations and LoRA branch: matches the exporter's torch model token "
-            "for token, but decodes about 10x slower (a check, not a serving mode; default: "
+            "for token, but decodes over 10x slower (a check, not a serving mode; default: "
             "int8 activations, the fast CPU path)",
         ),
     ] = False,
