@@ -28,6 +28,8 @@ figures stand for the real bundle's. Its text is of course meaningless.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,6 +37,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,31 +363,33 @@ def child_memory(bundle: str, budget: str, switch_to: str) -> dict[str, Any]:
     }
 
 
-def child_profile(bundle: str, budget: str) -> dict[str, Any]:
-    """onnxruntime's per-op time share over one 128-token decode at ``budget`` (2 threads),
-    and the best-case (per-node fastest) cost of a token."""
-    import collections
-
+@contextlib.contextmanager
+def profiling_sessions(tag: str) -> Iterator[None]:
+    """Sessions created inside get onnxruntime's per-node profiling (files under TMPDIR)."""
     from coalora.runtime import session as session_mod
-    from coalora.runtime.engine import Runtime
 
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"coalora-profile-{os.getpid()}"
+    prefix = Path(os.environ.get("TMPDIR", "/tmp")) / f"coalora-{tag}-{os.getpid()}"
     plain = session_mod.session_options
 
     def profiled(threads: int, config: Any = None) -> Any:
         so = plain(threads, config)
         so.enable_profiling = True
-        so.profile_file_prefix = str(tmp)
+        so.profile_file_prefix = str(prefix)
         return so
 
     session_mod.session_options = profiled
-    rt = Runtime.open(bundle, budget=budget, threads=THREADS, context_length=CONTEXT)
-    session_mod.session_options = plain
-    ids = rt.encode_prompt(PROMPT)
-    _ours(rt, ids)
-    path = rt.session.end_profiling()
-    events = json.loads(Path(path).read_text())
-    Path(path).unlink()
+    try:
+        yield
+    finally:
+        session_mod.session_options = plain
+
+
+def kernel_times(session: Any) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """End a profiled session's profiling: each node's kernel time per run (µs, in run order)
+    and its op type. The profile file is removed."""
+    path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
     per_node: dict[str, list[float]] = collections.defaultdict(list)
     op_of: dict[str, str] = {}
     for e in events:
@@ -392,6 +397,19 @@ def child_profile(bundle: str, budget: str) -> dict[str, Any]:
             node = e["name"][: -len("_kernel_time")]
             per_node[node].append(e["dur"])
             op_of[node] = e["args"].get("op_name", "?")
+    return per_node, op_of
+
+
+def child_profile(bundle: str, budget: str) -> dict[str, Any]:
+    """onnxruntime's per-op time share over one 128-token decode at ``budget`` (2 threads),
+    and the best-case (per-node fastest) cost of a token."""
+    from coalora.runtime.engine import Runtime
+
+    with profiling_sessions("profile"):
+        rt = Runtime.open(bundle, budget=budget, threads=THREADS, context_length=CONTEXT)
+    ids = rt.encode_prompt(PROMPT)
+    _ours(rt, ids)
+    per_node, op_of = kernel_times(rt.session)
     by_op: dict[str, float] = collections.Counter()
     lora = 0.0
     best = 0.0
@@ -427,8 +445,6 @@ VARIANTS = (
 def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any]:
     """Best-case ms/token (1 thread; each node's fastest of ``steps`` decode steps, summed:
     robust to other load on the machine) of graph variants at ``budget``'s configuration."""
-    import collections
-
     from coalora.runtime import assemble
     from coalora.runtime import session as session_mod
     from coalora.runtime.engine import Runtime
@@ -438,18 +454,8 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
     n_steps = int(steps)
     rt = Runtime.open(bundle, budget=budget, threads=1, context_length=CONTEXT, build=False)
     adapters, _ = rt._adapters(rt.config)
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"coalora-variants-{os.getpid()}"
-    plain = session_mod.session_options
-
-    def profiled(threads: int, config: Any = None) -> Any:
-        so = plain(threads, config)
-        so.enable_profiling = True
-        so.profile_file_prefix = str(tmp)
-        return so
-
     out: dict[str, Any] = {}
-    session_mod.session_options = profiled
-    try:
+    with profiling_sessions("variants"):
         for _rep in range(2):
             for name, fuse, bits in VARIANTS:
                 scratch = Scratch()
@@ -478,13 +484,7 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                 dec.run(np.asarray([prompt], dtype=np.int64), len(prompt))
                 for t in range(n_steps):
                     dec.run(np.asarray([[200 + t]], dtype=np.int64), len(prompt) + 1 + t)
-                path = Path(built.session.end_profiling())
-                events = json.loads(path.read_text())
-                path.unlink()
-                per_node: dict[str, list[float]] = collections.defaultdict(list)
-                for e in events:
-                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                        per_node[e["name"][: -len("_kernel_time")]].append(e["dur"])
+                per_node, _ = kernel_times(built.session)
                 best = {n: min(d[1:]) for n, d in per_node.items() if len(d) > 1}
                 ms = sum(best.values()) / 1e3
                 lora = sum(v for n, v in best.items() if "/lora/" in n or n.startswith("lora."))
@@ -495,8 +495,6 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                         "lora_ms": lora / 1e3,
                         "nodes": len(best),
                     }
-    finally:
-        session_mod.session_options = plain
     return {"budget": budget, "bits": rt.selection.entry.bits, "steps": n_steps, "variants": out}
 
 
