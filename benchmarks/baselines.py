@@ -161,9 +161,7 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
     lines = [
         f"# CoA-LoRA vs baselines: {res['model']} ({unit} on held-out BBC News)",
         "",
-        *machine_md(res["machine"], command, res["wall_seconds"])[:-1],
-        f"- wall time: {res['wall_seconds']:.0f} s"
-        + (f" ({res['machine_note']})" if res.get("machine_note") else ""),
+        *machine_md(res["machine"], command, res["wall_seconds"], res.get("machine_note")),
         f"- settings: {json.dumps(res['settings'])}",
         f"- held-out examples measured: {res['eval_examples']} ({examples}); the configuration "
         "search selected on other held-out batches",

@@ -84,13 +84,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def machine_md(info: dict[str, Any], command: str, wall_s: float) -> list[str]:
+SHARED_MACHINE = "the machine was shared with other jobs; times are rough"
+
+
+def machine_md(
+    info: dict[str, Any], command: str, wall_s: float, load: str | None = SHARED_MACHINE
+) -> list[str]:
+    """Markdown lines naming the command, machine and versions; ``load`` says how loaded the
+    machine was during the run (None: say nothing)."""
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     return [
         f"- command: `{command}`",
         f"- machine: {info['cores']} cores, {info['cpu']} ({info['platform']})",
         f"- versions: {versions}",
-        f"- wall time: {wall_s:.0f} s (the machine was shared with other jobs; times are rough)",
+        f"- wall time: {wall_s:.0f} s" + (f" ({load})" if load else ""),
     ]
 
 
