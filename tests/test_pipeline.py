@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from coalora.export.baselines import METHODS, run_baselines
@@ -23,13 +22,7 @@ from coalora.runtime.selection import ParetoSet
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "ran", "to", "red", "house", "near", "old", "tree"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

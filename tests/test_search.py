@@ -22,14 +22,7 @@ from coalora.export.coa_lora.search import (
 from coalora.export.data import Batches
 from coalora.export.models import config_space, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lm_batches(n: int = 64, length: int = 32, seed: int = 0) -> Batches:

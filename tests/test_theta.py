@@ -13,14 +13,7 @@ from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
 from coalora.export.models import config_space, tiny_llama
 from coalora.kernels import Configuration, QuantOption
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_config(space, seed: int = 0) -> Configuration:

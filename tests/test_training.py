@@ -23,14 +23,7 @@ from coalora.export.data import Batches
 from coalora.export.models import config_space, tiny_bert, tiny_llama
 from coalora.kernels import Configuration, QuantOption, quantize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_configs(space, n: int, seed: int = 0) -> list[Configuration]:
