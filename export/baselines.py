@@ -27,6 +27,7 @@ from typing import Any
 from coalora.export.pipeline import (
     ExportError,
     ExportOptions,
+    TrainingSets,
     cached_calibration,
     cached_cost_table,
     held_out_batches,
@@ -53,8 +54,8 @@ class BaselineResults:
     metric_name: str
     higher_is_better: bool
     notes: list[str] = field(default_factory=list)
-    # CoA-LoRA on configurations it trained on vs never saw: was each budget's allocation in
-    # the training set, and the metric of every seen allocation (bits, metric) in range.
+    # CoA-LoRA on configurations it trained on vs never saw: did a training step draw each
+    # budget's allocation, and the metric of every starting allocation (bits, metric) in range.
     coa_budget_seen: list[bool] = field(default_factory=list)
     coa_seen_allocations: list[tuple[float, float]] = field(default_factory=list)
     eval_examples: int = 0
@@ -166,12 +167,8 @@ def run_baselines(
             )
             return time.perf_counter() - t0
 
-        seen: set[Configuration] = set(initial)
-
-        def search_and_record(epoch: int, model: Any, current: list[Configuration]) -> Any:
-            new_set = search(epoch, model, current)
-            seen.update(new_set if new_set is not None else current)
-            return new_set
+        # the configurations CoA-LoRA's steps drew, as the export records them
+        coa_sets = TrainingSets(None, initial, space)
 
         def curve(model: Any) -> list[tuple[float, float]]:
             return [(b, evaluate(model, c, held_out)) for b, c in zip(bits, configs, strict=True)]
@@ -189,9 +186,10 @@ def run_baselines(
                     coa,
                     initial,
                     steps_per_epoch=spe or None,
-                    on_epoch_end=search_and_record if spe else None,
+                    on_epoch_end=coa_sets.hook(search, spe) if spe else None,
                 )
                 curves[method] = curve(coa)
+                seen = coa_sets.seen(opts.steps, opts.configs_per_step, opts.seed)
                 coa_seen = [c in seen for c in configs]
                 # the seen allocations around the budgets: the curve unseen ones are held to
                 lo, hi = min(bits) - 0.5, max(bits) + 0.5

@@ -455,14 +455,17 @@ def cached_cost_table(
     return CostTable(tuple(names), tuple(space.options), costs), False
 
 
-class _TrainingSets:
-    """The training configuration set in force from each step on, persisted so a resumed or
-    reused run still knows exactly which configurations training drew (``seen``)."""
+class TrainingSets:
+    """The training configuration set in force from each step on, persisted (with a ``path``)
+    so a resumed or reused run still knows exactly which configurations training drew
+    (``seen``)."""
 
-    def __init__(self, path: Path, initial: Sequence[Configuration], space: ConfigSpace):
+    def __init__(
+        self, path: Path | None, initial: Sequence[Configuration], space: ConfigSpace
+    ) -> None:
         self.path = path
         self.space = space
-        stored = _read_json(path)
+        stored = _read_json(path) if path is not None else None
         if stored:
             self.sets = [
                 (int(s["from_step"]), [space.config_from_dict(c) for c in s["configs"]])
@@ -473,6 +476,8 @@ class _TrainingSets:
             self._save()
 
     def _save(self) -> None:
+        if self.path is None:
+            return
         _write_json(
             self.path,
             [{"from_step": s, "configs": [c.to_dict() for c in cs]} for s, cs in self.sets],
@@ -706,7 +711,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 space, search_batches, costs, log_path=work / "search_log.jsonl"
             )
             initial = search.initial_set(opts.initial_budgets)
-            sets = _TrainingSets(work / "training_sets.json", initial, space)
+            sets = TrainingSets(work / "training_sets.json", initial, space)
             log.info("initial training set: %d configurations", len(initial))
 
         # 6. train, the Pareto search refreshing the set every epoch
@@ -885,6 +890,7 @@ __all__ = [
     "ExportOptions",
     "ExportResult",
     "Inputs",
+    "TrainingSets",
     "cached_calibration",
     "cached_cost_table",
     "held_out_batches",
