@@ -2,6 +2,7 @@
 
     coalora quantize-report MODEL [--budgets 2.5,3,4,5] [--calib-texts N] [--json]
     coalora export train MODEL --out BUNDLE [--data bbc|FILE.jsonl|DIR] [--fast] [--fresh] ...
+    coalora serve BUNDLE / coalora eval BUNDLE --data ...   (device side: coalora.runtime)
 
 Commands are registered on ``app`` (a group, so further commands and sub-apps attach with
 ``app.command`` / ``app.add_typer``). torch and transformers are imported inside commands so
@@ -17,6 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from coalora.runtime.eval_cli import EVAL_EXAMPLES, eval_command
+from coalora.runtime.serve.cli import SERVE_EXAMPLES, serve_command
+
 app = typer.Typer(
     name="coalora",
     help="Export quantized models whose LoRA adapter every device generates for its own budget.",
@@ -26,6 +30,11 @@ app = typer.Typer(
 )
 
 USAGE_ERROR = 2
+
+# Device-side commands: their modules import only typer here, and the runtime (never torch)
+# when they run, so they work on a runtime-only install.
+app.command("serve", epilog=SERVE_EXAMPLES)(serve_command)
+app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
 
 
 def fail(message: str) -> typer.Exit:

@@ -32,6 +32,7 @@ import numpy as np
 from coalora.kernels import Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
+from coalora.runtime.adapt import AdaptPolicy, MemoryAdapter
 from coalora.runtime.adapter import ThetaRunner, generate_adapters
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.bundle import THETA_FILE, Bundle, BundleError, Verify
@@ -113,8 +114,10 @@ class Runtime:
         threads: int,
         lora_bits: int,
         accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+        all_logits: bool = False,
     ) -> None:
         self.bundle = bundle
+        self.all_logits = all_logits  # logits at every position (``logits()``), not the last
         self.pareto = pareto
         self.context_length = context_length
         self.threads = threads
@@ -130,6 +133,7 @@ class Runtime:
         self._decoder: KVDecoder | None = None
         self._theta: ThetaRunner | None = None
         self._tokenizer: Any = None
+        self.adapt: MemoryAdapter | None = None  # set by open(adapt=...): see runtime/adapt.py
         self._check_context()
         base = self._mapped.file(assemble.BASE_FILE).nbytes()
         self._other_bytes = (
@@ -154,12 +158,19 @@ class Runtime:
         lora_bits: int = assemble.DEFAULT_LORA_BITS,
         accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
         build: bool = True,
+        adapt: bool | AdaptPolicy = False,
+        all_logits: bool = False,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
 
         ``accuracy_level``: MatMulNBits' compute type; 4 (the default) quantizes activations
         to int8 per block, the fast CPU path; 0 keeps them in fp32 (slower, for parity checks).
+
+        ``adapt`` (True or an ``AdaptPolicy``): watch the device's memory and switch the
+        configuration down when it runs short, back up once it returns (runtime/adapt.py);
+        checked before each request, never during one. ``all_logits``: the graph returns the
+        logits of every position, for ``logits()`` (teacher-forced evaluation).
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
@@ -175,6 +186,7 @@ class Runtime:
             threads=threads or (dev.threads if dev else physical_cores()),
             lora_bits=lora_bits,
             accuracy_level=accuracy_level,
+            all_logits=all_logits,
         )
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
@@ -183,6 +195,10 @@ class Runtime:
         else:
             rt._selection = sel
         rt.timings.bundle_s = bundle_s
+        if adapt:
+            policy = adapt if isinstance(adapt, AdaptPolicy) else None
+            rt.adapt = MemoryAdapter(rt, parsed, policy)
+            rt.adapt.start()
         return rt
 
     def _check_context(self) -> None:
@@ -236,6 +252,18 @@ class Runtime:
         self._apply(sel)
         return sel
 
+    def use(self, sel: Selection) -> None:
+        """Serve ``sel`` (from ``choose`` or ``select``): rebuild unless it is the current one."""
+        if self._built is not None and self._selection is not None and sel.config == self.config:
+            self._selection = sel
+            return
+        self._drop()
+        self._apply(sel)
+
+    def _adapt_check(self) -> None:
+        if self.adapt is not None and self._built is not None:
+            self.adapt.check()
+
     def build(self) -> None:
         """Build the session for the current selection (after ``open(build=False)``)."""
         if self._built is None:
@@ -274,7 +302,7 @@ class Runtime:
             external=True,
             fuse=True,
             scratch=scratch,
-            last_logits=True,
+            last_logits=not self.all_logits,
         )
         del adapters
         t1 = time.perf_counter()
@@ -403,6 +431,7 @@ class Runtime:
         if max_new_tokens < 1:
             raise RuntimeInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         ids = self.encode_prompt(prompt, chat=chat, system=system)
+        self._adapt_check()
         if self._decoder is None:
             raise RuntimeError("no session: call build() first (opened with build=False)")
         stats = GenerationStats()
@@ -444,13 +473,27 @@ class Runtime:
             )
         )
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one teacher-forced pass over ``ids`` from position 0
+        (open with ``all_logits=True``)."""
+        self._need("causal-lm")
+        if not self.all_logits:
+            raise RuntimeError("logits() needs a runtime opened with all_logits=True")
+        if not ids or len(ids) > self.context_length:
+            raise RuntimeInputError("ids must hold 1 to context_length tokens")
+        if self._decoder is None:
+            raise RuntimeError("no session: call build() first (opened with build=False)")
+        return self._decoder.logits(np.asarray([ids], dtype=np.int64))
+
     # -- classification -----------------------------------------------------------------------
-    def classify(self, text: str) -> Classification:
+    def classify(self, text: str, *, max_length: int | None = None) -> Classification:
         self._need("classify")
         if not text.strip():
             raise RuntimeInputError("empty text")
+        self._adapt_check()
         tok = self.tokenizer
         limit = getattr(self.arch, "max_position_embeddings", 512)
+        limit = min(limit, max_length) if max_length else limit
         tok.enable_truncation(max_length=limit)
         try:
             enc = tok.encode(text)
@@ -470,6 +513,8 @@ class Runtime:
         return Classification(label=labels[int(np.argmax(p))], probs=probs)
 
     def close(self) -> None:
+        if self.adapt is not None:
+            self.adapt.stop()
         self._drop()
         self._theta = None
 

@@ -69,6 +69,12 @@ class KVDecoder:
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[0, -1]
 
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits [n, vocab] for ``ids`` [1, n] fed from position 0 (a graph
+        built with all logits)."""
+        self.run(ids, ids.shape[1])
+        return self._binding.get_outputs()[0].numpy()[0]
+
     def tokens(
         self,
         prompt_ids: list[int],
