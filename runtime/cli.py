@@ -181,6 +181,12 @@ def run(
     list_profiles_: Annotated[
         bool, typer.Option("--list-profiles", help="list the known device profiles and exit")
     ] = False,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt", help="re-check free memory before answering and switch configuration"
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the answer")] = False,
 ) -> None:
     from coalora.runtime.engine import Runtime, RuntimeInputError
@@ -205,6 +211,7 @@ def run(
         context_length=context,
         threads=threads,
         build=False,
+        adapt=adapt,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from coalora.runtime.budget import Budget
+from coalora.runtime.budget import Budget, BudgetError
 from coalora.runtime.data import DataError, TextDataset, load_dataset
 from coalora.runtime.engine import Runtime
 from coalora.runtime.selection import ParetoEntry, ParetoSet, Selection, SelectionError, select
@@ -100,11 +100,14 @@ def choose_configs(rt: Runtime, spec: str) -> list[ParetoEntry]:
             continue
         try:
             bits = float(item)
-            budget = Budget.bits(bits)
         except ValueError:
             raise EvalError(
                 f"cannot read --configs {part.strip()!r}: expected 'all' or bits, e.g. 3,4.5"
             ) from None
+        try:
+            budget = Budget.bits(bits)
+        except BudgetError as exc:
+            raise EvalError(f"--configs {part.strip()!r}: {exc}") from None
         try:
             sel = select(rt.pareto, budget, rt.plan)
         except SelectionError as exc:

@@ -31,3 +31,27 @@ def test_runtime_and_kernels_never_load_torch_or_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
+
+
+def test_serve_and_eval_commands_need_no_torch() -> None:
+    """``coalora serve`` / ``coalora eval`` are device commands: with torch and transformers
+    made unimportable, their --help still works and neither is imported."""
+    for command, flag in (("serve", "--adapt"), ("eval", "--configs")):
+        code = (
+            "import sys\n"
+            "sys.modules['torch'] = None\n"
+            "sys.modules['transformers'] = None\n"
+            "from coalora.export.cli import app\n"
+            "try:\n"
+            f"    app(args=[{command!r}, '--help'], prog_name='coalora')\n"
+            "except SystemExit as exc:\n"
+            "    assert exc.code in (0, None), exc.code\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        )
+        assert out.returncode == 0, out.stderr
+        assert flag in out.stdout
