@@ -54,6 +54,10 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
 
+.PHONY: bench-serve
+bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval
+	$(PYTHON) -m benchmarks.serve --bundle $(DEMO_BUNDLE)
+
 .PHONY: bench-baselines
 bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (about 1 h each, 2 cores)
 	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2

@@ -32,7 +32,9 @@ RESERVE_FRACTION = 0.10
 # is no limit on any real machine.
 CGROUP_V1_UNLIMITED = 2**60
 
-DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Where cgroupfs is mounted; COALORA_CGROUP_ROOT names another place (a container that mounts
+# it elsewhere, or benchmarks/serve.py's emulated limit).
+DEFAULT_CGROUP_ROOT = Path(os.environ.get("COALORA_CGROUP_ROOT", "/sys/fs/cgroup"))
 DEFAULT_PROC_ROOT = Path("/proc")
 
 

@@ -154,7 +154,8 @@ def serve_command(
     log = logging.getLogger("coalora.runtime.serve")
     bound = sock.getsockname()
     log.info("%s: %s", name, rt.selection.reason)
-    log.info("listening on http://%s:%d (OpenAI-compatible, /v1)", host, bound[1])
+    # Always printed, --quiet or not: scripts read the port from it (--port 0 picks one).
+    typer.echo(f"listening on http://{host}:{bound[1]} (OpenAI-compatible, /v1)", err=True)
     if host not in LOOPBACK and not api_key:
         log.warning("listening beyond loopback without --api-key: anyone who reaches it may use it")
     config = uvicorn.Config(
