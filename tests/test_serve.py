@@ -238,21 +238,33 @@ def test_budget_switch_by_hand(served: tuple[Server, str], client: openai.OpenAI
 
 
 # -- the queue ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def slow_tokens(rt: Runtime, seconds: float) -> Iterator[None]:
-    """Every decoder step takes ``seconds`` longer: long enough to hold the slot in a test."""
-    decoder = rt._decoder
-    run = decoder.run
+class Gate:
+    """Lets the decoder's first ``free`` steps through, then holds every step until
+    ``open()``: a request that holds the slot for as long as the test needs. Counts steps."""
 
-    def slow(*args, **kw):
-        time.sleep(seconds)
-        return run(*args, **kw)
+    def __init__(self, rt: Runtime, free: int) -> None:
+        self.decoder = rt._decoder
+        self._run = self.decoder.run
+        self.free = free
+        self.calls = 0
+        self._open = threading.Event()
 
-    decoder.run = slow
-    try:
-        yield
-    finally:
-        del decoder.run
+    def _step(self, *args, **kw):
+        self.calls += 1
+        if self.calls > self.free:
+            self._open.wait(timeout=20)
+        return self._run(*args, **kw)
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __enter__(self) -> Gate:
+        self.decoder.run = self._step
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.open()
+        del self.decoder.run
 
 
 def _wait_for(fn, timeout: float = 10.0) -> None:
@@ -262,36 +274,40 @@ def _wait_for(fn, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+CHAT = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
+
+
 def test_full_queue_is_a_503_and_a_disconnect_frees_the_slot(
     served: tuple[Server, str], llama_rt: Runtime
 ) -> None:
     server, url = served
-    body = {"prompt": PROMPT, "max_tokens": 80, "temperature": 0}
+    # Undisturbed, the holder's request decodes this many tokens (one step each).
+    full = httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 12}).json()
+    assert full["usage"]["completion_tokens"] >= 6
     queued: dict[str, httpx.Response] = {}
-    with slow_tokens(llama_rt, 0.05), httpx.Client(base_url=url, timeout=30) as http:
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
-            lines = stream.iter_lines()
-            assert next(lines).startswith("data: ")  # the slot is held, mid-generation
+    holder = {**CHAT, "max_tokens": 12, "stream": True}
+    with Gate(llama_rt, free=0) as gate, httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=holder) as stream:
+            assert stream.status_code == 200  # admitted: the slot is held, its prefill waits
             waiter = threading.Thread(
                 target=lambda: queued.update(
                     r=httpx.post(
-                        url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30
+                        url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=30
                     )
                 )
             )
             waiter.start()
             _wait_for(lambda: server.scheduler.waiting == 1)
-            r = http.post("/v1/completions", json=body)
+            r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
             assert r.status_code == 503
             assert int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["code"] == "server_busy"
-            t0 = time.monotonic()
-        # The stream's client left after one chunk (80 tokens would take 4 s): the queued
-        # request gets the slot at once.
-        waiter.join(timeout=10)
+        # The holder's client has left mid-stream: once its step in flight ends, the queued
+        # request runs, and the holder's other tokens are never computed.
+        gate.open()
+        waiter.join(timeout=20)
         assert queued["r"].status_code == 200
-        assert time.monotonic() - t0 < 2.5
-        assert llama_rt.last_stats.new_tokens <= 2
+        assert gate.calls <= 1 + queued["r"].json()["usage"]["completion_tokens"]
     _wait_for(lambda: not server.scheduler.busy and server.scheduler.waiting == 0)
 
 
@@ -299,19 +315,25 @@ def test_a_queued_client_that_leaves_gives_up_its_place(
     served: tuple[Server, str], llama_rt: Runtime
 ) -> None:
     server, url = served
-    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
     served_before = server.scheduler._served
+    holder = {**CHAT, "max_tokens": 4, "stream": True}
     with (
-        slow_tokens(llama_rt, 0.05),
+        Gate(llama_rt, free=0) as gate,
         httpx.Client(base_url=url, timeout=30) as http,
-        http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream,
+        http.stream("POST", "/v1/chat/completions", json=holder),
     ):
-        next(stream.iter_lines())
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + "/v1/completions", json=body, timeout=0.5)
-        _wait_for(lambda: server.scheduler.waiting == 0)
+        leaver = threading.Thread(
+            target=lambda: pytest.raises(
+                httpx.ReadTimeout, httpx.post, url + "/v1/chat/completions", json=CHAT, timeout=0.5
+            )
+        )
+        leaver.start()
+        _wait_for(lambda: server.scheduler.waiting == 1)
+        leaver.join()
+        _wait_for(lambda: server.scheduler.waiting == 0)  # gone from the queue ...
+        assert server.scheduler.busy and gate.calls == 1  # ... while the holder still holds
     _wait_for(lambda: not server.scheduler.busy)
-    assert server.scheduler._served == served_before + 1  # the stream; the leaver never ran
+    assert server.scheduler._served == served_before + 1  # the holder; the leaver never ran
 
 
 # -- api key, classification, the command line ------------------------------------------------
