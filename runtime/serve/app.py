@@ -211,7 +211,8 @@ class Server:
         finally:
             # Not awaited: a cancelled task must not wait, and the one thread runs this before
             # any later request's work.
-            self.scheduler.executor.submit(it.close)
+            with contextlib.suppress(RuntimeError):  # the executor is gone at shutdown
+                self.scheduler.executor.submit(it.close)
 
     def _envelope(self, req: GenerationRequest, kind: str) -> dict[str, Any]:
         prefix = "chatcmpl" if req.chat else "cmpl"
