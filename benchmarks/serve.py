@@ -363,23 +363,13 @@ def plot_adapt(run: dict[str, Any], path: Path) -> None:
     t = [x["t"] for x in tl]
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     a.step(t, [x["bits"] for x in tl], where="post", color="C0", label="configuration served")
-    ok = [r for r in run["request_log"] if r["ok"]]
-    bad = [r for r in run["request_log"] if not r["ok"]]
-    a.plot(
-        [r["t1"] for r in ok],
-        [min(x["bits"] for x in tl) - 0.3] * len(ok),
-        "|",
-        color="C2",
-        label=f"request answered ({len(ok)})",
-    )
-    if bad:
-        a.plot(
-            [r["t1"] for r in bad],
-            [min(x["bits"] for x in tl) - 0.3] * len(bad),
-            "x",
-            color="C3",
-            label=f"request failed ({len(bad)})",
-        )
+    floor = min(x["bits"] for x in tl) - 0.3
+    for ok, mark, color, what in ((True, "|", "C2", "answered"), (False, "x", "C3", "failed")):
+        ends = [r["t1"] for r in run["request_log"] if r["ok"] is ok]
+        if ends:
+            a.plot(
+                ends, [floor] * len(ends), mark, color=color, label=f"request {what} ({len(ends)})"
+            )
     a.set_ylabel("bits per weight")
     a.legend(loc="upper right", fontsize=8)
     mb = 1 / MB
