@@ -425,7 +425,23 @@ def _parse_sweep(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    app()
+    """Console entry point: usage errors (a missing option, a value of the wrong type) are one
+    ``error:`` line and exit code 2, as the commands' own errors are."""
+    import sys
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if message.strip():  # no arguments at all: the help has been shown
+            typer.echo(f"error: {' '.join(message.split())}", err=True)
+        sys.exit(USAGE_ERROR)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -370,9 +370,10 @@ def test_classify_endpoint(tiny_bert_bundle: Path) -> None:
 
 def test_serve_command_binds_loopback_and_refuses_bad_input(tiny_llama_bundle: Path) -> None:
     cmd = [sys.executable, "-m", "coalora.export.cli", "serve"]
-    bad = subprocess.run([*cmd, "/no/such/bundle"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    for args in (["/no/such/bundle"], [str(tiny_llama_bundle), "--port", "abc"]):
+        bad = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2
+        assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     proc = subprocess.Popen(
         [*cmd, str(tiny_llama_bundle), "--port", "0", "--threads", "1", "--context", "64"],
         stderr=subprocess.PIPE,
