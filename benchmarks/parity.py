@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.quantizer_error import RESULTS, machine
+from coalora.runtime.format.spec import BASE_FILE, MANIFEST, Arch, FileEntry, Key, Training
 
 CHAT_PROMPTS = (
     "What is the capital of France?",
@@ -53,12 +54,14 @@ def export_options(manifest: dict[str, Any], bundle: Path) -> Any:
     """The ``ExportOptions`` the bundle was trained with (from the manifest's training record)."""
     from coalora.export.pipeline import ExportOptions
 
-    rec = manifest["training"]
+    rec = manifest[Key.TRAINING]
     known = {f.name for f in fields(ExportOptions)}
-    values = {k: v for k, v in rec["options"].items() if k in known and k != "model"}
+    values = {k: v for k, v in rec[Training.OPTIONS].items() if k in known and k != "model"}
     values["options"] = tuple(values.get("options", ()))
-    lm_head = manifest["architecture"].get("lm_head")
-    return ExportOptions(model=rec["model"], out=bundle, lm_head=lm_head, progress=False, **values)
+    lm_head = manifest[Key.ARCHITECTURE].get(Arch.LM_HEAD)
+    return ExportOptions(
+        model=rec[Training.MODEL], out=bundle, lm_head=lm_head, progress=False, **values
+    )
 
 
 def torch_side(bundle: Path) -> tuple[Any, Any, Any, Path]:
@@ -72,17 +75,17 @@ def torch_side(bundle: Path) -> tuple[Any, Any, Any, Path]:
         work_dir_for,
     )
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST).read_text())
     opts = export_options(manifest, bundle)
     inp = load_for_training(opts, load_data(opts))
-    if inp.fingerprint != manifest["training"]["data"]["sha256"]:
+    if inp.fingerprint != manifest[Key.TRAINING][Training.DATA][Training.DATA_SHA256]:
         raise SystemExit("the data differs from what the bundle was trained on")
     work = work_dir_for(opts, inp)
     calib = work / "calibration.safetensors"
     if not calib.is_file():
         raise SystemExit(f"no cached calibration in {work}: the work dir is gone")
     moments, _ = cached_calibration(inp.loaded, [], opts.calib_len, calib, False)
-    cfg = CoALoRAConfig.from_dict(manifest["training"]["coalora"])
+    cfg = CoALoRAConfig.from_dict(manifest[Key.TRAINING][Training.COALORA])
     model = CoALoRAModel(
         inp.loaded.model,
         inp.space,
@@ -145,12 +148,12 @@ def lm_prompts(rt: Any, bundle_manifest: dict[str, Any]) -> list[tuple[str, list
     questions (the bundle's chat format); token ids from the bundle's tokenizer."""
     from coalora.export.data import load_dataset
 
-    rec = bundle_manifest["training"]
+    rec = bundle_manifest[Key.TRAINING]
     ds = load_dataset("bbc", "lm")
     used = set()
-    limit = rec["options"].get("limit")
+    limit = rec[Training.OPTIONS].get("limit")
     if limit is not None and len(ds) > limit:
-        keep = np.random.default_rng(rec["options"]["seed"]).permutation(len(ds))[:limit]
+        keep = np.random.default_rng(rec[Training.OPTIONS]["seed"]).permutation(len(ds))[:limit]
         used = {int(i) for i in keep}
     unused = [i for i in range(len(ds)) if i not in used]
     pick = np.random.default_rng(1).choice(unused, N_BBC_PROMPTS, replace=False)
@@ -227,7 +230,7 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     from coalora.runtime.engine import Runtime
 
     t0 = time.perf_counter()
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST).read_text())
     model, loaded, inp, work = torch_side(bundle)
     t_load = time.perf_counter() - t0
     print(f"torch side ready in {t_load:.0f} s (work dir {work})", flush=True)
@@ -235,7 +238,7 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     # The device's LM head: the tied embedding quantized with the manifest's option, exactly as
     # export/exporter.py writes it. The torch model gets it as an untied lm_head for parity.
     emb = loaded.model.get_input_embeddings().weight.detach().float()
-    head_name = manifest["architecture"].get("lm_head")
+    head_name = manifest[Key.ARCHITECTURE].get(Arch.LM_HEAD)
     heads = {"fp32": emb}
     if head_name:
         qhead = quantize(emb.numpy(), QuantOption.parse(head_name)).dequantize()
@@ -427,10 +430,10 @@ def size_table(bundle: Path, manifest: dict[str, Any], rt: Any) -> dict[str, Any
     matrices (from the space) plus every tensor of base.safetensors but the quantized head."""
     from safetensors import safe_open
 
-    files = {k: int(v["bytes"]) for k, v in manifest["files"].items()}
-    on_disk = sum(files.values()) + (bundle / "manifest.json").stat().st_size
+    files = {k: int(v[FileEntry.BYTES]) for k, v in manifest[Key.FILES].items()}
+    on_disk = sum(files.values()) + (bundle / MANIFEST).stat().st_size
     other = 0
-    with safe_open(str(bundle / "base.safetensors"), "np") as f:
+    with safe_open(str(bundle / BASE_FILE), "np") as f:
         for k in f.keys():  # noqa: SIM118
             if not k.startswith("lm_head."):
                 other += int(np.prod(f.get_slice(k).get_shape()))
@@ -464,16 +467,16 @@ def run_minilm(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     from coalora.runtime.engine import Runtime
 
     t0 = time.perf_counter()
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST).read_text())
     model, loaded, inp, work = torch_side(bundle)
     rt = Runtime.open(bundle, budget="8bits", threads=args.ort_threads, build=False)
     labels = rt.labels
-    rec = manifest["training"]
+    rec = manifest[Key.TRAINING]
     ds = load_dataset("bbc", "classify")
-    limit = rec["options"].get("limit")
+    limit = rec[Training.OPTIONS].get("limit")
     used = set()
     if limit is not None and len(ds) > limit:
-        keep = np.random.default_rng(rec["options"]["seed"]).permutation(len(ds))[:limit]
+        keep = np.random.default_rng(rec[Training.OPTIONS]["seed"]).permutation(len(ds))[:limit]
         used = {int(i) for i in keep}
     unused = [i for i in range(len(ds)) if i not in used]
     pick = sorted(int(i) for i in np.random.default_rng(2).choice(unused, args.articles, False))

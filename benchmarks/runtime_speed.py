@@ -88,16 +88,17 @@ def build_random_bundle(out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from coalora.export.bundle import BundleContents, write_bundle
     from coalora.export.chat import chat_format_from_tokenizer
     from coalora.export.coa_lora.theta import ConfigTheta
-    from coalora.export.exporter import THETA_INPUTS, theta_to_onnx
+    from coalora.export.exporter import theta_to_onnx
     from coalora.kernels import ConfigSpace, MatrixSpec, QuantOption
     from coalora.kernels.matmulnbits import MatMulNBitsWeights
+    from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+    from coalora.runtime.format.spec import THETA_INPUTS
+    from coalora.runtime.format.theta import ThetaVocab
+    from coalora.runtime.format.writer import BundleContents, write_bundle
     from coalora.runtime.graphs.llama import LlamaArch
     from coalora.runtime.graphs.weights import llama_linear_shapes
-    from coalora.runtime.selection import ParetoEntry, ParetoSet
-    from coalora.runtime.theta import ThetaVocab
 
     gguf = gguf_path()
     cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -353,7 +353,7 @@ def export_bundle_cmd(
     Example: coalora export bundle smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
     """
     from coalora.export.slim import slim_bundle
-    from coalora.runtime.bundle import Bundle
+    from coalora.runtime.format.reader import Bundle
 
     if not (max_bits > 0 and max_bits < 64):
         raise fail(f"--max-bits must be a positive number of bits, got {max_bits}")
@@ -379,7 +379,7 @@ def inspect_cmd(
 
     Example: coalora inspect smollm2-bbc/ --plot pareto.png
     """
-    from coalora.runtime.bundle import Bundle
+    from coalora.runtime.format.reader import Bundle
     from coalora.runtime.report import bundle_summary, print_summary
 
     try:

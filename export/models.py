@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from coalora.kernels import DEFAULT_OPTIONS, ConfigSpace, MatrixSpec, QuantOption
-from coalora.runtime.theta import matrix_role
+from coalora.runtime.format.spec import ENCODER_TYPES
+from coalora.runtime.format.theta import matrix_role
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,11 +38,6 @@ ModelKind = Literal["causal-lm", "encoder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS: tuple[str, ...] = ("classify",)
-
-# Model types whose checkpoints are bidirectional encoders (everything else is a causal LM).
-_ENCODER_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
-)
 
 
 class ModelLoadError(ValueError):
@@ -118,7 +114,7 @@ def _auto_class(kind: ModelKind, task: str | None):
 
 
 def _kind_of(config) -> ModelKind:
-    return "encoder" if config.model_type in _ENCODER_TYPES else "causal-lm"
+    return "encoder" if config.model_type in ENCODER_TYPES else "causal-lm"
 
 
 def _load_gguf(path: Path, task: str | None, num_labels: int | None):

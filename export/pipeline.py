@@ -391,12 +391,13 @@ def _file_digest(path: Path) -> str:
 def model_kind(model: str) -> str:
     """ "causal-lm" or "encoder" without loading weights (a missing model fails here, fast)."""
     from coalora.export import models
+    from coalora.runtime.format.spec import ENCODER_TYPES
 
     path = models._resolve(model)
     if path.suffix == ".gguf":
         return "causal-lm"  # GGUF files are llama.cpp decoders
     config = _read_json(path / "config.json") or {}
-    return "encoder" if config.get("model_type") in models._ENCODER_TYPES else "causal-lm"
+    return "encoder" if config.get("model_type") in ENCODER_TYPES else "causal-lm"
 
 
 def resolve_task(task: str, kind: str) -> str:
@@ -867,7 +868,7 @@ def _final_loss(train_dir: Path, last: int = 5) -> float | None:
 
 def _sweep_from_cache(cached: dict, space: ConfigSpace, kind: str) -> tuple[Any, list[dict]]:
     from coalora.export.sweep import SweepPoint, pareto_set
-    from coalora.runtime.selection import ParetoEntry
+    from coalora.runtime.format.pareto import ParetoEntry
 
     points = []
     for p in cached["points"]:

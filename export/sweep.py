@@ -25,7 +25,7 @@ from coalora.export.allocation import CostTable, allocate
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.train import Batch, evaluate, random_configurations
 from coalora.kernels.config import ConfigSpace, Configuration
-from coalora.runtime.selection import ParetoEntry, ParetoSet
+from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
 
 SWEEP_LO = 2.5
 SWEEP_HI = 8.0

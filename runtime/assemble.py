@@ -17,13 +17,22 @@ from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
-from coalora.runtime.bundle import (
+from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.spec import (
     BASE_FILE,
+    BERT,
+    LLAMA,
+    LM_HEAD,
+    LORA_A,
+    LORA_B,
     LORA_FILE,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
     TOKENIZER_FILE,
-    Bundle,
-    BundleError,
+    family_named,
     quant_file,
+    tensor_name,
 )
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
 from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
@@ -45,16 +54,16 @@ Arch = LlamaArch | BertArch
 
 
 def arch_of(bundle: Bundle) -> Arch:
-    a = bundle.architecture
+    family = family_named(bundle.family)
     try:
-        if a.get("family") == "llama" and bundle.task == "causal-lm":
-            return LlamaArch.from_config(a["config"])
-        if a.get("family") == "bert" and bundle.task == "classify":
-            return BertArch.from_config(a["config"])
+        if family is LLAMA and bundle.task == LLAMA.task:
+            return LlamaArch.from_config(bundle.model_config)
+        if family is BERT and bundle.task == BERT.task:
+            return BertArch.from_config(bundle.model_config)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.root}: architecture config is not usable ({exc})") from None
     raise BundleError(
-        f"{bundle.root}: no device graph for family {a.get('family')!r} with task {bundle.task!r}"
+        f"{bundle.root}: no device graph for family {bundle.family!r} with task {bundle.task!r}"
     )
 
 
@@ -75,18 +84,17 @@ def _fused_groups(bundle: Bundle, config: Configuration | None) -> list[tuple[st
     """The matrices that share one LoRA slot in the runtime's graph: q/k/v and gate/up of a
     LLaMA layer when their options match (``fuse``), every other matrix alone."""
     names = [m.name for m in bundle.space.matrices]
-    if config is None or bundle.architecture.get("family") != "llama":
+    family = family_named(bundle.family)
+    if config is None or family is None or not family.fused:
         return [(n,) for n in names]
+    fused = {group[0]: group for group in family.fused}
     groups: list[tuple[str, ...]] = []
     done: set[str] = set()
     for n in names:
         if n in done:
             continue
         prefix, _, proj = n.rpartition(".")
-        members = {
-            "q_proj": ("q_proj", "k_proj", "v_proj"),
-            "gate_proj": ("gate_proj", "up_proj"),
-        }.get(proj)
+        members = fused.get(proj)
         group = (n,)
         if members:
             cand = tuple(f"{prefix}.{p}" for p in members)
@@ -123,8 +131,8 @@ TOKENIZER_RSS_FACTOR = 22
 
 def tokenizer_bytes(bundle: Bundle) -> int:
     """RAM of the bundle's tokenizer once loaded (0 without one)."""
-    entry = bundle.manifest["files"].get(TOKENIZER_FILE)
-    return TOKENIZER_RSS_FACTOR * int(entry["bytes"]) if entry else 0
+    size = bundle.file_bytes(TOKENIZER_FILE)
+    return TOKENIZER_RSS_FACTOR * size if size else 0
 
 
 def rope_cache_bytes(arch: Arch, context_length: int) -> int:
@@ -158,8 +166,8 @@ class MappedBundle:
 
     def lora(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = [m.name for m in self.bundle.space.matrices]
-        a = {n: self.tensor(LORA_FILE, f"{n}.A") for n in names}
-        b = {n: self.tensor(LORA_FILE, f"{n}.B") for n in names}
+        a = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_A)) for n in names}
+        b = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_B)) for n in names}
         return a, b
 
     def linears(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
@@ -170,9 +178,7 @@ class MappedBundle:
             out[name] = self.bundle.matmulnbits(
                 name,
                 opt,
-                self.tensor(rel, f"{name}.qweight"),
-                self.tensor(rel, f"{name}.scales"),
-                self.tensor(rel, f"{name}.qzeros"),
+                *(self.tensor(rel, tensor_name(name, part)) for part in (QWEIGHT, SCALES, QZEROS)),
             )
         return out
 
@@ -184,22 +190,22 @@ class MappedBundle:
 def _sources(base: dict[str, np.ndarray], linears: dict[str, MatMulNBitsWeights]) -> dict:
     out: dict[str, np.ndarray] = dict(base)
     for name, w in linears.items():
-        out[f"{name}.qweight"] = w.b
-        out[f"{name}.scales"] = w.scales
-        out[f"{name}.qzeros"] = w.zero_points
+        out[tensor_name(name, QWEIGHT)] = w.b
+        out[tensor_name(name, SCALES)] = w.scales
+        out[tensor_name(name, QZEROS)] = w.zero_points
     return out
 
 
 def _lm_head(bundle: Bundle, base: dict[str, np.ndarray], arch: LlamaArch) -> Any:
-    name = bundle.architecture.get("lm_head")
+    name = bundle.lm_head
     if not name:
         return None
     try:
         opt = QuantOption.parse(name)
         w = MatMulNBitsWeights(
-            b=base["lm_head.qweight"],
-            scales=base["lm_head.scales"],
-            zero_points=base["lm_head.qzeros"],
+            b=base[tensor_name(LM_HEAD, QWEIGHT)],
+            scales=base[tensor_name(LM_HEAD, SCALES)],
+            zero_points=base[tensor_name(LM_HEAD, QZEROS)],
             K=arch.hidden_size,
             N=arch.vocab_size,
             bits=opt.bits,

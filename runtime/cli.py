@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from coalora.runtime.budget import BudgetError, format_bytes
-from coalora.runtime.bundle import BundleError
+from coalora.runtime.format.reader import BundleError
 from coalora.runtime.profiles import ProfileError, list_profiles, load_profile
 from coalora.runtime.selection import SelectionError
 

@@ -34,8 +34,11 @@ from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
 from coalora.runtime.adapter import ThetaRunner, generate_adapters
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
-from coalora.runtime.bundle import THETA_FILE, Bundle, BundleError, Verify
 from coalora.runtime.chat import ChatFormat
+from coalora.runtime.format.pareto import ParetoError, ParetoSet
+from coalora.runtime.format.reader import Bundle, BundleError, Verify
+from coalora.runtime.format.spec import THETA_FILE
+from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.mapped import Scratch
@@ -43,9 +46,8 @@ from coalora.runtime.plan import DEFAULT_OVERHEAD, MemoryPlan, plan_memory
 from coalora.runtime.probe import available_memory, physical_cores
 from coalora.runtime.profiles import DeviceProfile, load_profile
 from coalora.runtime.sampling import SamplingParams
-from coalora.runtime.selection import ParetoError, ParetoSet, Selection, select
+from coalora.runtime.selection import Selection, select
 from coalora.runtime.session import BuiltSession, create_session
-from coalora.runtime.theta import ThetaVocab
 
 __all__ = [
     "BudgetError",
@@ -135,7 +137,7 @@ class Runtime:
         self._other_bytes = (
             base
             + assemble.rope_cache_bytes(self.arch, context_length)
-            + bundle.manifest["files"][THETA_FILE]["bytes"]
+            + (bundle.file_bytes(THETA_FILE) or 0)
         )
         self._kv_per_token = assemble.kv_bytes_per_token(self.arch)
         self._overhead = DEFAULT_OVERHEAD + assemble.tokenizer_bytes(bundle)
@@ -296,12 +298,11 @@ class Runtime:
 
     def _adapters(self, config: Configuration) -> tuple[dict, Any]:
         if self._theta is None:
-            theta_meta = self.bundle.manifest["theta"]
             self._theta = ThetaRunner(
-                str(self.bundle.theta_path()), list(theta_meta["inputs"]), threads=1
+                str(self.bundle.theta_path()), self.bundle.theta_inputs, threads=1
             )
         try:
-            vocab = ThetaVocab.from_dict(self.bundle.manifest["theta"]["vocab"])
+            vocab = ThetaVocab.from_dict(self.bundle.theta_vocab)
             arrays = vocab.encode(config, self.bundle.space)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{self.bundle.root}: θ vocabulary: {exc}") from None
@@ -332,17 +333,17 @@ class Runtime:
     @property
     def chat_format(self) -> ChatFormat | None:
         try:
-            return ChatFormat.from_dict(self.bundle.architecture.get("chat_format"))
+            return ChatFormat.from_dict(self.bundle.chat_format)
         except ValueError as exc:
             raise BundleError(f"{self.bundle.root}: {exc}") from None
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return [int(i) for i in self.bundle.architecture.get("eos_token_ids") or []]
+        return self.bundle.eos_token_ids
 
     @property
     def labels(self) -> list[str]:
-        labels = self.bundle.architecture.get("labels")
+        labels = self.bundle.labels
         n = getattr(self.arch, "num_labels", 0)
         return [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(n)]
 

@@ -12,8 +12,8 @@ from coalora.export.data import TextDataset, classification_batches, lm_batches
 from coalora.export.exporter import export_bundle
 from coalora.export.models import LoadedModel, config_space, tiny_bert, tiny_llama, tiny_tokenizer
 from coalora.kernels import Configuration, QuantOption
-from coalora.runtime.selection import ParetoEntry, ParetoSet
-from coalora.runtime.theta import matrix_role
+from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.format.theta import matrix_role
 
 CHATML = (
     "{% for message in messages %}"

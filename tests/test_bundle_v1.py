@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from coalora.runtime.bundle import Bundle
 from coalora.runtime.engine import Runtime
+from coalora.runtime.format.reader import Bundle
 from coalora.runtime.sampling import SamplingParams
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bundle-v1-llama"
@@ -25,7 +25,7 @@ PLANS = {4.9: 67308629, 5.5667: 67309909, 9.8667: 67318165, 6.9167: 67312501}
 
 def test_v1_bundle_opens_and_verifies() -> None:
     bundle = Bundle.open(FIXTURE, verify="all")
-    assert bundle.architecture["family"] == "llama"
+    assert bundle.family == "llama"
     assert len(bundle.space.matrices) == 14
     assert sorted(o.name for o in bundle.shipped) == ["2b64", "4b32", "8b32"]
 

@@ -12,10 +12,10 @@ from coalora.runtime import assemble
 from coalora.runtime.adapter import ThetaRunner, fold
 from coalora.runtime.budget import BudgetError
 from coalora.runtime.engine import Runtime, RuntimeInputError
+from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.profiles import ProfileError
 from coalora.runtime.sampling import SamplingParams
 from coalora.runtime.selection import SelectionError
-from coalora.runtime.theta import ThetaVocab
 
 LOW, HIGH = "4bits", "6bits"
 PROMPT_IDS = [5, 9, 17, 33, 8, 12]
@@ -42,8 +42,8 @@ def _reference_session(rt: Runtime, with_adapter: bool, **graph: int) -> ort.Inf
     b = rt.bundle
     adapters = None
     if with_adapter:
-        vocab = ThetaVocab.from_dict(b.manifest["theta"]["vocab"])
-        theta = ThetaRunner(str(b.theta_path()), b.manifest["theta"]["inputs"])
+        vocab = ThetaVocab.from_dict(b.theta_vocab)
+        theta = ThetaRunner(str(b.theta_path()), b.theta_inputs)
         u = theta(vocab.encode(rt.config, b.space))
         lora = b.lora_tensors()
         names = [m.name for m in b.space.matrices]
@@ -204,7 +204,7 @@ def test_open_errors(tiny_llama_bundle: Path, tmp_path: Path) -> None:
         Runtime.open(tiny_llama_bundle, budget="10MB")
     with pytest.raises(ProfileError, match="known profiles"):
         Runtime.open(tiny_llama_bundle, profile="no-such-board")
-    from coalora.runtime.bundle import BundleError
+    from coalora.runtime.format.reader import BundleError
 
     with pytest.raises(BundleError):
         Runtime.open(tmp_path / "missing")
