@@ -94,11 +94,12 @@ def run_baselines(
     The search selects on the first ``opts.eval_batches`` held-out batches; the curves are
     measured on the next ``eval_batches`` (default: as many), which the search never saw.
     """
-    from coalora.export.allocation import BudgetError, allocate
+    from coalora.export.allocation import allocate
     from coalora.export.coa_lora import CoALoRAModel, evaluate, train
     from coalora.export.data import DataError
     from coalora.export.models import ModelLoadError
     from coalora.export.sweep import metric_direction
+    from coalora.runtime.budget import BudgetError
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

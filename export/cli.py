@@ -171,9 +171,9 @@ def quantize_report(
     Errors are weighted by calibration activations (second moments of each input column)
     from BBC News text.
     """
-    from coalora.export.allocation import BudgetError
     from coalora.export.calibration import CalibrationError
     from coalora.export.models import ModelLoadError
+    from coalora.runtime.budget import BudgetError
 
     try:
         budget_list = parse_budgets(budgets)
@@ -338,8 +338,8 @@ def export_train(
         typer.echo(line)
 
 
-@export_app.command("bundle")
-def export_bundle_cmd(
+@export_app.command("slim")
+def slim_cmd(
     bundle: Annotated[str, typer.Argument(help="An exported bundle directory.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Where to write the slimmed bundle.")],
     max_bits: Annotated[
@@ -350,7 +350,7 @@ def export_bundle_cmd(
     """Slim a bundle for a device class: keep the configurations up to --max-bits and ship only
     the (matrix, option) pairs they use.
 
-    Example: coalora export bundle smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
+    Example: coalora export slim smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
     """
     from coalora.export.slim import slim_bundle
     from coalora.runtime.format.reader import Bundle
@@ -364,6 +364,12 @@ def export_bundle_cmd(
     before = Bundle.open(bundle).size_on_disk()
     after = Bundle.open(path).size_on_disk()
     typer.echo(f"wrote {path}: {after / 1e6:.1f} MB on disk (from {before / 1e6:.1f} MB)")
+
+
+# `export bundle` was this command's name up to 0.1: an alias for one release.
+export_app.command("bundle", hidden=True, deprecated=True, help="Old name of `export slim`.")(
+    slim_cmd
+)
 
 
 @app.command("inspect")

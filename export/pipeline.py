@@ -608,11 +608,11 @@ def work_dir_for(opts: ExportOptions, inp: Inputs) -> Path:
 # -- the job -------------------------------------------------------------------------------------
 def run_export(opts: ExportOptions) -> ExportResult:
     """Train CoA-LoRA on ``opts.data`` for ``opts.model`` and write its bundle to ``opts.out``."""
-    from coalora.export.allocation import BudgetError
     from coalora.export.calibration import CalibrationError
     from coalora.export.data import DataError
     from coalora.export.models import ModelLoadError
     from coalora.export.sweep import SweepError
+    from coalora.runtime.budget import BudgetError
 
     opts.check()
     out = Path(opts.out).expanduser()

@@ -52,7 +52,8 @@ _EXAMPLES = "e.g. '3.5bits', '600MB', '2GiB' or 'auto'"
 
 
 class BudgetError(ValueError):
-    """A budget that cannot be read; the message says what is wrong and what is expected."""
+    """A budget that cannot be read, or that no configuration meets (the exporter's bit
+    allocation raises it too); the message says what is wrong and what is expected."""
 
 
 @dataclass(frozen=True)

@@ -62,13 +62,13 @@ def test_cli_inspect_and_slim(tiny_llama_bundle: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "p.png").exists()
     out = tmp_path / "slim"
     res = runner.invoke(
-        app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "6", "--out", str(out)]
+        app, ["export", "slim", str(tiny_llama_bundle), "--max-bits", "6", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
     assert Bundle.open(out, verify="all").manifest[Key.SLIMMED][Slimmed.MAX_BITS] == 6.0
     res = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "no bundle" in res.stderr
-    res = runner.invoke(
+    res = runner.invoke(  # the command's old name, an alias for one release
         app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "1", "--out", str(out)]
     )
     assert res.exit_code == 2 and "smallest needs" in res.stderr

@@ -23,7 +23,8 @@ class CoALoRAConfig:
     theta_embed_dim: int = 8
     use_global_feature: bool = True
     theta_init_std: float = 1e-3  # last layer near zero so U starts ~0 (plain LoRA)
-    # which linears get an adapter (matrix module types, see ``export.models.matrix_role``)
+    # which linears get an adapter (matrix module types, see
+    # ``coalora.runtime.format.theta.matrix_role``)
     target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     # parameter names of the base model that are trained too (classifier heads)
     trainable_base: tuple[str, ...] = ("classifier", "score")
