@@ -52,7 +52,7 @@ BBC_PROMPT_WORDS = 30
 # -- rebuilding the torch side exactly as the export did --------------------------------------
 def export_options(manifest: dict[str, Any], bundle: Path) -> Any:
     """The ``ExportOptions`` the bundle was trained with (from the manifest's training record)."""
-    from coalora.export.pipeline import ExportOptions
+    from coalora.export.options import ExportOptions
 
     rec = manifest[Key.TRAINING]
     known = {f.name for f in fields(ExportOptions)}
@@ -68,12 +68,9 @@ def torch_side(bundle: Path) -> tuple[Any, Any, Any, Path]:
     """(CoALoRAModel with the checkpoint's adapter, LoadedModel, Inputs, work dir)."""
     from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel
     from coalora.export.coa_lora.train import load_checkpoint
-    from coalora.export.pipeline import (
-        cached_calibration,
-        load_data,
-        load_for_training,
-        work_dir_for,
-    )
+    from coalora.export.inputs import load_data, load_for_training
+    from coalora.export.phases import cached_calibration
+    from coalora.export.workdir import CALIBRATION_FILE, work_dir_for
 
     manifest = json.loads((bundle / MANIFEST).read_text())
     opts = export_options(manifest, bundle)
@@ -81,7 +78,7 @@ def torch_side(bundle: Path) -> tuple[Any, Any, Any, Path]:
     if inp.fingerprint != manifest[Key.TRAINING][Training.DATA][Training.DATA_SHA256]:
         raise SystemExit("the data differs from what the bundle was trained on")
     work = work_dir_for(opts, inp)
-    calib = work / "calibration.safetensors"
+    calib = work / CALIBRATION_FILE
     if not calib.is_file():
         raise SystemExit(f"no cached calibration in {work}: the work dir is gone")
     moments, _ = cached_calibration(inp.loaded, [], opts.calib_len, calib, False)
