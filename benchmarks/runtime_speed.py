@@ -272,17 +272,18 @@ def bandwidth(mb: int = 512, repeat: int = 5) -> dict[str, float]:
 def bytes_per_token(rt: Any, position: int) -> dict[str, int]:
     """What one decode step reads: every quantized matrix, the LM head, the LoRA, one
     embedding row, the KV cache up to ``position``."""
-    from coalora.runtime import assemble
+    from coalora.runtime import plan
+    from coalora.runtime.format.spec import BASE_FILE
 
-    base = rt._mapped.file(assemble.BASE_FILE)
+    base = rt._mapped.file(BASE_FILE)
     head = sum(base.nbytes(k) for k in base if k.startswith("lm_head."))
     if not head:  # tied fp32 head reads the embedding table
         head = base.nbytes("model.embed_tokens.weight")
     out = {
         "quantized": rt.bundle.space.nbytes(rt.config),
         "lm_head": head,
-        "lora": assemble.lora_bytes(rt.bundle, rt.lora_bits, rt.config),
-        "kv": assemble.kv_bytes_per_token(rt.arch) * position,
+        "lora": plan.lora_bytes(rt.bundle, rt.lora_bits, rt.config),
+        "kv": plan.kv_bytes_per_token(rt.arch) * position,
         "embedding_row": 4 * rt.arch.hidden_size,
     }
     out["total"] = sum(out.values())

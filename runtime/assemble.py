@@ -1,4 +1,4 @@
-"""From a bundle and a configuration to the graph a session runs (and what it will cost).
+"""From a bundle and a configuration to the graph a session runs (what it costs: ``plan``).
 
 Weights are views onto the memory-mapped bundle files (``mapped``). With ``external=True``
 the graph builders leave every large initializer out of the proto and return the arrays
@@ -29,7 +29,6 @@ from coalora.runtime.format.spec import (
     QWEIGHT,
     QZEROS,
     SCALES,
-    TOKENIZER_FILE,
     family_named,
     quant_file,
     tensor_name,
@@ -37,14 +36,10 @@ from coalora.runtime.format.spec import (
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
 from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
 from coalora.runtime.graphs.weights import (
-    LORA_A_OPTION,
-    LORA_B_OPTION,
     Adapter,
-    LoraSlot,
     decoder_weights_from_arrays,
 )
 from coalora.runtime.mapped import MappedFileError, MappedSafetensors, Scratch
-from coalora.runtime.plan import kv_cache_bytes_per_token
 
 # 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
 # (benchmarks/results/decode_speed_graph.md), at ~0.2% relative error on the delta.
@@ -65,78 +60,6 @@ def arch_of(bundle: Bundle) -> Arch:
     raise BundleError(
         f"{bundle.root}: no device graph for family {bundle.family!r} with task {bundle.task!r}"
     )
-
-
-def kv_bytes_per_token(arch: Arch) -> int:
-    if isinstance(arch, BertArch):
-        return 0
-    return kv_cache_bytes_per_token(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-
-
-def _slot_bytes(slot: LoraSlot) -> int:
-    if slot.bits == 32:
-        return 4 * (slot.a_shape[0] * slot.a_shape[1] + slot.b_shape[0] * slot.b_shape[1])
-    (k_a, n_a), (k_b, n_b) = slot.a_shape, slot.b_shape
-    return LORA_A_OPTION.nbytes(n_a, k_a) + LORA_B_OPTION.nbytes(n_b, k_b)
-
-
-def _fused_groups(bundle: Bundle, config: Configuration | None) -> list[tuple[str, ...]]:
-    """The matrices that share one LoRA slot in the runtime's graph: q/k/v and gate/up of a
-    LLaMA layer when their options match (``fuse``), every other matrix alone."""
-    names = [m.name for m in bundle.space.matrices]
-    family = family_named(bundle.family)
-    if config is None or family is None or not family.fused:
-        return [(n,) for n in names]
-    fused = {group[0]: group for group in family.fused}
-    groups: list[tuple[str, ...]] = []
-    done: set[str] = set()
-    for n in names:
-        if n in done:
-            continue
-        prefix, _, proj = n.rpartition(".")
-        members = fused.get(proj)
-        group = (n,)
-        if members:
-            cand = tuple(f"{prefix}.{p}" for p in members)
-            if all(c in config for c in cand) and len({config[c] for c in cand}) == 1:
-                group = cand
-        groups.append(group)
-        done.update(group)
-    return groups
-
-
-def lora_bytes(bundle: Bundle, lora_bits: int, config: Configuration | None = None) -> int:
-    """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
-    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
-    total = 0
-    for group in _fused_groups(bundle, config):
-        specs = [bundle.space.matrix(n) for n in group]
-        slot = LoraSlot(
-            group[0],
-            group,
-            specs[0].in_features,
-            tuple(m.out_features for m in specs),
-            bundle.lora_rank,
-            lora_bits,
-        )
-        total += _slot_bytes(slot)
-    return total
-
-
-# A loaded tokenizers.Tokenizer holds about this many times its tokenizer.json in RAM:
-# measured (RSS before/after Tokenizer.from_file, tokenizers 0.23) 33.1 MB for SmolLM2's
-# 1.56 MB file (21.2x) and 10.0 MB for all-MiniLM-L6-v2's 0.47 MB (21.4x).
-TOKENIZER_RSS_FACTOR = 22
-
-
-def tokenizer_bytes(bundle: Bundle) -> int:
-    """RAM of the bundle's tokenizer once loaded (0 without one)."""
-    size = bundle.file_bytes(TOKENIZER_FILE)
-    return TOKENIZER_RSS_FACTOR * size if size else 0
-
-
-def rope_cache_bytes(arch: Arch, context_length: int) -> int:
-    return 0 if isinstance(arch, BertArch) else 4 * context_length * arch.head_dim
 
 
 @dataclass

@@ -37,13 +37,13 @@ from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.chat import ChatFormat
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError, Verify
-from coalora.runtime.format.spec import THETA_FILE
+from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
 from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.mapped import Scratch
-from coalora.runtime.plan import DEFAULT_OVERHEAD, MemoryPlan, plan_memory
-from coalora.runtime.probe import available_memory, physical_cores
+from coalora.runtime.plan import Accountant, MemoryPlan
+from coalora.runtime.probe import physical_cores
 from coalora.runtime.profiles import DeviceProfile, load_profile
 from coalora.runtime.sampling import SamplingParams
 from coalora.runtime.selection import Selection, select
@@ -133,14 +133,16 @@ class Runtime:
         self._theta: ThetaRunner | None = None
         self._tokenizer: Any = None
         self._check_context()
-        base = self._mapped.file(assemble.BASE_FILE).nbytes()
-        self._other_bytes = (
-            base
-            + assemble.rope_cache_bytes(self.arch, context_length)
-            + (bundle.file_bytes(THETA_FILE) or 0)
+        base = self._mapped.file(BASE_FILE)
+        self.accountant = Accountant.for_bundle(
+            bundle,
+            self.arch,
+            base_bytes=base.nbytes(),
+            base_names=set(base),
+            context_length=self.context_length,
+            lora_bits=lora_bits,
+            theta_bytes=bundle.file_bytes(THETA_FILE) or 0,
         )
-        self._kv_per_token = assemble.kv_bytes_per_token(self.arch)
-        self._overhead = DEFAULT_OVERHEAD + assemble.tokenizer_bytes(bundle)
 
     # -- opening and switching ------------------------------------------------------------------
     @classmethod
@@ -196,29 +198,22 @@ class Runtime:
 
     def plan(self, config: Configuration) -> MemoryPlan:
         """The memory plan of serving ``config`` at this runtime's context length."""
-        return plan_memory(
-            self.bundle.space,
-            config,
-            other_weights_bytes=self._other_bytes,
-            lora_bytes=assemble.lora_bytes(self.bundle, self.lora_bits, config),
-            kv_bytes_per_token=self._kv_per_token,
-            context_length=self.context_length,
-            overhead_bytes=self._overhead,
-        )
+        return self.accountant.plan(config)
 
     def choose(self, budget: Budget, profile: DeviceProfile | None = None) -> Selection:
         """The selection for ``budget`` (clamped to ``profile``'s RAM, or what the device has
         free for ``auto``); builds nothing."""
         t0 = time.perf_counter()
+        available = None
         if profile is not None:
             available = profile.usable_ram_bytes
             if budget.kind == "auto":
                 budget = profile.budget()
-        elif budget.kind == "auto":
-            available = available_memory().available_bytes + self._held_bytes()
-        else:
-            available = None
-        sel = select(self.pareto, budget, self.plan, available_bytes=available)
+        # ``auto`` without a profile: ``select`` probes the device, counting what the current
+        # session holds (a switch frees it) as available.
+        sel = select(
+            self.pareto, budget, self.plan, available_bytes=available, held_bytes=self._held_bytes()
+        )
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel

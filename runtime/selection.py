@@ -48,8 +48,13 @@ def select(
     budget: Budget,
     plan_fn: Callable[[Configuration], MemoryPlan],
     available_bytes: int | None = None,
+    held_bytes: int = 0,
 ) -> Selection:
-    """The best stored configuration within ``budget``; raises ``SelectionError`` if none fits."""
+    """The best stored configuration within ``budget``; raises ``SelectionError`` if none fits.
+
+    An ``auto`` budget without ``available_bytes`` is resolved here, once: what the device
+    has free plus ``held_bytes`` (memory the caller will free first, e.g. a running session).
+    """
     if not pareto.entries:
         raise SelectionError("the Pareto set is empty: nothing to select")
 
@@ -57,7 +62,7 @@ def select(
     limit: int | None = available_bytes
     if budget.kind == "auto":
         if limit is None:
-            limit = available_memory().available_bytes
+            limit = available_memory().available_bytes + held_bytes
         within = f"auto budget ({format_bytes(limit)} available)"
     elif budget.kind == "bytes":
         assert isinstance(budget.value, int)
