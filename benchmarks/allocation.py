@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import RESULTS, machine, machine_md, read_result, report_only_parser
 from benchmarks.quantizer_error import (
     CALIB_TEXTS,
     MAX_LENGTH,
     MODELS,
-    RESULTS,
     SMOLLM2_NOTE,
     calibrate,
-    machine,
-    machine_md,
     q4_1_integer_zero_fraction,
 )
 
@@ -212,7 +210,19 @@ def write_md(
     (RESULTS / "allocation.md").write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = report_only_parser(__doc__).parse_args(argv)
+    if args.report_only:
+        p = read_result(RESULTS / "allocation.json")
+        plot(p["results"], RESULTS / "allocation.png")
+        write_md(
+            p["results"],
+            p["machine"],
+            p["command"],
+            p["wall_s"],
+            p["q4_1_blocks_with_integer_zero"],
+        )
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     results = []

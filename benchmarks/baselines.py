@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quantizer_error import RESULTS, machine, machine_md
+from benchmarks.common import RESULTS, machine, machine_md
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 METHOD_LABELS = {

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quantizer_error import RESULTS, machine
+from benchmarks.common import RESULTS, machine, read_result
 from coalora.runtime.format.spec import BASE_FILE, MANIFEST, Arch, FileEntry, Key, Training
 
 CHAT_PROMPTS = (
@@ -802,7 +802,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ort-threads", type=int, default=1)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "parity.json")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = p.parse_args(argv)
+    if args.report_only:
+        res = read_result(args.out)
+        write_report(res, res["command"], res["wall_s"], args.out.with_suffix(".md"))
+        return
 
     import torch
 

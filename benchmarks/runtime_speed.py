@@ -33,7 +33,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -43,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, ROOT, interleaved, machine, median, read_result
+
 RANDOM_BUNDLE = ROOT / ".cache" / "bench" / "smollm2-random"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -222,33 +221,6 @@ def _reset_peak() -> None:
     """Reset VmHWM to the current RSS (Linux: /proc/self/clear_refs, value 5)."""
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-
-
-def machine() -> dict[str, Any]:
-    import llama_cpp
-    import onnxruntime
-    import psutil
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "llama_cpp_python": llama_cpp.__version__,
-    }
 
 
 def bandwidth(mb: int = 512, repeat: int = 5) -> dict[str, float]:
@@ -506,17 +478,13 @@ def _child(kind: str, *args: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _median(xs: list[float]) -> float:
-    return float(np.median(xs)) if xs else float("nan")
-
-
 def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[str, Any]:
     import llama_cpp
 
     from coalora.runtime.engine import Runtime
 
     load_before = os.getloadavg()
-    info = machine()
+    info = machine(("numpy", "onnxruntime", "llama_cpp_python"))
     bw = bandwidth()
 
     # Memory, each budget in a fresh process: open at a byte budget equal to the plan of the
@@ -552,16 +520,11 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         engines[b] = lambda b=b: _ours(runtimes[b], ids)
     for run_once in engines.values():  # warm-up
         run_once()
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in engines}
     ratios, ratios1 = [], []
     order = [REFERENCE_BUDGET, "llama.cpp", ONE_OURS, ONE_LLAMA]
     order += [b for b in BUDGETS if b != REFERENCE_BUDGET]
-    for r in range(rounds):
-        for key in order:
-            time.sleep(GAP_S)  # the previous run's spinning threads go idle first
-            res = engines[key]()
-            res["load1"] = os.getloadavg()[0]
-            runs[key].append(res)
+
+    def after_round(r: int, runs: dict[str, list[dict[str, float]]]) -> None:
         ratios.append(
             runs[REFERENCE_BUDGET][-1]["decode_tok_s"] / runs["llama.cpp"][-1]["decode_tok_s"]
         )
@@ -572,6 +535,8 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             + " tok/s",
             file=sys.stderr,
         )
+
+    runs = interleaved(engines, order, rounds, GAP_S, after_round)
     adapters = {}
     for b, rt in runtimes.items():
         best = None
@@ -588,9 +553,9 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         per_budget[b] = {
             "bits": rt.selection.entry.bits,
             "config_options": sorted({o.name for o in rt.config.values()}),
-            "decode_tok_s_median": _median(dec),
+            "decode_tok_s_median": median(dec),
             "decode_tok_s_best": max(dec),
-            "ttft_ms_median": _median([x["ttft_ms"] for x in runs[b]]),
+            "ttft_ms_median": median([x["ttft_ms"] for x in runs[b]]),
             "bytes_per_token": bpt,
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / bpt["total"],
             "adapter": adapters[b],
@@ -619,22 +584,22 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         "llama_cpp": {
             "gguf": GGUF_NAME,
             "gguf_bytes": gguf_bytes,
-            "decode_tok_s_median": _median(lc),
+            "decode_tok_s_median": median(lc),
             "decode_tok_s_best": max(lc),
-            "ttft_ms_median": _median([x["ttft_ms"] for x in runs["llama.cpp"]]),
+            "ttft_ms_median": median([x["ttft_ms"] for x in runs["llama.cpp"]]),
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / gguf_bytes,
         },
         "ratio_at_reference": {
             "budget": REFERENCE_BUDGET,
             "per_round": ratios,
-            "median": _median(ratios),
+            "median": median(ratios),
             "one_thread_per_round": ratios1,
-            "one_thread_median": _median(ratios1),
+            "one_thread_median": median(ratios1),
             "one_thread_tok_s": {
                 k: {
-                    "median": _median([x["decode_tok_s"] for x in runs[k]]),
+                    "median": median([x["decode_tok_s"] for x in runs[k]]),
                     "best": max(x["decode_tok_s"] for x in runs[k]),
-                    "ttft_ms_median": _median([x["ttft_ms"] for x in runs[k]]),
+                    "ttft_ms_median": median([x["ttft_ms"] for x in runs[k]]),
                 }
                 for k in (ONE_OURS, ONE_LLAMA)
             },
@@ -693,6 +658,7 @@ def _mb(x: float) -> str:
 
 def report(res: dict[str, Any]) -> str:
     m, bw = res["machine"], res["bandwidth"]
+    v = m.get("versions", m)  # results before benchmarks/common.py kept versions at the top
     lc = res["llama_cpp"]
     ratio = res["ratio_at_reference"]
     lines = [
@@ -707,10 +673,10 @@ def report(res: dict[str, Any]) -> str:
             else f"Bundle: `{res['bundle']}`."
         ),
         "",
-        f"Machine: {m['cpu']}, {m['logical_cores']} logical / {m['physical_cores']} physical "
-        f"cores, {m['ram_gb']} GB RAM, Linux {m['kernel']}; Python {m['python']}, numpy "
-        f"{m['numpy']}, onnxruntime {m['onnxruntime']}, llama-cpp-python "
-        f"{m['llama_cpp_python']}.",
+        f"Machine: {m['cpu']}, {m.get('logical_cores', m.get('cores'))} logical / "
+        f"{m['physical_cores']} physical cores, {m['ram_gb']} GB RAM, Linux {m['kernel']}; "
+        f"Python {v['python']}, numpy {v['numpy']}, onnxruntime {v['onnxruntime']}, "
+        f"llama-cpp-python {v['llama_cpp_python']}.",
         f"Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in res['load_before'])}"
         f"; after: {', '.join(f'{x:.2f}' for x in res['load_after'])}.",
         f"Command: `{res['command']}`",
@@ -853,7 +819,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="add onnxruntime per-op shares")
     ap.add_argument("--out", type=Path, default=RESULTS / "runtime_speed.md")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        args.out.write_text(report(read_result(args.out.with_suffix(".json"))), encoding="utf-8")
+        return
     if args.child:
         kind, *rest = args.child
         fn = {"memory": child_memory, "profile": child_profile, "variants": child_variants}
