@@ -142,6 +142,7 @@ def write_md(
     command: str,
     wall: float,
     q4_1_fraction: float,
+    out: Path = RESULTS / "allocation.md",
 ) -> None:
     lines = [
         "# Bit allocation: exact MILP vs uniform options at equal bits",
@@ -207,7 +208,7 @@ def write_md(
             f"{sec['milp_at_uniform_bits'] + sec['milp_curve']:.1f} s.",
             "",
         ]
-    (RESULTS / "allocation.md").write_text("\n".join(lines))
+    out.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:

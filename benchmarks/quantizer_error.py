@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,7 @@ def write_md(
     command: str,
     wall: float,
     q4_1_fraction: float,
+    out: Path = RESULTS / "quantizer_error.md",
 ) -> None:
     lines = [
         "# Quantizer error per option: search vs round-to-nearest",
@@ -196,7 +198,7 @@ def write_md(
             f"search cost table {sec['search_costs']:.0f} s, rtn {sec['rtn_costs']:.0f} s.",
             "",
         ]
-    (RESULTS / "quantizer_error.md").write_text("\n".join(lines))
+    out.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
