@@ -136,14 +136,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_md(
-    results: list[dict[str, Any]],
-    info: dict[str, Any],
-    command: str,
-    wall: float,
-    q4_1_fraction: float,
-    out: Path = RESULTS / "allocation.md",
-) -> None:
+def write_md(payload: dict[str, Any], out: Path = RESULTS / "allocation.md") -> None:
+    """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
+    results, info, command = payload["results"], payload["machine"], payload["command"]
+    wall, q4_1_fraction = payload["wall_s"], payload["q4_1_blocks_with_integer_zero"]
     lines = [
         "# Bit allocation: exact MILP vs uniform options at equal bits",
         "",
@@ -216,13 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         p = read_result(RESULTS / "allocation.json")
         plot(p["results"], RESULTS / "allocation.png")
-        write_md(
-            p["results"],
-            p["machine"],
-            p["command"],
-            p["wall_s"],
-            p["q4_1_blocks_with_integer_zero"],
-        )
+        write_md(p)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
@@ -246,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     (RESULTS / "allocation.json").write_text(json.dumps(payload, indent=2))
     plot(results, RESULTS / "allocation.png")
-    write_md(results, info, command, wall, q4_1_fraction)
+    write_md(payload)
     bad = [
         (r["model"], u["option"])
         for r in results

@@ -136,14 +136,10 @@ def dominated_options(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def write_md(
-    results: list[dict[str, Any]],
-    info: dict[str, Any],
-    command: str,
-    wall: float,
-    q4_1_fraction: float,
-    out: Path = RESULTS / "quantizer_error.md",
-) -> None:
+def write_md(payload: dict[str, Any], out: Path = RESULTS / "quantizer_error.md") -> None:
+    """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
+    results, info, command = payload["results"], payload["machine"], payload["command"]
+    wall, q4_1_fraction = payload["wall_s"], payload["q4_1_blocks_with_integer_zero"]
     lines = [
         "# Quantizer error per option: search vs round-to-nearest",
         "",
@@ -205,13 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = report_only_parser(__doc__).parse_args(argv)
     if args.report_only:
         p = read_result(RESULTS / "quantizer_error.json")
-        write_md(
-            p["results"],
-            p["machine"],
-            p["command"],
-            p["wall_s"],
-            p["q4_1_blocks_with_integer_zero"],
-        )
+        write_md(p)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
@@ -234,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "q4_1_blocks_with_integer_zero": q4_1_fraction,
     }
     (RESULTS / "quantizer_error.json").write_text(json.dumps(payload, indent=2))
-    write_md(results, info, command, wall, q4_1_fraction)
+    write_md(payload)
     print(f"[quantizer_error] wrote {RESULTS / 'quantizer_error.md'} in {wall:.0f} s")
 
 

@@ -25,16 +25,8 @@ def test_error_and_allocation_reports(name: str, tmp_path: Path) -> None:
     import importlib
 
     module = importlib.import_module(f"benchmarks.{name}")
-    p = _json(name)
     out = tmp_path / f"{name}.md"
-    module.write_md(
-        p["results"],
-        p["machine"],
-        p["command"],
-        p["wall_s"],
-        p["q4_1_blocks_with_integer_zero"],
-        out=out,
-    )
+    module.write_md(_json(name), out=out)
     _same(out, name)
 
 
