@@ -381,7 +381,13 @@ def inspect_cmd(
     plot: Annotated[
         str | None, typer.Option(help="Also write a PNG of the metric against bits here.")
     ] = None,
-    verify: Annotated[bool, typer.Option(help="Check every file's SHA-256 first.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check everything opening the bundle would, for every stored configuration: "
+            "hashes, schema, tensor layouts, θ and the folded adapters, the tokenizer."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Print a bundle's manifest summary and its Pareto table.
@@ -390,9 +396,10 @@ def inspect_cmd(
     """
     from coalora.runtime.format.reader import Bundle
     from coalora.runtime.report import bundle_summary, print_summary
+    from coalora.runtime.verify import verify_bundle
 
     try:
-        summary = bundle_summary(Bundle.open(bundle, verify="all" if verify else "used"))
+        summary = bundle_summary(verify_bundle(bundle) if verify else Bundle.open(bundle))
     except ValueError as exc:
         raise fail(str(exc)) from None
     if as_json:

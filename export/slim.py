@@ -8,9 +8,9 @@ from pathlib import Path
 from coalora.kernels import QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
 from coalora.runtime.format.pareto import ParetoSet
-from coalora.runtime.format.reader import Bundle
 from coalora.runtime.format.spec import WRITER_SECTIONS, Key, Slimmed
 from coalora.runtime.format.writer import BundleContents, write_bundle
+from coalora.runtime.verify import verify_bundle
 
 
 class SlimError(ValueError):
@@ -20,7 +20,8 @@ class SlimError(ValueError):
 def slim_bundle(
     src: str | Path, dst: str | Path, max_bits: float, *, overwrite: bool = False
 ) -> Path:
-    bundle = Bundle.open(src, verify="all")
+    # Everything a device would check, so a damaged θ or tensor is not copied on silently.
+    bundle = verify_bundle(src)
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     kept = [e for e in pareto.entries if e.bits <= max_bits]
     if not kept:

@@ -91,6 +91,7 @@ class MappedBundle:
         names = [m.name for m in self.bundle.space.matrices]
         a = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_A)) for n in names}
         b = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_B)) for n in names}
+        self.bundle.check_lora(a, b)
         return a, b
 
     def linears(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:

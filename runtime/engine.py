@@ -32,7 +32,7 @@ import numpy as np
 from coalora.kernels import Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
-from coalora.runtime.adapter import ThetaRunner, generate_adapters
+from coalora.runtime.adapter import ThetaError, ThetaRunner, generate_adapters
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.chat import ChatFormat
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
@@ -185,6 +185,7 @@ class Runtime:
         if build:
             rt._apply(sel)
         else:
+            b.verify_config(sel.config)
             rt._selection = sel
         rt.timings.bundle_s = bundle_s
         return rt
@@ -252,6 +253,7 @@ class Runtime:
         t = self.timings
         t.theta_s = t.fold_s = t.graph_s = t.session_s = 0.0
         config = sel.config
+        self.bundle.check_unchanged()
         adapters, timing = self._adapters(config)
         t.theta_s, t.fold_s = timing.theta_s, timing.fold_s
 
@@ -279,9 +281,15 @@ class Runtime:
         # Mapped pages leave the process as soon as MatMulNBits has prepacked them (and for
         # good after); the scratch pages once the session exists. The prepacked copies are
         # all the session reads.
-        self._built = create_session(
-            proto, threads=self.threads, initializers=arrays, release=self._mapped.release
-        )
+        try:
+            self._built = create_session(
+                proto, threads=self.threads, initializers=arrays, release=self._mapped.release
+            )
+        except Exception as exc:  # onnxruntime's own types: the weights do not fit the graph
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise BundleError(
+                f"{self.bundle.root}: the bundle's weights do not fit its architecture ({first})"
+            ) from None
         scratch.release()
         self._built.keep.append(scratch)
         del proto, arrays
@@ -292,18 +300,29 @@ class Runtime:
         self._selection = sel
 
     def _adapters(self, config: Configuration) -> tuple[dict, Any]:
-        if self._theta is None:
-            self._theta = ThetaRunner(
-                str(self.bundle.theta_path()), self.bundle.theta_inputs, threads=1
-            )
+        root = self.bundle.root
         try:
+            if self._theta is None:
+                self._theta = ThetaRunner(
+                    str(self.bundle.theta_path()),
+                    self.bundle.theta_inputs,
+                    threads=1,
+                    rank=self.bundle.lora_rank,
+                )
             vocab = ThetaVocab.from_dict(self.bundle.theta_vocab)
             arrays = vocab.encode(config, self.bundle.space)
+        except ThetaError as exc:
+            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{self.bundle.root}: θ vocabulary: {exc}") from None
+            raise BundleError(f"{root}: θ vocabulary: {exc}") from None
         lora_a, lora_b = self._mapped.lora()
         names = [m.name for m in self.bundle.space.matrices]
-        return generate_adapters(self._theta, arrays, names, lora_a, lora_b, self.bundle.lora_scale)
+        try:
+            return generate_adapters(
+                self._theta, arrays, names, lora_a, lora_b, self.bundle.lora_scale
+            )
+        except ThetaError as exc:
+            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
 
     # -- properties ---------------------------------------------------------------------------
     @property

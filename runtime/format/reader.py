@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from coalora.kernels import ConfigError, ConfigSpace, Configuration, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime.format.schema import json_depth, validate_manifest
 from coalora.runtime.format.spec import (
     BASE_FILE,
     FORMAT,
@@ -47,9 +49,34 @@ from coalora.runtime.format.spec import (
 
 Verify = Literal["used", "all", "none"]
 
+# Bounds checked before a JSON file is parsed: no real bundle comes near them, and a file past
+# them (or nested deeper) is damage or an attack, not a bundle.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_PARETO_BYTES = 256 << 20
+MAX_JSON_DEPTH = 32
+
 
 class BundleError(ValueError):
     """The bundle is missing, damaged, or of a version this reader does not know."""
+
+
+def load_json(path: Path, what: str, max_bytes: int) -> Any:
+    """Parse a bundle's JSON file after bounding its size and before trusting its depth."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"cannot read {what}: {exc.strerror or exc}") from None
+    if size > max_bytes:
+        raise BundleError(f"{what} is {size} bytes, more than any bundle's ({max_bytes})")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        data = None
+    if data is None or json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BundleError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -68,6 +95,9 @@ class Bundle:
     shipped: dict[QuantOption, frozenset[str]]
     verify: Verify = "used"
     _verified: set[str] = field(default_factory=set)
+    # (device, inode, size, mtime) of every file when it was listed: a file replaced or
+    # rewritten in place since then serves other weights than were verified
+    _identity: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -80,10 +110,8 @@ class Bundle:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{root} is not a coalora bundle: {MANIFEST} is missing")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{mpath}: manifest is not valid JSON ({exc})") from None
+        _inside(root, MANIFEST)
+        manifest = load_json(mpath, f"{mpath}", MAX_MANIFEST_BYTES)
         if not isinstance(manifest, dict) or manifest.get(Key.FORMAT) != FORMAT:
             raise BundleError(f"{mpath}: not a coalora bundle manifest")
         version = manifest.get(Key.FORMAT_VERSION)
@@ -95,6 +123,9 @@ class Bundle:
         for key in REQUIRED_SECTIONS:
             if key not in manifest:
                 raise BundleError(f"{mpath}: manifest has no {key!r} section")
+        problem = validate_manifest(manifest)
+        if problem is not None:
+            raise BundleError(f"{mpath}: {problem}")
         try:
             space = ConfigSpace.from_dict(manifest[Key.SPACE])
             shipped = {
@@ -121,17 +152,41 @@ class Bundle:
             if rel not in files:
                 raise BundleError(f"{self.root}: manifest does not list {rel}")
         for rel, meta in files.items():
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            if Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
                 raise BundleError(f"{self.root}: manifest lists a path outside the bundle: {rel}")
-            path = self.root / rel
+            path = _inside(self.root, rel)
             if not path.is_file():
                 raise BundleError(f"{self.root}: file {rel} is missing")
-            size = path.stat().st_size
+            stat = path.stat()
+            size = stat.st_size
+            self._identity[rel] = _identity(stat)
             if size != meta.get(FileEntry.BYTES):
                 raise BundleError(
                     f"{self.root}: file {rel} is {size} bytes, the manifest says "
                     f"{meta.get(FileEntry.BYTES)} (truncated or altered)"
                 )
+
+    def changed_files(self) -> list[str]:
+        """Files replaced, rewritten or removed since the bundle was opened. The runtime maps
+        files and re-reads their pages, so a changed file changes answers (or, truncated,
+        kills the process with SIGBUS): it checks this before every switch."""
+        changed = []
+        for rel, ident in self._identity.items():
+            try:
+                now = _identity((self.root / rel).stat())
+            except OSError:
+                now = None
+            if now != ident:
+                changed.append(rel)
+        return changed
+
+    def check_unchanged(self) -> None:
+        changed = self.changed_files()
+        if changed:
+            raise BundleError(
+                f"{self.root}: {changed[0]} changed on disk since the bundle was opened "
+                f"({len(changed)} file(s)); reopen it"
+            )
 
     def _verify(self, rel: str) -> Path:
         path = self.root / rel
@@ -224,6 +279,16 @@ class Bundle:
         """A verified path inside the bundle."""
         return self._verify(rel)
 
+    def verify_config(self, config: Configuration) -> None:
+        """Hash every file serving ``config`` would read (a dry run reads none of them, and
+        should not report a plan for a configuration that cannot load)."""
+        self.check_config(config)
+        needed = [*REQUIRED_FILES, *sorted({quant_file(o) for o in config.values()})]
+        if TOKENIZER_FILE in self.manifest[Key.FILES]:
+            needed.append(TOKENIZER_FILE)
+        for rel in needed:
+            self._verify(rel)
+
     def check_config(self, config: Configuration) -> None:
         """Raise if ``config`` uses a (matrix, option) pair this bundle does not ship."""
         self.space.validate(config)
@@ -255,9 +320,28 @@ class Bundle:
         """The shared LoRA as (A per matrix, B per matrix)."""
         lora = self.lora_tensors()
         names = [m.name for m in self.space.matrices]
-        a = {n: lora[tensor_name(n, LORA_A)] for n in names}
-        b = {n: lora[tensor_name(n, LORA_B)] for n in names}
+        try:
+            a = {n: lora[tensor_name(n, LORA_A)] for n in names}
+            b = {n: lora[tensor_name(n, LORA_B)] for n in names}
+        except KeyError as exc:
+            raise BundleError(f"{self.root}: {LORA_FILE} has no tensor {exc}") from None
+        self.check_lora(a, b)
         return a, b
+
+    def check_lora(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+        """Every matrix's A is float32 [rank, in] and B float32 [out, rank], as the manifest
+        implies; else onnxruntime would fail deep inside the session build."""
+        r = self.lora_rank
+        for m in self.space.matrices:
+            for part, arr, shape in (
+                (LORA_A, a[m.name], (r, m.in_features)),
+                (LORA_B, b[m.name], (m.out_features, r)),
+            ):
+                if arr.dtype != np.float32 or tuple(arr.shape) != shape:
+                    raise BundleError(
+                        f"{self.root}: {LORA_FILE}: {tensor_name(m.name, part)} is {arr.dtype} "
+                        f"{list(arr.shape)}, expected float32 {list(shape)}"
+                    )
 
     def quantized(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
         """The MatMulNBits weights of every matrix under ``config``, one read per option file."""
@@ -296,8 +380,11 @@ class Bundle:
             bits=option.bits,
             block_size=option.block_size,
         )
-        if w.nbytes() != option.nbytes(w.N, w.K):
-            raise BundleError(f"{self.root}: tensors of {name} at {option} have the wrong size")
+        problem = w.layout_problem()
+        if problem is None and w.nbytes() != option.nbytes(w.N, w.K):
+            problem = "the wrong size"
+        if problem is not None:
+            raise BundleError(f"{self.root}: tensors of {name} at {option}: {problem}")
         return w
 
     def theta_path(self) -> Path:
@@ -305,10 +392,7 @@ class Bundle:
 
     def pareto_dict(self) -> dict[str, Any]:
         path = self._verify(PARETO_FILE)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{self.root}: {PARETO_FILE} is not valid JSON ({exc})") from None
+        return load_json(path, f"{self.root}: {PARETO_FILE}", MAX_PARETO_BYTES)
 
     def tokenizer_path(self) -> Path | None:
         if TOKENIZER_FILE not in self.manifest[Key.FILES]:
@@ -320,3 +404,23 @@ class Bundle:
             sum(int(m[FileEntry.BYTES]) for m in self.manifest[Key.FILES].values())
             + (self.root / MANIFEST).stat().st_size
         )
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refused if it is a symlink or resolves outside the bundle: a link in a
+    bundle could hand the device any file (its hash in the manifest says nothing of where the
+    file lives)."""
+    path = root / rel
+    base = root.resolve()
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise BundleError(f"{root}: {rel} cannot be resolved ({exc})") from None
+    if real != base / rel:
+        where = "outside the bundle" if not real.is_relative_to(base) else "a symlink"
+        raise BundleError(f"{root}: {rel} is {where}: bundles hold plain files only")
+    return path
