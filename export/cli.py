@@ -283,6 +283,14 @@ def export_train(
         bool, typer.Option("--fast", help="Demo preset: minutes, not quality.")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached work.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Load a model folder's pickled .bin/.pt weights (can run code; trusted files "
+            "only). Default: safetensors only.",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --out if it exists.")
     ] = False,
@@ -320,7 +328,14 @@ def export_train(
         if budgets is not None:
             overrides.update(_parse_sweep(budgets))
         opts = ExportOptions.for_model(
-            model, out, fast=fast, fresh=fresh, overwrite=overwrite, progress=not quiet, **overrides
+            model,
+            out,
+            fast=fast,
+            fresh=fresh,
+            overwrite=overwrite,
+            progress=not quiet,
+            allow_pickle=allow_pickle,
+            **overrides,
         )
         if epochs is not None:
             if steps_per_epoch is not None:
@@ -416,6 +431,9 @@ def _parse_sweep(text: str) -> dict[str, float]:
 
 
 def main() -> None:
+    from coalora.runtime.tempfiles import exit_on_sigterm
+
+    exit_on_sigterm()  # so a killed `export bundle` removes its partial output
     app()
 
 

@@ -86,6 +86,9 @@ def _family(model_type: str) -> str:
 def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None) -> dict:
     hf_config = model.base.config
     cfg = json.loads(hf_config.to_json_string(use_diff=False))
+    # Where the exporter found the model says nothing to a device and leaks the workstation's
+    # paths into every bundle.
+    cfg.pop("_name_or_path", None)
     family = _family(cfg.get("model_type", ""))
     tok = loaded.tokenizer
     eos: list[int] = []

@@ -89,6 +89,7 @@ class ExportOptions:
     threads: int | None = None
     limit: int | None = None  # use at most this many examples (fast runs)
     fresh: bool = False
+    allow_pickle: bool = False  # load a folder's pickled (.bin/.pt) weights: runs their code
     overwrite: bool = False
     progress: bool = True
 
@@ -203,6 +204,7 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
+        skip.add("allow_pickle")
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])
@@ -578,6 +580,7 @@ def load_for_training(opts: ExportOptions, inp: Inputs) -> Inputs:
         opts.model,
         task="classify" if classify else None,
         num_labels=ds.num_labels if classify else None,
+        allow_pickle=opts.allow_pickle,
     )
     if classify and ds.label_names:  # the bundle names its classes
         loaded.model.config.id2label = dict(enumerate(ds.label_names))
