@@ -286,6 +286,10 @@ def export_train(
     fresh: Annotated[
         bool, typer.Option("--fresh", help=option_field("fresh").metadata["help"])
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help=option_field("allow_pickle").metadata["help"]),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help=option_field("overwrite").metadata["help"])
     ] = False,
@@ -323,7 +327,14 @@ def export_train(
         if budgets is not None:
             overrides.update(_parse_sweep(budgets))
         opts = ExportOptions.for_model(
-            model, out, fast=fast, fresh=fresh, overwrite=overwrite, progress=not quiet, **overrides
+            model,
+            out,
+            fast=fast,
+            fresh=fresh,
+            overwrite=overwrite,
+            progress=not quiet,
+            allow_pickle=allow_pickle,
+            **overrides,
         )
         if epochs is not None:
             if steps_per_epoch is not None:
@@ -432,6 +443,9 @@ def _parse_sweep(text: str) -> dict[str, float]:
 
 
 def main() -> None:
+    from coalora.runtime.tempfiles import exit_on_sigterm
+
+    exit_on_sigterm()  # so a killed `export bundle` removes its partial output
     app()
 
 

@@ -89,6 +89,9 @@ def theta_to_onnx(model: CoALoRAModel) -> bytes:
 def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None) -> dict:
     hf_config = model.base.config
     cfg = json.loads(hf_config.to_json_string(use_diff=False))
+    # Where the exporter found the model says nothing to a device and leaks the workstation's
+    # paths into every bundle.
+    cfg.pop("_name_or_path", None)
     family = family_of_model_type(cfg.get("model_type", "")).name
     tok = loaded.tokenizer
     eos: list[int] = []

@@ -70,6 +70,7 @@ def load_for_training(opts: ExportOptions, inp: Inputs) -> Inputs:
         opts.model,
         task="classify" if classify else None,
         num_labels=ds.num_labels if classify else None,
+        allow_pickle=opts.allow_pickle,
     )
     if classify and ds.label_names:  # the bundle names its classes
         loaded.model.config.id2label = dict(enumerate(ds.label_names))

@@ -88,6 +88,11 @@ class ExportOptions:
     threads: int | None = _opt(None, "torch threads.", shown="torch's")
     limit: int | None = _opt(None, "Use at most this many examples.", shown="all")
     fresh: bool = _opt(False, "Ignore cached work.")
+    allow_pickle: bool = _opt(
+        False,
+        "Load a model folder's pickled .bin/.pt weights (can run code they hold: trusted "
+        "files only). Without it, safetensors only.",
+    )
     overwrite: bool = _opt(False, "Replace --out if it exists.")
     progress: bool = _opt(True, "Progress bars and log.")
 
@@ -197,6 +202,7 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
+        skip.add("allow_pickle")  # where weights may come from does not shape the result
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])

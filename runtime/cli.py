@@ -280,9 +280,12 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: exit 0 on success, 2 with one ``error:`` line on bad input."""
-    from coalora.runtime.engine import RuntimeInputError
+    """Console entry point: exit 0 on success, 2 with one ``error:`` line on bad input (or a
+    bundle whose weights compute NaN)."""
+    from coalora.runtime.engine import ModelOutputError, RuntimeInputError
+    from coalora.runtime.tempfiles import exit_on_sigterm
 
+    exit_on_sigterm()
     bad_input = (
         InputError,
         BudgetError,
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         SelectionError,
         ProfileError,
         RuntimeInputError,
+        ModelOutputError,
     )
     try:
         code = app(args=argv, prog_name="coalora-run", standalone_mode=False)

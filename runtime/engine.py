@@ -18,9 +18,11 @@ built.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,9 +45,10 @@ from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KV
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.mapped import Scratch
 from coalora.runtime.plan import Accountant, MemoryPlan
-from coalora.runtime.probe import physical_cores
+from coalora.runtime.probe import physical_cores, usable_cpus
 from coalora.runtime.profiles import DeviceProfile, load_profile
-from coalora.runtime.sampling import SamplingParams
+from coalora.runtime.report import option_histogram
+from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
 from coalora.runtime.selection import Selection, select
 from coalora.runtime.session import BuiltSession, create_session
 
@@ -54,9 +57,26 @@ __all__ = [
     "BundleError",
     "Classification",
     "GenerationStats",
+    "ModelOutputError",
     "Runtime",
     "RuntimeInputError",
 ]
+
+
+log = logging.getLogger("coalora.runtime")
+
+
+class ModelOutputError(RuntimeError):
+    """The model computed NaN or infinite values: the bundle's weights (or θ) are damaged."""
+
+
+def check_text(text: str, what: str) -> None:
+    """Text from the caller must be valid Unicode: the command line hands over undecodable
+    bytes as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RuntimeInputError(f"{what} is not valid UTF-8 (character {exc.start})") from None
 
 
 class RuntimeInputError(ValueError):
@@ -176,7 +196,10 @@ class Runtime:
             b,
             pareto,
             context_length=context_length,
-            threads=threads or (dev.threads if dev else physical_cores()),
+            # A profile's thread count is its board's; this machine may have fewer CPUs.
+            threads=clamp_threads(threads)
+            if threads is not None
+            else min(dev.threads if dev else physical_cores(), usable_cpus()),
             lora_bits=lora_bits,
             accuracy_level=accuracy_level,
         )
@@ -391,18 +414,47 @@ class Runtime:
     def encode_prompt(
         self, prompt: str, *, chat: bool = True, system: str | None = None
     ) -> list[int]:
+        """Token ids of the prompt, in the chat format unless ``chat=False``. The caller's text
+        never becomes control tokens: "<|im_end|>" typed by a user stays plain text."""
         self._need("causal-lm")
+        check_text(prompt, "prompt")
+        if system is not None:
+            check_text(system, "system message")
         if not prompt.strip():
             raise RuntimeInputError("empty prompt")
         fmt = self.chat_format if chat else None
-        text = fmt.render(prompt, system) if fmt is not None else prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=fmt is None).ids
+        if fmt is None:
+            ids = self._encode(prompt, literal=True, add_special_tokens=True)
+        else:
+            ids = []
+            for text, from_caller in fmt.segments(prompt, system):
+                ids += self._encode(text, literal=from_caller, add_special_tokens=False)
         if len(ids) >= self.context_length:
             raise RuntimeInputError(
                 f"prompt is {len(ids)} tokens: the context holds {self.context_length} "
                 "(raise --context or shorten the prompt)"
             )
         return list(ids)
+
+    def _encode(self, text: str, *, literal: bool, add_special_tokens: bool) -> list[int]:
+        """``literal``: special-token strings in ``text`` are encoded as the text they are."""
+        tok = self.tokenizer
+        tok.encode_special_tokens = literal
+        try:
+            return list(tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        finally:
+            tok.encode_special_tokens = False
+
+    @contextlib.contextmanager
+    def _finite_output(self) -> Iterator[None]:
+        try:
+            yield
+        except NonFiniteLogitsError as exc:
+            e = self.selection.entry
+            raise ModelOutputError(
+                f"the {e.bits:.2f}-bit configuration ({option_histogram(e.config)}) computed "
+                f"non-finite logits ({exc}): the bundle's weights or θ are damaged"
+            ) from None
 
     def stream(
         self,
@@ -430,10 +482,12 @@ class Runtime:
         assert self._decoder is not None
         tok = self.tokenizer
         detok = IncrementalDetokenizer(lambda xs: tok.decode(xs, skip_special_tokens=True))
-        for token in self._decoder.tokens(ids, max_new_tokens, sampling, self.eos_token_ids, stats):
-            piece = detok.push(token)
-            if piece:
-                yield piece
+        tokens = self._decoder.tokens(ids, max_new_tokens, sampling, self.eos_token_ids, stats)
+        with self._finite_output():
+            for token in tokens:
+                piece = detok.push(token)
+                if piece:
+                    yield piece
         rest = detok.flush()
         if rest:
             yield rest
@@ -453,15 +507,21 @@ class Runtime:
             raise RuntimeError("no session: call build() first (opened with build=False)")
         stats = GenerationStats()
         self.last_stats = stats
-        return list(
-            self._decoder.tokens(
-                prompt_ids, max_new_tokens, sampling or SamplingParams(), self.eos_token_ids, stats
+        with self._finite_output():
+            return list(
+                self._decoder.tokens(
+                    prompt_ids,
+                    max_new_tokens,
+                    sampling or SamplingParams(),
+                    self.eos_token_ids,
+                    stats,
+                )
             )
-        )
 
     # -- classification -----------------------------------------------------------------------
     def classify(self, text: str) -> Classification:
         self._need("classify")
+        check_text(text, "text")
         if not text.strip():
             raise RuntimeInputError("empty text")
         tok = self.tokenizer
@@ -478,6 +538,9 @@ class Runtime:
         }
         (logits,) = self.session.run(["logits"], feeds)
         z = logits[0].astype(np.float64)
+        if not np.isfinite(z).all():
+            with self._finite_output():
+                raise NonFiniteLogitsError(f"{int(np.count_nonzero(~np.isfinite(z)))} logits")
         p = np.exp(z - z.max())
         p /= p.sum()
         labels = self.labels
@@ -503,3 +566,18 @@ def pareto_of(bundle: Bundle) -> ParetoSet:
         return ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     except ParetoError as exc:
         raise BundleError(f"{bundle.root}: pareto.json: {exc}") from None
+
+
+def clamp_threads(threads: int) -> int:
+    """More intra-op threads than the CPUs this process may use only add rendezvous cost (a
+    pool of 1000 takes most of a minute to start and decodes at a crawl)."""
+    cores = usable_cpus()
+    if threads > cores:
+        log.warning(
+            "warning: %d threads asked for, this process can use %d CPUs: using %d",
+            threads,
+            cores,
+            cores,
+        )
+        return cores
+    return threads

@@ -77,6 +77,10 @@ class DeviceProfile:
             raise ProfileError(f"{source}: usable_ram_bytes must be in (0, ram_bytes]")
         if profile.cores <= 0 or profile.threads <= 0:
             raise ProfileError(f"{source}: cores and threads must be positive")
+        if profile.threads > 2 * profile.cores:  # two hardware threads per core at most
+            raise ProfileError(
+                f"{source}: {profile.threads} threads on {profile.cores} cores is not a board"
+            )
         bw = profile.memory_bandwidth_gbs
         if not (math.isfinite(bw) and bw > 0):
             raise ProfileError(f"{source}: memory_bandwidth_gbs must be positive")
@@ -95,7 +99,13 @@ def load_profile(name: str) -> DeviceProfile:
     """A shipped profile by name (``"rpi4-4gb"``), or a path to a profile JSON file."""
     if name.endswith(".json") and Path(name).is_file():
         path = Path(name)
-        return _parse(path.read_text(encoding="utf-8"), str(path), expect_name=None)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ProfileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return _parse(text, str(path), expect_name=None)
     known = list_profiles()
     if name not in known:
         raise ProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(known)}")

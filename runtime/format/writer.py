@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from coalora.runtime.format.spec import (
     quant_file,
     tensor_name,
 )
+from coalora.runtime.tempfiles import make_owned_dir
 
 
 @dataclass
@@ -100,8 +100,11 @@ def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bo
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    if out.exists() and (out.is_symlink() or not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a bundle directory: not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Named after this process: a write killed half-way is swept by the next one.
+    tmp = make_owned_dir(f".{out.name}.partial-", out.parent)
     try:
         (tmp / QUANT_DIR).mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in contents.base.items()}, tmp / BASE_FILE)
