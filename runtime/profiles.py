@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coalora.runtime.budget import Budget
+from coalora.runtime.isa import DeviceClassError, check_device_class, class_from_features
 
 _PACKAGE = "coalora.device_profiles"
 
@@ -35,6 +36,9 @@ class DeviceProfile:
     isa_features: tuple[str, ...]  # e.g. ("neon", "dotprod")
     memory_bandwidth_gbs: float  # approximate sustained bandwidth
     notes: str
+    # The CPU class that decides which options are slow (runtime.isa); from the profile's
+    # "device_class", else from isa and isa_features.
+    device_class: str = ""
 
     @property
     def has_dotprod(self) -> bool:
@@ -73,6 +77,13 @@ class DeviceProfile:
             memory_bandwidth_gbs=float(get("memory_bandwidth_gbs", (int, float))),
             notes=get("notes", str),
         )
+        cls_name = data.get("device_class") or class_from_features(
+            profile.isa, profile.isa_features
+        )
+        try:
+            object.__setattr__(profile, "device_class", check_device_class(str(cls_name)))
+        except DeviceClassError as exc:
+            raise ProfileError(f"{source}: {exc}") from None
         if not 0 < profile.usable_ram_bytes <= profile.ram_bytes:
             raise ProfileError(f"{source}: usable_ram_bytes must be in (0, ram_bytes]")
         if profile.cores <= 0 or profile.threads <= 0:
