@@ -276,6 +276,13 @@ def export_train(
     lm_head: Annotated[
         str | None, typer.Option(help="LM head option in the bundle, or 'none' for fp32 [8b32].")
     ] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Also keep the front of the options fast on this CPU class, e.g. armv8.0 "
+            "(Raspberry Pi 4: 2/8-bit run slowly there); see benchmarks/results/arm_paths.md."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
     work_dir: Annotated[str | None, typer.Option(help="Checkpoints, logs and caches.")] = None,
@@ -311,6 +318,7 @@ def export_train(
             calib_texts=calib_texts,
             sweep_random=random_configs,
             lm_head=lm_head,
+            device_class=device_class,
             threads=threads,
             limit=limit,
             work_dir=work_dir,

@@ -85,6 +85,9 @@ class ExportOptions:
     # the sweep reads them, so raising it reuses the trained adapter.
     sweep_batches: int | None = None
     lm_head: str | None = "8b32"  # the causal LM head's option in the bundle; None: fp32
+    # also keep the front built from the options this CPU class runs fast (runtime.isa:
+    # "armv8.0" for a Raspberry Pi 4); None: one front over every option
+    device_class: str | None = None
     # the run
     threads: int | None = None
     limit: int | None = None  # use at most this many examples (fast runs)
@@ -178,6 +181,13 @@ class ExportOptions:
             raise ExportError(f"threads must be >= 1, got {self.threads}")
         self.quant_options()
         self.lm_head_option()
+        if self.device_class is not None:
+            from coalora.runtime.isa import DeviceClassError, check_device_class
+
+            try:
+                check_device_class(self.device_class)
+            except DeviceClassError as exc:
+                raise ExportError(f"--device-class: {exc}") from None
 
     def quant_options(self) -> tuple[QuantOption, ...]:
         try:
@@ -204,6 +214,7 @@ class ExportOptions:
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
+        skip |= {"device_class"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])
         return d
@@ -757,12 +768,13 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 "seed": opts.seed,
                 "batches": opts.eval_batches,
                 "measured_on": len(sweep_held_out),
+                **({"device_class": opts.device_class} if opts.device_class else {}),
             }
             cached = None if opts.fresh else _read_json(work / "sweep.json")
             if cached and cached.get("key") == sweep_key:
                 log.info("reusing the sweep from %s", work / "sweep.json")
                 reused["sweep"] = True
-                pareto, evaluated = _sweep_from_cache(cached, space, loaded.kind)
+                pareto, evaluated = _sweep_from_cache(cached, space, loaded.kind, opts.device_class)
             else:
                 reused["sweep"] = False
                 front, points = dense_sweep(
@@ -776,6 +788,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                     seen=seen,
                     seed=opts.seed,
                     progress=opts.progress,
+                    device_class=opts.device_class,
                 )
                 evaluated = [{**p.entry.to_dict(), "source": p.source} for p in points]
                 _write_json(work / "sweep.json", {"key": sweep_key, "points": evaluated})
@@ -865,8 +878,10 @@ def _final_loss(train_dir: Path, last: int = 5) -> float | None:
     return float(np.mean(losses)) if losses else None
 
 
-def _sweep_from_cache(cached: dict, space: ConfigSpace, kind: str) -> tuple[Any, list[dict]]:
-    from coalora.export.sweep import SweepPoint, pareto_set
+def _sweep_from_cache(
+    cached: dict, space: ConfigSpace, kind: str, device_class: str | None = None
+) -> tuple[Any, list[dict]]:
+    from coalora.export.sweep import SweepPoint, deployable
     from coalora.runtime.selection import ParetoEntry
 
     points = []
@@ -879,7 +894,7 @@ def _sweep_from_cache(cached: dict, space: ConfigSpace, kind: str) -> tuple[Any,
             seen_in_training=bool(p["seen_in_training"]),
         )
         points.append(SweepPoint(entry, p.get("source", "")))
-    return pareto_set(points, kind).front(), list(cached["points"])
+    return deployable(points, kind, device_class), list(cached["points"])
 
 
 __all__ = [
