@@ -242,7 +242,8 @@ class Runtime:
         if self.device_class is not None:
             return CpuClass(self.device_class, "--device-class")
         if profile is not None:
-            return CpuClass(profile.device_class, f"profile {profile.name}")
+            slow = None if profile.slow_bits is None else frozenset(profile.slow_bits)
+            return CpuClass(profile.device_class, f"profile {profile.name}", slow)
         return detect()
 
     def _held_bytes(self) -> int:

@@ -2,11 +2,12 @@
 
 onnxruntime's MatMulNBits has a packed kernel for an option only where MLAS implements one for
 the CPU's instructions; elsewhere it dequantizes the whole matrix to fp32 on every call and
-runs an fp32 GEMM, an order of magnitude slower per token. On an Armv8.0 core without the
-dot-product instructions (Cortex-A72: Raspberry Pi 4) that is 2- and 8-bit weights at
-accuracy level 4; with dot product (Cortex-A76: Pi 5) and on x86 every shipped option has a
-kernel. Measured by ``make bench-arm-paths`` (benchmarks/results/arm_paths.md), which also
-cites the MLAS dispatch behind it.
+runs an fp32 GEMM (natively 43-88x the packed 4-bit kernel, measured on x86 where 2 and 8 bits
+take that path at accuracy level 0). On an Armv8.0 core without the dot-product instructions
+(Cortex-A72: Raspberry Pi 4) that is every 2- and 8-bit option at accuracy level 4; with dot
+product (Cortex-A76: Pi 5) and on x86 every shipped option has a kernel. Measured by
+``make bench-arm-paths`` (benchmarks/results/arm_paths.md: the path is told by whether the
+session reads the codes again on every call), which also cites the MLAS dispatch behind it.
 
 A CPU is named by a *device class*:
 
@@ -57,8 +58,13 @@ class CpuClass:
 
     name: str
     source: str  # "profile rpi4-2gb", "HWCAP", "/proc/cpuinfo", "--device-class", ...
+    # bit-widths slow at accuracy level 4 when known better than the table (a profile's
+    # "slow_bits", measured on the board itself)
+    slow_override: frozenset[int] | None = None
 
     def slow_bits(self, accuracy_level: int = 4) -> frozenset[int]:
+        if self.slow_override is not None and accuracy_level == 4:
+            return self.slow_override
         return SLOW_BITS.get((self.name, accuracy_level), frozenset())
 
     def is_slow(self, option: QuantOption, accuracy_level: int = 4) -> bool:

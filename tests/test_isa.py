@@ -63,13 +63,14 @@ def test_detect_x86_and_this_machine() -> None:
 
 
 def test_slow_table() -> None:
-    a72 = CpuClass("armv8.0", "test")
-    assert a72.slow_bits() == {2, 8}
-    assert a72.is_slow(QuantOption(8, 128)) and not a72.is_slow(QuantOption(4, 32))
+    for (name, level), bits in isa.SLOW_BITS.items():
+        assert name in isa.DEVICE_CLASSES and level == 4 and bits <= {2, 4, 8}
+    assert CpuClass("any", "test").slow_bits() == frozenset()
+    board = CpuClass("armv8.0", "test", slow_override=frozenset({2, 8}))
+    assert board.slow_bits() == {2, 8}
+    assert board.is_slow(QuantOption(8, 128)) and not board.is_slow(QuantOption(4, 32))
     # Level 0 is a parity check: nothing is avoided there.
-    assert a72.slow_bits(accuracy_level=0) == frozenset()
-    for name in ("armv8.2-dotprod", "x86-64", "any"):
-        assert CpuClass(name, "test").slow_bits() == frozenset()
+    assert board.slow_bits(accuracy_level=0) == frozenset()
     with pytest.raises(DeviceClassError, match="unknown device class"):
         isa.check_device_class("armv9")
 
@@ -86,10 +87,13 @@ def test_profiles_name_their_class(tmp_path: Path) -> None:
     path = tmp_path / "derived.json"
     path.write_text(json.dumps(data))
     assert load_profile(str(path)).device_class == "armv8.2-dotprod"  # from isa_features
-    data["device_class"] = "armv9"
+    data["slow_bits"] = [8, 2]
     path.write_text(json.dumps(data))
-    with pytest.raises(ProfileError, match="unknown device class"):
-        load_profile(str(path))
+    assert load_profile(str(path)).slow_bits == (2, 8)
+    for bad in ({"slow_bits": [3]}, {"slow_bits": "8"}, {"device_class": "armv9"}):
+        path.write_text(json.dumps({**data, **bad}))
+        with pytest.raises(ProfileError, match="unknown device class|slow_bits"):
+            load_profile(str(path))
 
 
 # -- the selection rule -----------------------------------------------------------------------
@@ -122,7 +126,7 @@ def _options(sel) -> set[str]:
 
 
 def test_selection_skips_slow_options() -> None:
-    a72 = CpuClass("armv8.0", "profile rpi4-2gb")
+    a72 = CpuClass("armv8.0", "profile rpi4-2gb", frozenset({2, 8}))
     fast = select(PARETO, parse_budget("10bits"), _plan, cpu=a72)
     assert _options(fast) == {"4b64"} and not fast.slow_fallback
     assert "skipped 4 that use 2/8-bit matrices, slow on armv8.0 (profile rpi4-2gb)" in (
@@ -138,7 +142,7 @@ def test_selection_skips_slow_options() -> None:
 
 
 def test_selection_falls_back_and_says_so() -> None:
-    a72 = CpuClass("armv8.0", "HWCAP")
+    a72 = CpuClass("armv8.0", "HWCAP", frozenset({2, 8}))
     sel = select(PARETO, parse_budget("3.6bits"), _plan, cpu=a72)  # only 2-bit entries fit
     assert sel.slow_fallback and "2b64" in _options(sel)
     assert sel.entry.metric == 0.70  # the best of what fits
@@ -158,9 +162,15 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return int(exc.value.code or 0), out, err
 
 
-def test_dry_run_for_a_pi4_avoids_slow_options(tiny_llama_bundle: Path, capsys) -> None:
+def test_dry_run_avoids_slow_options(tiny_llama_bundle: Path, capsys, tmp_path: Path) -> None:
     b = str(tiny_llama_bundle)
-    code, out, _ = _run([b, "--profile", "rpi4-2gb", "--dry-run", "--json"], capsys)
+    # A board measured slow at 2 and 8 bits (its profile says so).
+    data = json.loads(
+        (Path(isa.__file__).parents[1] / "device_profiles" / "rpi4-2gb.json").read_text()
+    )
+    board = tmp_path / "board.json"
+    board.write_text(json.dumps({**data, "slow_bits": [2, 8]}))
+    code, out, _ = _run([b, "--profile", str(board), "--dry-run", "--json"], capsys)
     d = json.loads(out)
     assert code == 0 and set(d["options"]) == {"4b32"} and not d["slow_options_fallback"]
     assert d["cpu"] == "armv8.0 (profile rpi4-2gb)" and "skipped 3" in d["reason"]
@@ -168,10 +178,10 @@ def test_dry_run_for_a_pi4_avoids_slow_options(tiny_llama_bundle: Path, capsys) 
     code, out, _ = _run([b, "--profile", "rpi5-8gb", "--dry-run", "--json"], capsys)
     assert code == 0 and "skipped" not in json.loads(out)["reason"]
     # Only 2-bit configurations fit 3.5 bits: taken anyway, and the dry run says so.
-    code, _, err = _run([b, "--profile", "rpi4-2gb", "--budget", "3.5bits", "--dry-run"], capsys)
+    code, _, err = _run([b, "--profile", str(board), "--budget", "3.5bits", "--dry-run"], capsys)
     assert code == 0 and "nothing with fast options fits" in " ".join(err.split())
     # --device-class replaces the profile's class.
-    argv = [b, "--profile", "rpi4-2gb", "--device-class", "any", "--dry-run", "--json"]
+    argv = [b, "--profile", str(board), "--device-class", "any", "--dry-run", "--json"]
     code, out, _ = _run(argv, capsys)
     d = json.loads(out)
     assert code == 0 and d["cpu"] == "any (--device-class)" and "skipped" not in d["reason"]
