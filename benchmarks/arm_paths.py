@@ -203,12 +203,19 @@ def _hwcap() -> dict[str, bool]:
     return {"asimddp": bool(hw >> 20 & 1), "i8mm": bool(hw2 >> 13 & 1)}
 
 
-def measure(label: str, rounds: int, reps: int, level0_blocks: tuple[int, ...] = BLOCKS) -> dict:
-    """Time every variant in interleaved rounds on this CPU; one thread."""
+def measure(
+    label: str,
+    rounds: int,
+    reps: int,
+    level0_blocks: tuple[int, ...] = BLOCKS,
+    names: list[str] | None = None,
+) -> dict:
+    """Time every variant (or ``names``, which must include their 4-bit references and 4b32@4) in
+    interleaved rounds on this CPU; one thread."""
     import onnxruntime as ort
 
     t_start = time.perf_counter()
-    names = variant_names(BLOCKS, level0_blocks)
+    names = names or variant_names(BLOCKS, level0_blocks)
     sessions, feeds, errors, build_s, reads = {}, {}, {}, {}, {}
     for v in names:
         model, inputs, ref, codes = build(v)
