@@ -84,6 +84,12 @@ class ExportOptions:
         shown="--eval-batches",
     )
     lm_head: str | None = _opt("8b32", "LM head option in the bundle, or 'none' for fp32.")
+    device_class: str | None = _opt(
+        None,
+        "Also keep the front of the options fast on this CPU class, e.g. armv8.0 (Raspberry Pi "
+        "4: 2/8-bit run slowly there); see benchmarks/results/arm_paths.md.",
+        shown="one front over every option",
+    )
     # the run
     threads: int | None = _opt(None, "torch threads.", shown="torch's")
     limit: int | None = _opt(None, "Use at most this many examples.", shown="all")
@@ -177,6 +183,13 @@ class ExportOptions:
             raise ExportError(f"threads must be >= 1, got {self.threads}")
         self.quant_options()
         self.lm_head_option()
+        if self.device_class is not None:
+            from coalora.runtime.isa import DeviceClassError, check_device_class
+
+            try:
+                check_device_class(self.device_class)
+            except DeviceClassError as exc:
+                raise ExportError(f"--device-class: {exc}") from None
 
     def quant_options(self) -> tuple[QuantOption, ...]:
         try:
@@ -202,7 +215,8 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
-        skip.add("allow_pickle")  # where weights may come from does not shape the result
+        # where weights may come from, and which extra front the sweep keeps, neither
+        skip |= {"allow_pickle", "device_class"}
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])

@@ -165,11 +165,12 @@ def cached_sweep(
         "seed": opts.seed,
         "batches": opts.eval_batches,
         "measured_on": len(held_out),
+        **({"device_class": opts.device_class} if opts.device_class else {}),
     }
     cached = None if opts.fresh else read_json(work / SWEEP_FILE)
     if cached and cached.get("key") == sweep_key:
         log.info("reusing the sweep from %s", work / SWEEP_FILE)
-        pareto, evaluated = _sweep_from_cache(cached, model.space, model.kind)
+        pareto, evaluated = _sweep_from_cache(cached, model.space, model.kind, opts.device_class)
         return pareto, evaluated, True
     front, points = dense_sweep(
         model,
@@ -182,14 +183,17 @@ def cached_sweep(
         seed=opts.seed,
         seen=seen,
         progress=opts.progress,
+        device_class=opts.device_class,
     )
     evaluated = [{**p.entry.to_dict(), "source": p.source} for p in points]
     write_json(work / SWEEP_FILE, {"key": sweep_key, "points": evaluated})
     return front, evaluated, False
 
 
-def _sweep_from_cache(cached: dict, space: ConfigSpace, kind: str) -> tuple[Any, list[dict]]:
-    from coalora.export.sweep import SweepPoint, pareto_set
+def _sweep_from_cache(
+    cached: dict, space: ConfigSpace, kind: str, device_class: str | None = None
+) -> tuple[Any, list[dict]]:
+    from coalora.export.sweep import SweepPoint, deployable
     from coalora.runtime.format.pareto import ParetoEntry
 
     points = []
@@ -202,7 +206,7 @@ def _sweep_from_cache(cached: dict, space: ConfigSpace, kind: str) -> tuple[Any,
             seen_in_training=bool(p["seen_in_training"]),
         )
         points.append(SweepPoint(entry, p.get("source", "")))
-    return pareto_set(points, kind).front(), list(cached["points"])
+    return deployable(points, kind, device_class), list(cached["points"])
 
 
 def final_loss(train_dir: Path, last: int = 5) -> float | None:

@@ -16,6 +16,7 @@ import typer
 
 from coalora.runtime.budget import BudgetError, format_bytes
 from coalora.runtime.format.reader import BundleError
+from coalora.runtime.isa import DEVICE_CLASSES, DeviceClassError
 from coalora.runtime.profiles import ProfileError, list_profiles, load_profile
 from coalora.runtime.selection import SelectionError
 
@@ -71,6 +72,8 @@ def _choice_dict(rt: Any) -> dict[str, Any]:
         "metric": e.metric,
         "seen_in_training": e.seen_in_training,
         "reason": sel.reason,
+        "cpu": sel.cpu.describe() if sel.cpu else None,
+        "slow_options_fallback": sel.slow_fallback,
         "plan": sel.plan.to_dict(),
     }
 
@@ -147,6 +150,14 @@ def run(
     profile: Annotated[
         str | None, typer.Option(help="plan for a device profile (see --list-profiles)")
     ] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            help=f"CPU class whose slow options to avoid ({', '.join(DEVICE_CLASSES)}; 'any' "
+            "avoids none); default: the profile's, else this CPU's (HWCAP / /proc/cpuinfo)",
+            show_default=False,
+        ),
+    ] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt text (default: stdin)")] = None,
     classify: Annotated[
         str | None, typer.Option("--classify", help="text to classify (encoder bundles)")
@@ -205,6 +216,7 @@ def run(
         context_length=context,
         threads=threads,
         build=False,
+        device_class=device_class,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         BundleError,
         SelectionError,
         ProfileError,
+        DeviceClassError,
         RuntimeInputError,
         ModelOutputError,
     )

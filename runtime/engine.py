@@ -43,6 +43,7 @@ from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
 from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
+from coalora.runtime.isa import CpuClass, check_device_class, detect
 from coalora.runtime.mapped import Scratch
 from coalora.runtime.plan import Accountant, MemoryPlan
 from coalora.runtime.probe import physical_cores, usable_cpus
@@ -146,6 +147,7 @@ class Runtime:
         self.timings = Timings()
         self.last_stats: GenerationStats | None = None
         self.profile: DeviceProfile | None = None
+        self.device_class: str | None = None  # overrides the profile's and the detected one
         self._mapped = assemble.MappedBundle(bundle)
         self._selection: Selection | None = None
         self._built: BuiltSession | None = None
@@ -178,12 +180,16 @@ class Runtime:
         lora_bits: int = assemble.DEFAULT_LORA_BITS,
         accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
         build: bool = True,
+        device_class: str | None = None,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
 
         ``accuracy_level``: MatMulNBits' compute type; 4 (the default) quantizes activations
         to int8 per block, the fast CPU path; 0 keeps them in fp32 (slower, for parity checks).
+
+        ``device_class`` (``runtime.isa``: "armv8.0", ..., "any") replaces the profile's CPU
+        class and this CPU's own for choosing which options to avoid as slow.
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
@@ -203,6 +209,8 @@ class Runtime:
             lora_bits=lora_bits,
             accuracy_level=accuracy_level,
         )
+        if device_class is not None:
+            rt.device_class = check_device_class(device_class)
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
         if build:
@@ -236,11 +244,27 @@ class Runtime:
         # ``auto`` without a profile: ``select`` probes the device, counting what the current
         # session holds (a switch frees it) as available.
         sel = select(
-            self.pareto, budget, self.plan, available_bytes=available, held_bytes=self._held_bytes()
+            self.pareto,
+            budget,
+            self.plan,
+            available_bytes=available,
+            held_bytes=self._held_bytes(),
+            cpu=self.cpu_class(profile),
+            accuracy_level=self.accuracy_level,
         )
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel
+
+    def cpu_class(self, profile: DeviceProfile | None = None) -> CpuClass:
+        """The CPU class the selection avoids slow options for: the override, the profile's,
+        or this CPU's."""
+        if self.device_class is not None:
+            return CpuClass(self.device_class, "--device-class")
+        if profile is not None:
+            slow = None if profile.slow_bits is None else frozenset(profile.slow_bits)
+            return CpuClass(profile.device_class, f"profile {profile.name}", slow)
+        return detect()
 
     def _held_bytes(self) -> int:
         """What the current session holds: freed by a switch, so available to it."""

@@ -5,6 +5,10 @@
   the context length, runtime) fits
 - ``auto``: as ``bytes``, with what ``probe.available_memory()`` reports
 
+``cpu``, when given, names the CPU's class (``isa``): entries that use an option this CPU
+runs through a dequantize-every-call path are skipped unless nothing else fits, and the
+reason says which way it went.
+
 ``available_bytes``, when given, is a ceiling on the plan for every kind of budget: a device
 never picks a configuration it cannot hold, whatever the flag says. The stored set itself
 (``ParetoSet``, pareto.json) is part of the bundle format: ``coalora.runtime.format.pareto``.
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from coalora.kernels.config import Configuration
 from coalora.runtime.budget import Budget, format_bytes
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.isa import CpuClass
 from coalora.runtime.plan import MemoryPlan
 from coalora.runtime.probe import available_memory
 
@@ -37,6 +42,8 @@ class Selection:
     reason: str  # one line, for the user
     budget: Budget
     limit_bytes: int | None  # the plan ceiling that applied, if any
+    cpu: CpuClass | None = None  # the CPU class the choice was made for
+    slow_fallback: bool = False  # every fitting entry uses an option slow on ``cpu``
 
     @property
     def config(self) -> Configuration:
@@ -49,6 +56,8 @@ def select(
     plan_fn: Callable[[Configuration], MemoryPlan],
     available_bytes: int | None = None,
     held_bytes: int = 0,
+    cpu: CpuClass | None = None,
+    accuracy_level: int = 4,
 ) -> Selection:
     """The best stored configuration within ``budget``; raises ``SelectionError`` if none fits.
 
@@ -105,6 +114,25 @@ def select(
             )
         candidates = fitting
 
+    cpu_note, fallback = "", False
+    slow_bits = cpu.slow_bits(accuracy_level) if cpu is not None else frozenset()
+    if slow_bits:
+        assert cpu is not None
+        fast = [e for e in candidates if not any(o.bits in slow_bits for o in e.config.values())]
+        widths = "/".join(str(b) for b in sorted(slow_bits)) + "-bit matrices"
+        if fast and len(fast) < len(candidates):
+            cpu_note = (
+                f"; skipped {len(candidates) - len(fast)} that use {widths}, slow on "
+                f"{cpu.describe()}"
+            )
+        elif not fast:
+            fallback = True
+            cpu_note = (
+                f"; every one of them uses {widths}, slow on {cpu.describe()}: nothing with "
+                "fast options fits, so expect a slower decode"
+            )
+        candidates = fast or candidates
+
     best = _best(pareto, candidates)
     plan = plan_of(best)
     kind = "seen" if best.seen_in_training else "unseen"
@@ -112,8 +140,17 @@ def select(
         f"{pareto.metric_name} {best.metric:.4g} at {best.bits:.2f} bits "
         f"({kind} configuration, plan {format_bytes(plan.total, unit, round_up=True)}): "
         f"best of {len(candidates)}/{len(pareto.entries)} stored configurations within the {within}"
+        f"{cpu_note}"
     )
-    return Selection(entry=best, plan=plan, reason=reason, budget=budget, limit_bytes=limit)
+    return Selection(
+        entry=best,
+        plan=plan,
+        reason=reason,
+        budget=budget,
+        limit_bytes=limit,
+        cpu=cpu,
+        slow_fallback=fallback,
+    )
 
 
 def _best(pareto: ParetoSet, entries: Iterable[ParetoEntry]) -> ParetoEntry:
