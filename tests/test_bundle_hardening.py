@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 
 from coalora.runtime.format.reader import Bundle, BundleError
-from coalora.runtime.format.spec import MANIFEST, PARETO_FILE, THETA_FILE, TOKENIZER_FILE
+from coalora.runtime.format.spec import (
+    MANIFEST,
+    PARETO_FILE,
+    THETA_FILE,
+    TOKENIZER_FILE,
+    FileEntry,
+    Key,
+)
 
 Damage = Callable[[Path], None]
 
@@ -28,7 +35,8 @@ Damage = Callable[[Path], None]
 def rehash(root: Path, rel: str) -> None:
     manifest = json.loads((root / MANIFEST).read_text())
     data = (root / rel).read_bytes()
-    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    entry = {FileEntry.SHA256: hashlib.sha256(data).hexdigest(), FileEntry.BYTES: len(data)}
+    manifest[Key.FILES][rel] = entry
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 

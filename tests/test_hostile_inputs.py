@@ -191,7 +191,7 @@ def test_user_text_never_becomes_control_tokens(tiny_llama_bundle: Path) -> None
 
 
 # -- output paths, signals, temporaries ----------------------------------------------------------
-def test_export_bundle_over_a_file_is_one_line(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+def test_export_slim_over_a_file_is_one_line(tiny_llama_bundle: Path, tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.write_text("not a bundle")
     proc = subprocess.run(
@@ -200,7 +200,7 @@ def test_export_bundle_over_a_file_is_one_line(tiny_llama_bundle: Path, tmp_path
             "-m",
             "coalora.export.cli",
             "export",
-            "bundle",
+            "slim",
             str(tiny_llama_bundle),
             "--max-bits",
             "8",
@@ -297,5 +297,7 @@ def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path: Path) -> None:
 
 
 def test_manifest_does_not_record_the_exporters_paths(tiny_llama_bundle: Path) -> None:
-    manifest = json.loads((tiny_llama_bundle / "manifest.json").read_text())
-    assert "_name_or_path" not in manifest["architecture"]["config"]
+    from coalora.runtime.format.spec import MANIFEST, Arch, Key
+
+    manifest = json.loads((tiny_llama_bundle / MANIFEST).read_text())
+    assert "_name_or_path" not in manifest[Key.ARCHITECTURE][Arch.CONFIG]
