@@ -69,3 +69,7 @@ clean:
 .PHONY: smoke-arm64
 smoke-arm64: install  ## runtime on emulated Cortex-A72/A76 (qemu-user, root); docs/arm64-smoke.md
 	bash scripts/smoke_arm64.sh $(SMOKE_ARM64_ARGS)
+
+.PHONY: bench-arm-paths
+bench-arm-paths: install  ## MatMulNBits path per option on this host and emulated Cortex-A72/A76 (root, ~15 min)
+	$(PYTHON) -m benchmarks.arm_paths

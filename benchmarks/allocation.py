@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import RESULTS, machine, machine_md, read_result, report_only_parser
 from benchmarks.quantizer_error import (
     CALIB_TEXTS,
     MAX_LENGTH,
     MODELS,
-    RESULTS,
     SMOLLM2_NOTE,
     calibrate,
-    machine,
-    machine_md,
     q4_1_integer_zero_fraction,
 )
 
@@ -138,13 +136,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_md(
-    results: list[dict[str, Any]],
-    info: dict[str, Any],
-    command: str,
-    wall: float,
-    q4_1_fraction: float,
-) -> None:
+def write_md(payload: dict[str, Any], out: Path = RESULTS / "allocation.md") -> None:
+    """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
+    results, info, command = payload["results"], payload["machine"], payload["command"]
+    wall, q4_1_fraction = payload["wall_s"], payload["q4_1_blocks_with_integer_zero"]
     lines = [
         "# Bit allocation: exact MILP vs uniform options at equal bits",
         "",
@@ -209,10 +204,16 @@ def write_md(
             f"{sec['milp_at_uniform_bits'] + sec['milp_curve']:.1f} s.",
             "",
         ]
-    (RESULTS / "allocation.md").write_text("\n".join(lines))
+    out.write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = report_only_parser(__doc__).parse_args(argv)
+    if args.report_only:
+        p = read_result(RESULTS / "allocation.json")
+        plot(p["results"], RESULTS / "allocation.png")
+        write_md(p)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     results = []
@@ -235,7 +236,7 @@ def main() -> None:
     }
     (RESULTS / "allocation.json").write_text(json.dumps(payload, indent=2))
     plot(results, RESULTS / "allocation.png")
-    write_md(results, info, command, wall, q4_1_fraction)
+    write_md(payload)
     bad = [
         (r["model"], u["option"])
         for r in results

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quantizer_error import RESULTS, machine, machine_md
+from benchmarks.common import RESULTS, machine, machine_md
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 METHOD_LABELS = {
@@ -68,7 +68,7 @@ QUICK = dict(steps=4, steps_per_epoch=2, limit=200, initial_budgets=8, search_ca
 
 def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
     from coalora.export.baselines import run_baselines
-    from coalora.export.pipeline import ExportOptions
+    from coalora.export.options import ExportOptions
 
     values = dict(SETTINGS[model])
     if quick:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "decode_speed_graph.md"
+from benchmarks.common import RESULTS as RESULTS_DIR
+from benchmarks.common import cpu_model
+
+RESULTS = RESULTS_DIR / "decode_speed_graph.md"
 
 SMOLLM2 = {
     "vocab_size": 49152,
@@ -313,15 +314,7 @@ def _variants(quick: bool) -> list[Variant]:
 
 
 def _machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"{model}, {os.cpu_count()} cores visible"
+    return f"{cpu_model()}, {os.cpu_count()} cores visible"
 
 
 def _table(rows: list[dict]) -> str:

@@ -6,25 +6,24 @@ summed over matrices (E[x_k^2] from BBC News text).
 
     python -m benchmarks.quantizer_error
 
-writes benchmarks/results/quantizer_error.md and .json. The helpers here (machine facts,
-calibration) are shared with ``benchmarks.allocation``.
+writes benchmarks/results/quantizer_error.md and .json (``--report-only``: the .md from the
+.json). The calibration helpers here are shared with ``benchmarks.allocation``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, machine, machine_md, read_result, report_only_parser
+
 MODELS: tuple[str, ...] = ("minilm", "smollm2")
 CALIB_TEXTS = 64
 MAX_LENGTH = 256
@@ -59,46 +58,6 @@ def q4_1_integer_zero_fraction(tol: float = 0.02) -> float:
         hits += int((np.abs(z - np.rint(z)) < tol).sum())
         total += int(ok.sum())
     return hits / max(total, 1)
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for pkg in ("coalora", "numpy", "scipy", "torch", "transformers", "gguf"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return {
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-SHARED_MACHINE = "the machine was shared with other jobs; times are rough"
-
-
-def machine_md(
-    info: dict[str, Any], command: str, wall_s: float, load: str | None = SHARED_MACHINE
-) -> list[str]:
-    """Markdown lines naming the command, machine and versions; ``load`` says how loaded the
-    machine was during the run (None: say nothing)."""
-    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    return [
-        f"- command: `{command}`",
-        f"- machine: {info['cores']} cores, {info['cpu']} ({info['platform']})",
-        f"- versions: {versions}",
-        f"- wall time: {wall_s:.0f} s" + (f" ({load})" if load else ""),
-    ]
 
 
 @dataclass
@@ -177,13 +136,10 @@ def dominated_options(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def write_md(
-    results: list[dict[str, Any]],
-    info: dict[str, Any],
-    command: str,
-    wall: float,
-    q4_1_fraction: float,
-) -> None:
+def write_md(payload: dict[str, Any], out: Path = RESULTS / "quantizer_error.md") -> None:
+    """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
+    results, info, command = payload["results"], payload["machine"], payload["command"]
+    wall, q4_1_fraction = payload["wall_s"], payload["q4_1_blocks_with_integer_zero"]
     lines = [
         "# Quantizer error per option: search vs round-to-nearest",
         "",
@@ -238,10 +194,15 @@ def write_md(
             f"search cost table {sec['search_costs']:.0f} s, rtn {sec['rtn_costs']:.0f} s.",
             "",
         ]
-    (RESULTS / "quantizer_error.md").write_text("\n".join(lines))
+    out.write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = report_only_parser(__doc__).parse_args(argv)
+    if args.report_only:
+        p = read_result(RESULTS / "quantizer_error.json")
+        write_md(p)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     results = []
@@ -263,7 +224,7 @@ def main() -> None:
         "q4_1_blocks_with_integer_zero": q4_1_fraction,
     }
     (RESULTS / "quantizer_error.json").write_text(json.dumps(payload, indent=2))
-    write_md(results, info, command, wall, q4_1_fraction)
+    write_md(payload)
     print(f"[quantizer_error] wrote {RESULTS / 'quantizer_error.md'} in {wall:.0f} s")
 
 

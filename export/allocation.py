@@ -31,13 +31,12 @@ import numpy as np
 from coalora.kernels import ConfigSpace, Configuration, QuantOption, quantize
 from coalora.kernels.quantize import Method, weighted_error
 
+# One error for a budget that cannot be read or met, on both sides (the message says which).
+from coalora.runtime.budget import BudgetError
+
 # A budget computed as a configuration's own bits (8 * bytes / params) may land a rounding error
 # below that integer; this relative slack admits it, far below one bit of the total.
 _BUDGET_RTOL = 1e-12
-
-
-class BudgetError(ValueError):
-    """A budget no configuration meets; the message names the smallest feasible budget."""
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coalora.export.pipeline import (
-    ExportError,
-    ExportOptions,
+from coalora.export.inputs import load_data, load_for_training
+from coalora.export.options import ExportError, ExportOptions
+from coalora.export.phases import (
     TrainingSets,
     cached_calibration,
     cached_cost_table,
     held_out_batches,
-    load_data,
-    load_for_training,
     torch_threads,
-    work_dir_for,
 )
+from coalora.export.workdir import CALIBRATION_FILE, COSTS_FILE, work_dir_for
 from coalora.kernels import Configuration
 
 log = logging.getLogger("coalora.export.baselines")
@@ -94,11 +92,12 @@ def run_baselines(
     The search selects on the first ``opts.eval_batches`` held-out batches; the curves are
     measured on the next ``eval_batches`` (default: as many), which the search never saw.
     """
-    from coalora.export.allocation import BudgetError, allocate
+    from coalora.export.allocation import allocate
     from coalora.export.coa_lora import CoALoRAModel, evaluate, train
     from coalora.export.data import DataError
     from coalora.export.models import ModelLoadError
     from coalora.export.sweep import metric_direction
+    from coalora.runtime.budget import BudgetError
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -125,7 +124,7 @@ def run_baselines(
         pick = np.random.default_rng(opts.seed).permutation(len(inp.split.train))
         texts = [inp.split.train.texts[int(i)] for i in pick[: opts.calib_texts]]
         moments, _ = cached_calibration(
-            loaded, texts, opts.calib_len, work / "calibration.safetensors", opts.fresh
+            loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
         )
         coa = CoALoRAModel(
             loaded.model,
@@ -135,7 +134,7 @@ def run_baselines(
             importance=moments,
             method=opts.quantizer,
         )
-        costs, _ = cached_cost_table(coa, moments, work / "costs.json", opts.fresh, opts.progress)
+        costs, _ = cached_cost_table(coa, moments, work / COSTS_FILE, opts.fresh, opts.progress)
         try:
             configs = [allocate(space, costs, float(b)) for b in budgets]
         except BudgetError as exc:

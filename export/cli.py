@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from coalora.export.options import ExportOptions, cli_help, default_of, option_field
 from coalora.runtime.eval_cli import EVAL_EXAMPLES, eval_command
 from coalora.runtime.serve.cli import SERVE_EXAMPLES, serve_command
 
@@ -180,9 +181,9 @@ def quantize_report(
     Errors are weighted by calibration activations (second moments of each input column)
     from BBC News text.
     """
-    from coalora.export.allocation import BudgetError
     from coalora.export.calibration import CalibrationError
     from coalora.export.models import ModelLoadError
+    from coalora.runtime.budget import BudgetError
 
     try:
         budget_list = parse_budgets(budgets)
@@ -207,99 +208,105 @@ export_app = typer.Typer(
 )
 app.add_typer(export_app, name="export")
 
-_TRAIN_HELP = (
-    "Fine-tune CoA-LoRA on MODEL and DATA and write one bundle every device serves from."
-    "\n\n"
-    "MODEL is 'smollm2' (SmolLM2-135M-Instruct, LLaMA, trained as a causal LM on the data's "
-    "text; defaults: 200 steps, batch 4, 256 tokens, search every 50 steps), 'minilm' "
-    "(all-MiniLM-L6-v2, BERT, trained as a topic classifier; defaults: 300 steps, batch 16, "
-    "128 tokens, search every 75 steps), a .gguf file or a Hugging Face model folder. All "
-    "default to rank 16, alpha 32, lr 2e-3, 2 configurations per step and all nine options "
-    "(2/4/8 bits x blocks 32/64/128)."
-    "\n\n"
-    "--fast is the demo preset (16 steps, batch 2, 64 tokens, 300 examples, options "
-    "2b64/4b64/8b64, a coarse sweep): about 10-15 minutes for SmolLM2 on 2 cores, a short "
-    "adapter rather than a tuned one. Explicit flags override any preset."
-    "\n\n"
-    "Slow work (calibration, cost table, checkpoint, sweep) is kept in --work-dir (default "
-    ".cache/coalora/<model>-<hash of the options and data>) and reused by a second run with "
-    "the same options; --fresh starts over."
-)
+
+def _train_help() -> str:
+    """The train command's help, with the figures read off ``ExportOptions`` and ``PRESETS``."""
+
+    def run(model: str, fast: bool = False) -> ExportOptions:
+        return ExportOptions.for_model(model, "-", fast=fast)
+
+    def shape(o: ExportOptions) -> str:
+        return (
+            f"{o.steps} steps, batch {o.batch_size}, {o.seq_len} tokens, search every "
+            f"{o.steps_per_epoch} steps"
+        )
+
+    base, fast = run("-"), run("-", fast=True)
+    return (
+        "Fine-tune CoA-LoRA on MODEL and DATA and write one bundle every device serves from."
+        "\n\n"
+        "MODEL is 'smollm2' (SmolLM2-135M-Instruct, LLaMA, trained as a causal LM on the "
+        f"data's text; defaults: {shape(run('smollm2'))}), 'minilm' (all-MiniLM-L6-v2, BERT, "
+        f"trained as a topic classifier; defaults: {shape(run('minilm'))}), a .gguf file or a "
+        f"Hugging Face model folder ({shape(base)}). All default to rank {base.rank}, alpha "
+        f"{base.alpha:g}, lr {base.lr:g}, {base.configs_per_step} configurations per step and "
+        "all nine options (2/4/8 bits x blocks 32/64/128)."
+        "\n\n"
+        f"--fast is the demo preset ({fast.steps} steps, batch {fast.batch_size}, "
+        f"{fast.seq_len} tokens, {fast.limit} examples, options {'/'.join(fast.options)}, a "
+        "coarse sweep): about 10-15 minutes for SmolLM2 on 2 cores, a short adapter rather "
+        "than a tuned one. Explicit flags override any preset."
+        "\n\n"
+        "Slow work (calibration, cost table, checkpoint, sweep) is kept in --work-dir (default "
+        ".cache/coalora/<model>-<hash of the options and data>) and reused by a second run "
+        "with the same options; --fresh starts over."
+    )
 
 
-@export_app.command("train", help=_TRAIN_HELP)
+def _flag_help(name: str) -> str:
+    # Escaped: rich would read "[bbc]" or "[auto]" as markup and drop it.
+    return cli_help(name).replace("[", "\\[")
+
+
+def _sweep_help() -> str:
+    lo, hi, step = (default_of(n) for n in ("sweep_lo", "sweep_hi", "sweep_step"))
+    return (
+        "Sweep LO:HI:STEP in bits per weight, clipped to the model's range "
+        f"\\[{lo:g}:{hi:g}:{step:g}]."
+    )
+
+
+@export_app.command("train", help=_train_help())
 def export_train(
-    model: Annotated[
-        str, typer.Argument(help="'smollm2', 'minilm', a .gguf file or a local HF model folder.")
-    ],
-    out: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write.")],
-    data: Annotated[
-        str, typer.Option(help="'bbc' (BBC News, installed offline), a .jsonl file or a folder.")
-    ] = "bbc",
-    task: Annotated[
-        str, typer.Option(help="auto (causal-lm for decoders, classify for encoders).")
-    ] = "auto",
-    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per example.")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank [16].")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [32].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [2e-3].")] = None,
+    model: Annotated[str, typer.Argument(help=option_field("model").metadata["help"])],
+    out: Annotated[str, typer.Option("--out", "-o", help=option_field("out").metadata["help"])],
+    data: Annotated[str | None, typer.Option(help=_flag_help("data"))] = None,
+    task: Annotated[str | None, typer.Option(help=_flag_help("task"))] = None,
+    steps: Annotated[int | None, typer.Option(help=_flag_help("steps"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_flag_help("batch_size"))] = None,
+    seq_len: Annotated[int | None, typer.Option(help=_flag_help("seq_len"))] = None,
+    rank: Annotated[int | None, typer.Option(help=_flag_help("rank"))] = None,
+    alpha: Annotated[float | None, typer.Option(help=_flag_help("alpha"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_flag_help("lr"))] = None,
     configs_per_step: Annotated[
-        int | None, typer.Option(help="Configurations trained per step [2].")
+        int | None, typer.Option(help=_flag_help("configs_per_step"))
     ] = None,
-    steps_per_epoch: Annotated[
-        int | None, typer.Option(help="Steps between Pareto searches (0: a frozen set).")
-    ] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help=_flag_help("steps_per_epoch"))] = None,
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", help="Pareto searches over the run (sets --steps-per-epoch)."),
     ] = None,
-    eval_batches: Annotated[
-        int | None, typer.Option(help="Held-out batches for the search and for the sweep [4].")
-    ] = None,
-    sweep_batches: Annotated[
-        int | None,
-        typer.Option(
-            help="Held-out batches the sweep measures on, after the search's [--eval-batches]; "
-            "changing it reuses the trained adapter."
-        ),
-    ] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction [0.1].")] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of the split, init and sampling [0].")
-    ] = None,
-    calib_texts: Annotated[int | None, typer.Option(help="Calibration texts [32].")] = None,
-    options: Annotated[
-        str | None, typer.Option(help="Quantization options, e.g. 2b64,4b64,8b64 [all nine].")
-    ] = None,
-    budgets: Annotated[
-        str | None,
-        typer.Option(
-            help="Sweep LO:HI:STEP in bits per weight, clipped to the model's range [2.5:8:0.25]."
-        ),
-    ] = None,
-    random_configs: Annotated[
-        int | None, typer.Option(help="Unseen random configurations added to the sweep [8].")
-    ] = None,
-    lm_head: Annotated[
-        str | None, typer.Option(help="LM head option in the bundle, or 'none' for fp32 [8b32].")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
-    work_dir: Annotated[str | None, typer.Option(help="Checkpoints, logs and caches.")] = None,
+    eval_batches: Annotated[int | None, typer.Option(help=_flag_help("eval_batches"))] = None,
+    sweep_batches: Annotated[int | None, typer.Option(help=_flag_help("sweep_batches"))] = None,
+    val_fraction: Annotated[float | None, typer.Option(help=_flag_help("val_fraction"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_flag_help("seed"))] = None,
+    calib_texts: Annotated[int | None, typer.Option(help=_flag_help("calib_texts"))] = None,
+    options: Annotated[str | None, typer.Option(help=_flag_help("options"))] = None,
+    budgets: Annotated[str | None, typer.Option(help=_sweep_help())] = None,
+    random_configs: Annotated[int | None, typer.Option(help=_flag_help("sweep_random"))] = None,
+    lm_head: Annotated[str | None, typer.Option(help=_flag_help("lm_head"))] = None,
+    device_class: Annotated[str | None, typer.Option(help=_flag_help("device_class"))] = None,
+    threads: Annotated[int | None, typer.Option(help=_flag_help("threads"))] = None,
+    limit: Annotated[int | None, typer.Option(help=_flag_help("limit"))] = None,
+    work_dir: Annotated[str | None, typer.Option(help=_flag_help("work_dir"))] = None,
     fast: Annotated[
         bool, typer.Option("--fast", help="Demo preset: minutes, not quality.")
     ] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached work.")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help=option_field("fresh").metadata["help"])
+    ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help=option_field("allow_pickle").metadata["help"]),
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+        bool, typer.Option("--overwrite", help=option_field("overwrite").metadata["help"])
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log.")] = False,
 ) -> None:
     import logging
 
-    from coalora.export.pipeline import ExportOptions, run_export
+    from coalora.export.pipeline import run_export
 
     try:
         overrides: dict[str, Any] = dict(
@@ -320,6 +327,7 @@ def export_train(
             calib_texts=calib_texts,
             sweep_random=random_configs,
             lm_head=lm_head,
+            device_class=device_class,
             threads=threads,
             limit=limit,
             work_dir=work_dir,
@@ -329,7 +337,14 @@ def export_train(
         if budgets is not None:
             overrides.update(_parse_sweep(budgets))
         opts = ExportOptions.for_model(
-            model, out, fast=fast, fresh=fresh, overwrite=overwrite, progress=not quiet, **overrides
+            model,
+            out,
+            fast=fast,
+            fresh=fresh,
+            overwrite=overwrite,
+            progress=not quiet,
+            allow_pickle=allow_pickle,
+            **overrides,
         )
         if epochs is not None:
             if steps_per_epoch is not None:
@@ -347,8 +362,8 @@ def export_train(
         typer.echo(line)
 
 
-@export_app.command("bundle")
-def export_bundle_cmd(
+@export_app.command("slim")
+def slim_cmd(
     bundle: Annotated[str, typer.Argument(help="An exported bundle directory.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Where to write the slimmed bundle.")],
     max_bits: Annotated[
@@ -359,10 +374,10 @@ def export_bundle_cmd(
     """Slim a bundle for a device class: keep the configurations up to --max-bits and ship only
     the (matrix, option) pairs they use.
 
-    Example: coalora export bundle smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
+    Example: coalora export slim smollm2-bbc/ --max-bits 4.5 --out smollm2-bbc-pi4/
     """
     from coalora.export.slim import slim_bundle
-    from coalora.runtime.bundle import Bundle
+    from coalora.runtime.format.reader import Bundle
 
     if not (max_bits > 0 and max_bits < 64):
         raise fail(f"--max-bits must be a positive number of bits, got {max_bits}")
@@ -375,24 +390,37 @@ def export_bundle_cmd(
     typer.echo(f"wrote {path}: {after / 1e6:.1f} MB on disk (from {before / 1e6:.1f} MB)")
 
 
+# `export bundle` was this command's name up to 0.1: an alias for one release.
+export_app.command("bundle", hidden=True, deprecated=True, help="Old name of `export slim`.")(
+    slim_cmd
+)
+
+
 @app.command("inspect")
 def inspect_cmd(
     bundle: Annotated[str, typer.Argument(help="A bundle directory.")],
     plot: Annotated[
         str | None, typer.Option(help="Also write a PNG of the metric against bits here.")
     ] = None,
-    verify: Annotated[bool, typer.Option(help="Check every file's SHA-256 first.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check everything opening the bundle would, for every stored configuration: "
+            "hashes, schema, tensor layouts, θ and the folded adapters, the tokenizer."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Print a bundle's manifest summary and its Pareto table.
 
     Example: coalora inspect smollm2-bbc/ --plot pareto.png
     """
-    from coalora.runtime.bundle import Bundle
+    from coalora.runtime.format.reader import Bundle
     from coalora.runtime.report import bundle_summary, print_summary
+    from coalora.runtime.verify import verify_bundle
 
     try:
-        summary = bundle_summary(Bundle.open(bundle, verify="all" if verify else "used"))
+        summary = bundle_summary(verify_bundle(bundle) if verify else Bundle.open(bundle))
     except ValueError as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -429,6 +457,9 @@ def main() -> None:
     ``error:`` line and exit code 2, as the commands' own errors are."""
     import sys
 
+    from coalora.runtime.tempfiles import exit_on_sigterm
+
+    exit_on_sigterm()  # so a killed `export bundle` removes its partial output
     try:
         code = app(standalone_mode=False)
     except typer.Exit as exc:

@@ -20,17 +20,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from coalora.export.bundle import BundleContents, write_bundle
 from coalora.export.chat import chat_format_from_tokenizer
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.kernels import QuantOption, quantize
 from coalora.kernels.matmulnbits import MatMulNBitsWeights, to_matmulnbits
-from coalora.runtime.selection import ParetoSet
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.spec import (
+    LM_HEAD,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    TASK_CAUSAL_LM,
+    TASK_CLASSIFY,
+    THETA_INPUTS,
+    THETA_OUTPUT,
+    TOKENIZER_FILE,
+    Arch,
+    family_of_model_type,
+    tensor_name,
+)
+from coalora.runtime.format.writer import BundleContents, write_bundle
 
-THETA_INPUTS = ("bits", "block", "layer", "module", "global")
 DEFAULT_LM_HEAD = QuantOption(8, 32)
-_LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
-_BERT_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
 
 
 class _ThetaForExport(nn.Module):
@@ -68,25 +79,20 @@ def theta_to_onnx(model: CoALoRAModel) -> bytes:
             inputs,
             buf,
             input_names=list(THETA_INPUTS),
-            output_names=["U"],
-            dynamic_axes={k: {0: "n"} for k in THETA_INPUTS[:4]} | {"U": {0: "n"}},
+            output_names=[THETA_OUTPUT],
+            dynamic_axes={k: {0: "n"} for k in THETA_INPUTS[:4]} | {THETA_OUTPUT: {0: "n"}},
             dynamo=False,
         )
     return buf.getvalue()
 
 
-def _family(model_type: str) -> str:
-    if model_type in _LLAMA_TYPES:
-        return "llama"
-    if model_type in _BERT_TYPES:
-        return "bert"
-    raise ValueError(f"no device graph for model type {model_type!r} (llama or bert families)")
-
-
 def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None) -> dict:
     hf_config = model.base.config
     cfg = json.loads(hf_config.to_json_string(use_diff=False))
-    family = _family(cfg.get("model_type", ""))
+    # Where the exporter found the model says nothing to a device and leaks the workstation's
+    # paths into every bundle.
+    cfg.pop("_name_or_path", None)
+    family = family_of_model_type(cfg.get("model_type", "")).name
     tok = loaded.tokenizer
     eos: list[int] = []
     gen = getattr(model.base, "generation_config", None)
@@ -100,14 +106,14 @@ def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None)
         labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(hf_config.num_labels)]
     chat = chat_format_from_tokenizer(tok) if model.kind == "causal-lm" else None
     return {
-        "family": family,
-        "task": "causal-lm" if model.kind == "causal-lm" else "classify",
-        "config": cfg,
-        "labels": labels,
-        "chat_format": None if chat is None else chat.to_dict(),
-        "eos_token_ids": eos,
-        "bos_token_id": getattr(tok, "bos_token_id", None),
-        "lm_head": None if (lm_head is None or model.kind != "causal-lm") else lm_head.name,
+        Arch.FAMILY: family,
+        Arch.TASK: TASK_CAUSAL_LM if model.kind == "causal-lm" else TASK_CLASSIFY,
+        Arch.CONFIG: cfg,
+        Arch.LABELS: labels,
+        Arch.CHAT_FORMAT: None if chat is None else chat.to_dict(),
+        Arch.EOS_TOKEN_IDS: eos,
+        Arch.BOS_TOKEN_ID: getattr(tok, "bos_token_id", None),
+        Arch.LM_HEAD: None if (lm_head is None or model.kind != "causal-lm") else lm_head.name,
     }
 
 
@@ -119,17 +125,15 @@ def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str,
     for key, value in model.base.state_dict().items():
         if key in skip or key.endswith((".lora_A", ".lora_B")):
             continue
-        if key == "lm_head.weight" and (tied or lm_head is not None):
+        if key == tensor_name(LM_HEAD, "weight") and (tied or lm_head is not None):
             continue
         out[key] = value.detach().float().cpu().numpy()
     if model.kind == "causal-lm" and lm_head is not None:
         head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()
         q = to_matmulnbits(quantize(head, lm_head))
-        out["lm_head.qweight"], out["lm_head.scales"], out["lm_head.qzeros"] = (
-            q.b,
-            q.scales,
-            q.zero_points,
-        )
+        out[tensor_name(LM_HEAD, QWEIGHT)] = q.b
+        out[tensor_name(LM_HEAD, SCALES)] = q.scales
+        out[tensor_name(LM_HEAD, QZEROS)] = q.zero_points
     return out
 
 
@@ -158,7 +162,7 @@ def _tokenizer_json(tokenizer: Any, tmp: Path) -> Path | None:
     )
     if backend is None or not hasattr(backend, "to_str"):
         return None
-    path = tmp / "tokenizer.json"
+    path = tmp / TOKENIZER_FILE
     path.write_text(backend.to_str(), encoding="utf-8")
     return path
 

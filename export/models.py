@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from coalora.kernels import DEFAULT_OPTIONS, ConfigSpace, MatrixSpec, QuantOption
-from coalora.runtime.theta import matrix_role
+from coalora.runtime.format.spec import ENCODER_TYPES
+from coalora.runtime.format.theta import matrix_role
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,11 +38,6 @@ ModelKind = Literal["causal-lm", "encoder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS: tuple[str, ...] = ("classify",)
-
-# Model types whose checkpoints are bidirectional encoders (everything else is a causal LM).
-_ENCODER_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
-)
 
 
 class ModelLoadError(ValueError):
@@ -118,7 +114,7 @@ def _auto_class(kind: ModelKind, task: str | None):
 
 
 def _kind_of(config) -> ModelKind:
-    return "encoder" if config.model_type in _ENCODER_TYPES else "causal-lm"
+    return "encoder" if config.model_type in ENCODER_TYPES else "causal-lm"
 
 
 def _load_gguf(path: Path, task: str | None, num_labels: int | None):
@@ -153,22 +149,42 @@ def _load_gguf(path: Path, task: str | None, num_labels: int | None):
     return model, tokenizer, kind
 
 
-def _load_folder(path: Path, task: str | None, num_labels: int | None):
+# Weights torch loads through its unpickler: opening one can run any code it holds.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _load_folder(path: Path, task: str | None, num_labels: int | None, allow_pickle: bool):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     kind = _kind_of(config)
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle:
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+        what = f"only pickled weights ({pickled[0]})" if pickled else "no .safetensors weights"
+        raise ModelLoadError(
+            f"{path} has {what}: loading pickled weights can run code they hold; convert "
+            "them to safetensors, or pass --allow-pickle if you trust the files"
+        )
     model = _auto_class(kind, task).from_pretrained(
-        str(path), dtype=torch.float32, local_files_only=True, **kwargs
+        str(path),
+        dtype=torch.float32,
+        local_files_only=True,
+        use_safetensors=has_safetensors,
+        **kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer, kind
 
 
 def load_model(
-    name_or_path: str, *, task: str | None = None, num_labels: int | None = None
+    name_or_path: str,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, float32, eval mode.
 
@@ -189,7 +205,7 @@ def load_model(
         if path.suffix == ".gguf":
             model, tokenizer, kind = _load_gguf(path, task, num_labels)
         else:
-            model, tokenizer, kind = _load_folder(path, task, num_labels)
+            model, tokenizer, kind = _load_folder(path, task, num_labels, allow_pickle)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coalora.export.bundle import BundleContents, write_bundle
 from coalora.kernels import QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
-from coalora.runtime.bundle import Bundle
-from coalora.runtime.selection import ParetoSet
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.spec import WRITER_SECTIONS, Key, Slimmed
+from coalora.runtime.format.writer import BundleContents, write_bundle
+from coalora.runtime.verify import verify_bundle
 
 
 class SlimError(ValueError):
@@ -19,7 +20,8 @@ class SlimError(ValueError):
 def slim_bundle(
     src: str | Path, dst: str | Path, max_bits: float, *, overwrite: bool = False
 ) -> Path:
-    bundle = Bundle.open(src, verify="all")
+    # Everything a device would check, so a damaged θ or tensor is not copied on silently.
+    bundle = verify_bundle(src)
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     kept = [e for e in pareto.entries if e.bits <= max_bits]
     if not kept:
@@ -31,30 +33,26 @@ def slim_bundle(
     for entry in kept:
         for name, w in bundle.quantized(entry.config).items():
             quantized.setdefault(entry.config[name], {})[name] = w
-    lora = bundle.lora_tensors()
-    names = [m.name for m in bundle.space.matrices]
-    manifest = bundle.manifest
-    known = {"format", "format_version", "producer", "architecture", "space", "shipped", "lora"}
-    known |= {"theta", "files"}
+    lora_a, lora_b = bundle.lora_pairs()
     contents = BundleContents(
-        architecture=manifest["architecture"],
+        architecture=bundle.architecture,
         space=bundle.space,
         quantized=quantized,
         base=bundle.base_tensors(),
-        lora_a={n: lora[f"{n}.A"] for n in names},
-        lora_b={n: lora[f"{n}.B"] for n in names},
+        lora_a=lora_a,
+        lora_b=lora_b,
         lora_rank=bundle.lora_rank,
-        lora_alpha=float(manifest["lora"]["alpha"]),
+        lora_alpha=bundle.lora_alpha,
         theta_onnx=bundle.theta_path().read_bytes(),
-        theta_vocab=manifest["theta"]["vocab"],
+        theta_vocab=bundle.theta_vocab,
         pareto=ParetoSet(kept, pareto.metric_name, pareto.higher_is_better).to_dict(),
         tokenizer_json=bundle.tokenizer_path(),
-        theta_inputs=tuple(manifest["theta"]["inputs"]),
-        extra={k: v for k, v in manifest.items() if k not in known}
+        theta_inputs=tuple(bundle.theta_inputs),
+        extra={k: v for k, v in bundle.manifest.items() if k not in WRITER_SECTIONS}
         | {
-            "slimmed": {
-                "from_options": [o.name for o in bundle.space.options],
-                "max_bits": max_bits,
+            Key.SLIMMED: {
+                Slimmed.FROM_OPTIONS: [o.name for o in bundle.space.options],
+                Slimmed.MAX_BITS: max_bits,
             }
         },
     )

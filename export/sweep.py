@@ -10,6 +10,11 @@ After training, the configurations a device may pick are:
 Each is evaluated on held-out batches with the CURRENT adapter (U = θ(config)), giving a
 ``ParetoEntry(config, bits, nbytes, metric, seen_in_training)``; the bundle keeps the
 non-dominated ones (``ParetoSet.front()``).
+
+With a ``device_class`` (``runtime.isa``, e.g. ``armv8.0`` for a Raspberry Pi 4), the sweep
+also allocates within the options that class runs fast and the bundle keeps that second
+front too: a device of that class then finds configurations it can serve at full speed
+instead of falling back to ones with slow options.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from coalora.export.allocation import CostTable, allocate
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.train import Batch, evaluate, random_configurations
 from coalora.kernels.config import ConfigSpace, Configuration
-from coalora.runtime.selection import ParetoEntry, ParetoSet
+from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.isa import CpuClass, check_device_class
 
 SWEEP_LO = 2.5
 SWEEP_HI = 8.0
@@ -104,6 +110,57 @@ def sweep_configurations(
     return list(out.items())
 
 
+def fast_space(space: ConfigSpace, device_class: str) -> ConfigSpace | None:
+    """``space`` restricted to the options ``device_class`` runs fast (None: all are, or
+    none is)."""
+    cpu = CpuClass(check_device_class(device_class), "export")
+    fast = [o for o in space.options if not cpu.is_slow(o)]
+    if not fast or len(fast) == len(space.options):
+        return None
+    return ConfigSpace(space.matrices, fast)
+
+
+def fast_sweep_configurations(
+    space: ConfigSpace,
+    costs: CostTable | np.ndarray,
+    device_class: str,
+    lo: float = SWEEP_LO,
+    hi: float = SWEEP_HI,
+    step: float = SWEEP_STEP,
+) -> list[tuple[Configuration, str]]:
+    """Allocations at the sweep's budgets within the options fast on ``device_class``."""
+    sub = fast_space(space, device_class)
+    if sub is None:
+        return []
+    if isinstance(costs, np.ndarray):  # columns in ``space.options`` order
+        cols = [space.options.index(o) for o in sub.options]
+        costs = costs[:, cols]
+    try:
+        budgets = sweep_budgets(sub, lo, hi, step)
+    except SweepError:
+        return []
+    out: dict[Configuration, str] = {}
+    for b in budgets:
+        out.setdefault(allocate(sub, costs, float(b)), f"{device_class}-allocation@{b:g}")
+    return list(out.items())
+
+
+def deployable(points: Sequence[SweepPoint], kind: str, device_class: str | None) -> ParetoSet:
+    """The front of every point, plus (with ``device_class``) the front of the points whose
+    options are all fast on that class, sorted by bits."""
+    full = pareto_set(points, kind).front()
+    if not device_class:
+        return full
+    cpu = CpuClass(check_device_class(device_class), "export")
+    fast = [p for p in points if not any(cpu.is_slow(o) for o in p.entry.config.values())]
+    if not fast:
+        return full
+    have = {e.config for e in full.entries}
+    extra = [e for e in pareto_set(fast, kind).front().entries if e.config not in have]
+    merged = sorted((*full.entries, *extra), key=lambda e: (e.bits, e.nbytes))
+    return ParetoSet(tuple(merged), full.metric_name, full.higher_is_better)
+
+
 def evaluate_sweep(
     model: CoALoRAModel,
     candidates: Sequence[tuple[Configuration, str]],
@@ -150,12 +207,18 @@ def dense_sweep(
     seen: Iterable[Configuration] = (),
     seed: int = 0,
     progress: bool = True,
+    device_class: str | None = None,
 ) -> tuple[ParetoSet, list[SweepPoint]]:
-    """The deployable front and every evaluated point (allocations + unseen random ones)."""
+    """The deployable front and every evaluated point (allocations + unseen random ones, and
+    with ``device_class`` the allocations within its fast options)."""
     seen = set(seen)
     budgets = sweep_budgets(model.space, lo, hi, step)
     candidates = sweep_configurations(
         model.space, costs, budgets, n_random=n_random, exclude_random=seen, seed=seed
     )
+    if device_class:
+        have = {c for c, _ in candidates}
+        extra = fast_sweep_configurations(model.space, costs, device_class, lo, hi, step)
+        candidates += [(c, src) for c, src in extra if c not in have]
     points = evaluate_sweep(model, candidates, batches, seen=seen, progress=progress)
-    return pareto_set(points, model.kind).front(), points
+    return deployable(points, model.kind, device_class), points

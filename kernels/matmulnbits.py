@@ -83,6 +83,25 @@ class MatMulNBitsWeights:
     def nbytes(self) -> int:
         return self.b.nbytes + self.scales.nbytes + self.zero_points.nbytes
 
+    def layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """The dtype and shape MatMulNBits requires of each tensor, from K, N and the option."""
+        nb = self.n_blocks
+        return {
+            "b": (np.dtype(np.uint8), (self.N, nb, self.block_size * self.bits // 8)),
+            "scales": (np.dtype(np.float32), (self.N * nb,)),
+            "zero_points": (np.dtype(np.uint8), (self.N * -(-nb * self.bits // 8),)),
+        }
+
+    def layout_problem(self) -> str | None:
+        """``None`` when every tensor has the layout MatMulNBits runs, else what is off."""
+        for part, (dtype, shape) in self.layout().items():
+            arr = getattr(self, part)
+            if arr.dtype != dtype or tuple(arr.shape) != shape:
+                return f"{part} is {arr.dtype} {list(arr.shape)}, expected {dtype} {list(shape)}"
+        if not np.isfinite(self.scales).all():
+            return "scales are not finite"
+        return None
+
     def attributes(self, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, int]:
         return {
             "K": self.K,

@@ -26,26 +26,76 @@ class AdapterTimings:
         return self.theta_s + self.fold_s
 
 
+class ThetaError(ValueError):
+    """θ cannot be run, or what it computes cannot be an adjustment: the bundle is damaged."""
+
+
 class ThetaRunner:
-    """θ as an onnxruntime session; inputs are the index arrays of a configuration."""
+    """θ as an onnxruntime session; inputs are the index arrays of a configuration.
 
-    def __init__(self, onnx_path: str, input_names: Sequence[str], threads: int = 1):
+    θ is checked before it is trusted: one self-contained ONNX model (no external data, which
+    could point anywhere on the device), inputs exactly the manifest's, one output; and every
+    call must return finite [n_matrices, rank, rank] adjustments.
+    """
+
+    def __init__(
+        self, onnx_path: str, input_names: Sequence[str], threads: int = 1, rank: int | None = None
+    ):
+        import onnx
         import onnxruntime as ort
+        from google.protobuf.message import DecodeError
 
+        try:
+            model = onnx.load(onnx_path, load_external_data=False)
+        except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+            raise ThetaError(f"θ is not an ONNX model ({_first_line(exc)})") from None
+        tensors = [*model.graph.initializer, *_constants(model.graph)]
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+            raise ThetaError("θ refers to external data: a bundle's θ must be one file")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = sorted(set(graph_inputs) - set(input_names))
-        if missing:
-            raise ValueError(f"θ graph expects inputs {missing} the manifest does not name")
-        self.input_names = [n for n in input_names if n in graph_inputs]
+        try:
+            self.session = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ThetaError(f"θ cannot be loaded ({_first_line(exc)})") from None
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        if sorted(graph_inputs) != sorted(input_names):
+            raise ThetaError(
+                f"θ's inputs {sorted(graph_inputs)} are not the manifest's {sorted(input_names)}"
+            )
+        outputs = self.session.get_outputs()
+        if len(outputs) != 1 or len(outputs[0].shape) != 3:
+            raise ThetaError("θ must have one output of rank 3 (U [matrices, rank, rank])")
+        self.input_names = list(input_names)
+        self.rank = rank
 
     def __call__(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         feed = {n: arrays[n] for n in self.input_names}
-        (u,) = self.session.run(None, feed)
-        return np.asarray(u, dtype=np.float32)
+        try:
+            (u,) = self.session.run(None, feed)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ThetaError(f"θ failed to run ({_first_line(exc)})") from None
+        u = np.asarray(u, dtype=np.float32)
+        n = len(next(iter(feed.values()))) if feed else 0
+        r = self.rank
+        if u.ndim != 3 or u.shape[0] != n or (r is not None and u.shape[1:] != (r, r)):
+            raise ThetaError(f"θ returned shape {u.shape}, expected ({n}, {r}, {r})")
+        if not np.isfinite(u).all():
+            raise ThetaError("θ returned NaN or infinite adjustments")
+        return u
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _constants(graph) -> list:
+    """Tensors held by Constant nodes (they may refer to external data too)."""
+    return [a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute]
 
 
 def fold(
@@ -57,14 +107,17 @@ def fold(
 ) -> dict[str, Adapter]:
     """A' = (I + U_i) A_i and B' = s B_i for every matrix, in ``names`` order (U's rows)."""
     if u.shape[0] != len(names):
-        raise ValueError(f"θ returned {u.shape[0]} adjustments for {len(names)} matrices")
+        raise ThetaError(f"θ returned {u.shape[0]} adjustments for {len(names)} matrices")
     out: dict[str, Adapter] = {}
     for i, name in enumerate(names):
         a = lora_a[name]
-        out[name] = (
+        folded = (
             (a + u[i] @ a).astype(np.float32, copy=False),
             (lora_b[name] * np.float32(scale)).astype(np.float32, copy=False),
         )
+        if not (np.isfinite(folded[0]).all() and np.isfinite(folded[1]).all()):
+            raise ThetaError(f"the folded adapter of {name} is not finite")
+        out[name] = folded
     return out
 
 

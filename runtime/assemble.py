@@ -1,4 +1,4 @@
-"""From a bundle and a configuration to the graph a session runs (and what it will cost).
+"""From a bundle and a configuration to the graph a session runs (what it costs: ``plan``).
 
 Weights are views onto the memory-mapped bundle files (``mapped``). With ``external=True``
 the graph builders leave every large initializer out of the proto and return the arrays
@@ -17,25 +17,29 @@ from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
-from coalora.runtime.bundle import (
+from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.spec import (
     BASE_FILE,
+    BERT,
+    LLAMA,
+    LM_HEAD,
+    LORA_A,
+    LORA_B,
     LORA_FILE,
-    TOKENIZER_FILE,
-    Bundle,
-    BundleError,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    family_named,
     quant_file,
+    tensor_name,
 )
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
 from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
 from coalora.runtime.graphs.weights import (
-    LORA_A_OPTION,
-    LORA_B_OPTION,
     Adapter,
-    LoraSlot,
     decoder_weights_from_arrays,
 )
 from coalora.runtime.mapped import MappedFileError, MappedSafetensors, Scratch
-from coalora.runtime.plan import kv_cache_bytes_per_token
 
 # 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
 # (benchmarks/results/decode_speed_graph.md), at ~0.2% relative error on the delta.
@@ -45,90 +49,17 @@ Arch = LlamaArch | BertArch
 
 
 def arch_of(bundle: Bundle) -> Arch:
-    a = bundle.architecture
+    family = family_named(bundle.family)
     try:
-        if a.get("family") == "llama" and bundle.task == "causal-lm":
-            return LlamaArch.from_config(a["config"])
-        if a.get("family") == "bert" and bundle.task == "classify":
-            return BertArch.from_config(a["config"])
+        if family is LLAMA and bundle.task == LLAMA.task:
+            return LlamaArch.from_config(bundle.model_config)
+        if family is BERT and bundle.task == BERT.task:
+            return BertArch.from_config(bundle.model_config)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.root}: architecture config is not usable ({exc})") from None
     raise BundleError(
-        f"{bundle.root}: no device graph for family {a.get('family')!r} with task {bundle.task!r}"
+        f"{bundle.root}: no device graph for family {bundle.family!r} with task {bundle.task!r}"
     )
-
-
-def kv_bytes_per_token(arch: Arch) -> int:
-    if isinstance(arch, BertArch):
-        return 0
-    return kv_cache_bytes_per_token(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-
-
-def _slot_bytes(slot: LoraSlot) -> int:
-    if slot.bits == 32:
-        return 4 * (slot.a_shape[0] * slot.a_shape[1] + slot.b_shape[0] * slot.b_shape[1])
-    (k_a, n_a), (k_b, n_b) = slot.a_shape, slot.b_shape
-    return LORA_A_OPTION.nbytes(n_a, k_a) + LORA_B_OPTION.nbytes(n_b, k_b)
-
-
-def _fused_groups(bundle: Bundle, config: Configuration | None) -> list[tuple[str, ...]]:
-    """The matrices that share one LoRA slot in the runtime's graph: q/k/v and gate/up of a
-    LLaMA layer when their options match (``fuse``), every other matrix alone."""
-    names = [m.name for m in bundle.space.matrices]
-    if config is None or bundle.architecture.get("family") != "llama":
-        return [(n,) for n in names]
-    groups: list[tuple[str, ...]] = []
-    done: set[str] = set()
-    for n in names:
-        if n in done:
-            continue
-        prefix, _, proj = n.rpartition(".")
-        members = {
-            "q_proj": ("q_proj", "k_proj", "v_proj"),
-            "gate_proj": ("gate_proj", "up_proj"),
-        }.get(proj)
-        group = (n,)
-        if members:
-            cand = tuple(f"{prefix}.{p}" for p in members)
-            if all(c in config for c in cand) and len({config[c] for c in cand}) == 1:
-                group = cand
-        groups.append(group)
-        done.update(group)
-    return groups
-
-
-def lora_bytes(bundle: Bundle, lora_bits: int, config: Configuration | None = None) -> int:
-    """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
-    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
-    total = 0
-    for group in _fused_groups(bundle, config):
-        specs = [bundle.space.matrix(n) for n in group]
-        slot = LoraSlot(
-            group[0],
-            group,
-            specs[0].in_features,
-            tuple(m.out_features for m in specs),
-            bundle.lora_rank,
-            lora_bits,
-        )
-        total += _slot_bytes(slot)
-    return total
-
-
-# A loaded tokenizers.Tokenizer holds about this many times its tokenizer.json in RAM:
-# measured (RSS before/after Tokenizer.from_file, tokenizers 0.23) 33.1 MB for SmolLM2's
-# 1.56 MB file (21.2x) and 10.0 MB for all-MiniLM-L6-v2's 0.47 MB (21.4x).
-TOKENIZER_RSS_FACTOR = 22
-
-
-def tokenizer_bytes(bundle: Bundle) -> int:
-    """RAM of the bundle's tokenizer once loaded (0 without one)."""
-    entry = bundle.manifest["files"].get(TOKENIZER_FILE)
-    return TOKENIZER_RSS_FACTOR * int(entry["bytes"]) if entry else 0
-
-
-def rope_cache_bytes(arch: Arch, context_length: int) -> int:
-    return 0 if isinstance(arch, BertArch) else 4 * context_length * arch.head_dim
 
 
 @dataclass
@@ -158,8 +89,9 @@ class MappedBundle:
 
     def lora(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = [m.name for m in self.bundle.space.matrices]
-        a = {n: self.tensor(LORA_FILE, f"{n}.A") for n in names}
-        b = {n: self.tensor(LORA_FILE, f"{n}.B") for n in names}
+        a = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_A)) for n in names}
+        b = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_B)) for n in names}
+        self.bundle.check_lora(a, b)
         return a, b
 
     def linears(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
@@ -170,9 +102,7 @@ class MappedBundle:
             out[name] = self.bundle.matmulnbits(
                 name,
                 opt,
-                self.tensor(rel, f"{name}.qweight"),
-                self.tensor(rel, f"{name}.scales"),
-                self.tensor(rel, f"{name}.qzeros"),
+                *(self.tensor(rel, tensor_name(name, part)) for part in (QWEIGHT, SCALES, QZEROS)),
             )
         return out
 
@@ -184,22 +114,22 @@ class MappedBundle:
 def _sources(base: dict[str, np.ndarray], linears: dict[str, MatMulNBitsWeights]) -> dict:
     out: dict[str, np.ndarray] = dict(base)
     for name, w in linears.items():
-        out[f"{name}.qweight"] = w.b
-        out[f"{name}.scales"] = w.scales
-        out[f"{name}.qzeros"] = w.zero_points
+        out[tensor_name(name, QWEIGHT)] = w.b
+        out[tensor_name(name, SCALES)] = w.scales
+        out[tensor_name(name, QZEROS)] = w.zero_points
     return out
 
 
 def _lm_head(bundle: Bundle, base: dict[str, np.ndarray], arch: LlamaArch) -> Any:
-    name = bundle.architecture.get("lm_head")
+    name = bundle.lm_head
     if not name:
         return None
     try:
         opt = QuantOption.parse(name)
         w = MatMulNBitsWeights(
-            b=base["lm_head.qweight"],
-            scales=base["lm_head.scales"],
-            zero_points=base["lm_head.qzeros"],
+            b=base[tensor_name(LM_HEAD, QWEIGHT)],
+            scales=base[tensor_name(LM_HEAD, SCALES)],
+            zero_points=base[tensor_name(LM_HEAD, QZEROS)],
             K=arch.hidden_size,
             N=arch.vocab_size,
             bits=opt.bits,

@@ -49,10 +49,13 @@ _UNIT_NAMES: dict[str, str] = {
 }
 _UNIT_RE = re.compile(r"(bits?|[kmgt]i?b|b)\s*$", re.IGNORECASE)
 _EXAMPLES = "e.g. '3.5bits', '600MB', '2GiB' or 'auto'"
+# ASCII decimal only: float() would also take "3_0" (as 30) and non-ASCII digits.
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 class BudgetError(ValueError):
-    """A budget that cannot be read; the message says what is wrong and what is expected."""
+    """A budget that cannot be read, or that no configuration meets (the exporter's bit
+    allocation raises it too); the message says what is wrong and what is expected."""
 
 
 @dataclass(frozen=True)
@@ -161,10 +164,13 @@ def parse_budget(text: str) -> Budget:
         raise BudgetError(f"budget {text!r} has no number: expected {_EXAMPLES}")
     if unit == "b":
         raise BudgetError(f"budget {text!r} is ambiguous: write 'bits' or 'B' (bytes)")
-    try:
-        value = float(number)
-    except ValueError:
-        raise BudgetError(f"budget {text!r}: {number!r} is not a number") from None
+    if not _NUMBER_RE.fullmatch(number):
+        if number.strip("+-").lower() in ("nan", "inf", "infinity"):
+            raise BudgetError(f"budget {text!r} is not a finite number")
+        raise BudgetError(
+            f"budget {text!r}: {number!r} is not a number (ASCII digits and one '.' only)"
+        )
+    value = float(number)
     if not math.isfinite(value):
         raise BudgetError(f"budget {text!r} is not a finite number")
     if value <= 0:

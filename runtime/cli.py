@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from coalora.runtime.budget import BudgetError, format_bytes
-from coalora.runtime.bundle import BundleError
+from coalora.runtime.format.reader import BundleError
+from coalora.runtime.isa import DEVICE_CLASSES, DeviceClassError
 from coalora.runtime.profiles import ProfileError, list_profiles, load_profile
 from coalora.runtime.selection import SelectionError
 
@@ -71,6 +72,8 @@ def _choice_dict(rt: Any) -> dict[str, Any]:
         "metric": e.metric,
         "seen_in_training": e.seen_in_training,
         "reason": sel.reason,
+        "cpu": sel.cpu.describe() if sel.cpu else None,
+        "slow_options_fallback": sel.slow_fallback,
         "plan": sel.plan.to_dict(),
     }
 
@@ -147,6 +150,14 @@ def run(
     profile: Annotated[
         str | None, typer.Option(help="plan for a device profile (see --list-profiles)")
     ] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            help=f"CPU class whose slow options to avoid ({', '.join(DEVICE_CLASSES)}; 'any' "
+            "avoids none); default: the profile's, else this CPU's (HWCAP / /proc/cpuinfo)",
+            show_default=False,
+        ),
+    ] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt text (default: stdin)")] = None,
     classify: Annotated[
         str | None, typer.Option("--classify", help="text to classify (encoder bundles)")
@@ -212,6 +223,7 @@ def run(
         threads=threads,
         build=False,
         adapt=adapt,
+        device_class=device_class,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:
@@ -287,16 +299,21 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: exit 0 on success, 2 with one ``error:`` line on bad input."""
-    from coalora.runtime.engine import RuntimeInputError
+    """Console entry point: exit 0 on success, 2 with one ``error:`` line on bad input (or a
+    bundle whose weights compute NaN)."""
+    from coalora.runtime.engine import ModelOutputError, RuntimeInputError
+    from coalora.runtime.tempfiles import exit_on_sigterm
 
+    exit_on_sigterm()
     bad_input = (
         InputError,
         BudgetError,
         BundleError,
         SelectionError,
         ProfileError,
+        DeviceClassError,
         RuntimeInputError,
+        ModelOutputError,
     )
     try:
         code = app(args=argv, prog_name="coalora-run", standalone_mode=False)

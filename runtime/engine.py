@@ -18,9 +18,11 @@ built.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,29 +35,50 @@ from coalora.kernels import Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
 from coalora.runtime.adapt import AdaptPolicy, MemoryAdapter
-from coalora.runtime.adapter import ThetaRunner, generate_adapters
+from coalora.runtime.adapter import ThetaError, ThetaRunner, generate_adapters
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
-from coalora.runtime.bundle import THETA_FILE, Bundle, BundleError, Verify
 from coalora.runtime.chat import ChatFormat
+from coalora.runtime.format.pareto import ParetoError, ParetoSet
+from coalora.runtime.format.reader import Bundle, BundleError, Verify
+from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
+from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
+from coalora.runtime.isa import CpuClass, check_device_class, detect
 from coalora.runtime.mapped import Scratch
-from coalora.runtime.plan import DEFAULT_OVERHEAD, MemoryPlan, plan_memory
-from coalora.runtime.probe import available_memory, physical_cores
+from coalora.runtime.plan import Accountant, MemoryPlan
+from coalora.runtime.probe import physical_cores, usable_cpus
 from coalora.runtime.profiles import DeviceProfile, load_profile
-from coalora.runtime.sampling import SamplingParams
-from coalora.runtime.selection import ParetoError, ParetoSet, Selection, select
+from coalora.runtime.report import option_histogram
+from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
+from coalora.runtime.selection import Selection, select
 from coalora.runtime.session import BuiltSession, create_session
-from coalora.runtime.theta import ThetaVocab
 
 __all__ = [
     "BudgetError",
     "BundleError",
     "Classification",
     "GenerationStats",
+    "ModelOutputError",
     "Runtime",
     "RuntimeInputError",
 ]
+
+
+log = logging.getLogger("coalora.runtime")
+
+
+class ModelOutputError(RuntimeError):
+    """The model computed NaN or infinite values: the bundle's weights (or θ) are damaged."""
+
+
+def check_text(text: str, what: str) -> None:
+    """Text from the caller must be valid Unicode: the command line hands over undecodable
+    bytes as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RuntimeInputError(f"{what} is not valid UTF-8 (character {exc.start})") from None
 
 
 class RuntimeInputError(ValueError):
@@ -127,6 +150,7 @@ class Runtime:
         self.timings = Timings()
         self.last_stats: GenerationStats | None = None
         self.profile: DeviceProfile | None = None
+        self.device_class: str | None = None  # overrides the profile's and the detected one
         self._mapped = assemble.MappedBundle(bundle)
         self._selection: Selection | None = None
         self._built: BuiltSession | None = None
@@ -135,14 +159,16 @@ class Runtime:
         self._tokenizer: Any = None
         self.adapt: MemoryAdapter | None = None  # set by open(adapt=...): see runtime/adapt.py
         self._check_context()
-        base = self._mapped.file(assemble.BASE_FILE).nbytes()
-        self._other_bytes = (
-            base
-            + assemble.rope_cache_bytes(self.arch, context_length)
-            + bundle.manifest["files"][THETA_FILE]["bytes"]
+        base = self._mapped.file(BASE_FILE)
+        self.accountant = Accountant.for_bundle(
+            bundle,
+            self.arch,
+            base_bytes=base.nbytes(),
+            base_names=set(base),
+            context_length=self.context_length,
+            lora_bits=lora_bits,
+            theta_bytes=bundle.file_bytes(THETA_FILE) or 0,
         )
-        self._kv_per_token = assemble.kv_bytes_per_token(self.arch)
-        self._overhead = DEFAULT_OVERHEAD + assemble.tokenizer_bytes(bundle)
 
     # -- opening and switching ------------------------------------------------------------------
     @classmethod
@@ -160,6 +186,7 @@ class Runtime:
         build: bool = True,
         adapt: bool | AdaptPolicy = False,
         all_logits: bool = False,
+        device_class: str | None = None,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
@@ -171,6 +198,9 @@ class Runtime:
         configuration down when it runs short, back up once it returns (runtime/adapt.py);
         checked before each request, never during one. ``all_logits``: the graph returns the
         logits of every position, for ``logits()`` (teacher-forced evaluation).
+
+        ``device_class`` (``runtime.isa``: "armv8.0", ..., "any") replaces the profile's CPU
+        class and this CPU's own for choosing which options to avoid as slow.
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
@@ -183,16 +213,22 @@ class Runtime:
             b,
             pareto,
             context_length=context_length,
-            threads=threads or (dev.threads if dev else physical_cores()),
+            # A profile's thread count is its board's; this machine may have fewer CPUs.
+            threads=clamp_threads(threads)
+            if threads is not None
+            else min(dev.threads if dev else physical_cores(), usable_cpus()),
             lora_bits=lora_bits,
             accuracy_level=accuracy_level,
             all_logits=all_logits,
         )
+        if device_class is not None:
+            rt.device_class = check_device_class(device_class)
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
         if build:
             rt._apply(sel)
         else:
+            b.verify_config(sel.config)
             rt._selection = sel
         rt.timings.bundle_s = bundle_s
         if adapt:
@@ -210,32 +246,41 @@ class Runtime:
 
     def plan(self, config: Configuration) -> MemoryPlan:
         """The memory plan of serving ``config`` at this runtime's context length."""
-        return plan_memory(
-            self.bundle.space,
-            config,
-            other_weights_bytes=self._other_bytes,
-            lora_bytes=assemble.lora_bytes(self.bundle, self.lora_bits, config),
-            kv_bytes_per_token=self._kv_per_token,
-            context_length=self.context_length,
-            overhead_bytes=self._overhead,
-        )
+        return self.accountant.plan(config)
 
     def choose(self, budget: Budget, profile: DeviceProfile | None = None) -> Selection:
         """The selection for ``budget`` (clamped to ``profile``'s RAM, or what the device has
         free for ``auto``); builds nothing."""
         t0 = time.perf_counter()
+        available = None
         if profile is not None:
             available = profile.usable_ram_bytes
             if budget.kind == "auto":
                 budget = profile.budget()
-        elif budget.kind == "auto":
-            available = available_memory().available_bytes + self._held_bytes()
-        else:
-            available = None
-        sel = select(self.pareto, budget, self.plan, available_bytes=available)
+        # ``auto`` without a profile: ``select`` probes the device, counting what the current
+        # session holds (a switch frees it) as available.
+        sel = select(
+            self.pareto,
+            budget,
+            self.plan,
+            available_bytes=available,
+            held_bytes=self._held_bytes(),
+            cpu=self.cpu_class(profile),
+            accuracy_level=self.accuracy_level,
+        )
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel
+
+    def cpu_class(self, profile: DeviceProfile | None = None) -> CpuClass:
+        """The CPU class the selection avoids slow options for: the override, the profile's,
+        or this CPU's."""
+        if self.device_class is not None:
+            return CpuClass(self.device_class, "--device-class")
+        if profile is not None:
+            slow = None if profile.slow_bits is None else frozenset(profile.slow_bits)
+            return CpuClass(profile.device_class, f"profile {profile.name}", slow)
+        return detect()
 
     def _held_bytes(self) -> int:
         """What the current session holds: freed by a switch, so available to it."""
@@ -283,6 +328,7 @@ class Runtime:
         t = self.timings
         t.theta_s = t.fold_s = t.graph_s = t.session_s = 0.0
         config = sel.config
+        self.bundle.check_unchanged()
         adapters, timing = self._adapters(config)
         t.theta_s, t.fold_s = timing.theta_s, timing.fold_s
 
@@ -310,9 +356,15 @@ class Runtime:
         # Mapped pages leave the process as soon as MatMulNBits has prepacked them (and for
         # good after); the scratch pages once the session exists. The prepacked copies are
         # all the session reads.
-        self._built = create_session(
-            proto, threads=self.threads, initializers=arrays, release=self._mapped.release
-        )
+        try:
+            self._built = create_session(
+                proto, threads=self.threads, initializers=arrays, release=self._mapped.release
+            )
+        except Exception as exc:  # onnxruntime's own types: the weights do not fit the graph
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise BundleError(
+                f"{self.bundle.root}: the bundle's weights do not fit its architecture ({first})"
+            ) from None
         scratch.release()
         self._built.keep.append(scratch)
         del proto, arrays
@@ -323,19 +375,29 @@ class Runtime:
         self._selection = sel
 
     def _adapters(self, config: Configuration) -> tuple[dict, Any]:
-        if self._theta is None:
-            theta_meta = self.bundle.manifest["theta"]
-            self._theta = ThetaRunner(
-                str(self.bundle.theta_path()), list(theta_meta["inputs"]), threads=1
-            )
+        root = self.bundle.root
         try:
-            vocab = ThetaVocab.from_dict(self.bundle.manifest["theta"]["vocab"])
+            if self._theta is None:
+                self._theta = ThetaRunner(
+                    str(self.bundle.theta_path()),
+                    self.bundle.theta_inputs,
+                    threads=1,
+                    rank=self.bundle.lora_rank,
+                )
+            vocab = ThetaVocab.from_dict(self.bundle.theta_vocab)
             arrays = vocab.encode(config, self.bundle.space)
+        except ThetaError as exc:
+            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{self.bundle.root}: θ vocabulary: {exc}") from None
+            raise BundleError(f"{root}: θ vocabulary: {exc}") from None
         lora_a, lora_b = self._mapped.lora()
         names = [m.name for m in self.bundle.space.matrices]
-        return generate_adapters(self._theta, arrays, names, lora_a, lora_b, self.bundle.lora_scale)
+        try:
+            return generate_adapters(
+                self._theta, arrays, names, lora_a, lora_b, self.bundle.lora_scale
+            )
+        except ThetaError as exc:
+            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -360,17 +422,17 @@ class Runtime:
     @property
     def chat_format(self) -> ChatFormat | None:
         try:
-            return ChatFormat.from_dict(self.bundle.architecture.get("chat_format"))
+            return ChatFormat.from_dict(self.bundle.chat_format)
         except ValueError as exc:
             raise BundleError(f"{self.bundle.root}: {exc}") from None
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return [int(i) for i in self.bundle.architecture.get("eos_token_ids") or []]
+        return self.bundle.eos_token_ids
 
     @property
     def labels(self) -> list[str]:
-        labels = self.bundle.architecture.get("labels")
+        labels = self.bundle.labels
         n = getattr(self.arch, "num_labels", 0)
         return [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(n)]
 
@@ -404,18 +466,47 @@ class Runtime:
     def encode_prompt(
         self, prompt: str, *, chat: bool = True, system: str | None = None
     ) -> list[int]:
+        """Token ids of the prompt, in the chat format unless ``chat=False``. The caller's text
+        never becomes control tokens: "<|im_end|>" typed by a user stays plain text."""
         self._need("causal-lm")
+        check_text(prompt, "prompt")
+        if system is not None:
+            check_text(system, "system message")
         if not prompt.strip():
             raise RuntimeInputError("empty prompt")
         fmt = self.chat_format if chat else None
-        text = fmt.render(prompt, system) if fmt is not None else prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=fmt is None).ids
+        if fmt is None:
+            ids = self._encode(prompt, literal=True, add_special_tokens=True)
+        else:
+            ids = []
+            for text, from_caller in fmt.segments(prompt, system):
+                ids += self._encode(text, literal=from_caller, add_special_tokens=False)
         if len(ids) >= self.context_length:
             raise RuntimeInputError(
                 f"prompt is {len(ids)} tokens: the context holds {self.context_length} "
                 "(raise --context or shorten the prompt)"
             )
         return list(ids)
+
+    def _encode(self, text: str, *, literal: bool, add_special_tokens: bool) -> list[int]:
+        """``literal``: special-token strings in ``text`` are encoded as the text they are."""
+        tok = self.tokenizer
+        tok.encode_special_tokens = literal
+        try:
+            return list(tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        finally:
+            tok.encode_special_tokens = False
+
+    @contextlib.contextmanager
+    def _finite_output(self) -> Iterator[None]:
+        try:
+            yield
+        except NonFiniteLogitsError as exc:
+            e = self.selection.entry
+            raise ModelOutputError(
+                f"the {e.bits:.2f}-bit configuration ({option_histogram(e.config)}) computed "
+                f"non-finite logits ({exc}): the bundle's weights or θ are damaged"
+            ) from None
 
     def stream(
         self,
@@ -444,10 +535,12 @@ class Runtime:
         assert self._decoder is not None
         tok = self.tokenizer
         detok = IncrementalDetokenizer(lambda xs: tok.decode(xs, skip_special_tokens=True))
-        for token in self._decoder.tokens(ids, max_new_tokens, sampling, self.eos_token_ids, stats):
-            piece = detok.push(token)
-            if piece:
-                yield piece
+        tokens = self._decoder.tokens(ids, max_new_tokens, sampling, self.eos_token_ids, stats)
+        with self._finite_output():
+            for token in tokens:
+                piece = detok.push(token)
+                if piece:
+                    yield piece
         rest = detok.flush()
         if rest:
             yield rest
@@ -467,11 +560,16 @@ class Runtime:
             raise RuntimeError("no session: call build() first (opened with build=False)")
         stats = GenerationStats()
         self.last_stats = stats
-        return list(
-            self._decoder.tokens(
-                prompt_ids, max_new_tokens, sampling or SamplingParams(), self.eos_token_ids, stats
+        with self._finite_output():
+            return list(
+                self._decoder.tokens(
+                    prompt_ids,
+                    max_new_tokens,
+                    sampling or SamplingParams(),
+                    self.eos_token_ids,
+                    stats,
+                )
             )
-        )
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of one teacher-forced pass over ``ids`` from position 0
@@ -488,6 +586,7 @@ class Runtime:
     # -- classification -----------------------------------------------------------------------
     def classify(self, text: str, *, max_length: int | None = None) -> Classification:
         self._need("classify")
+        check_text(text, "text")
         if not text.strip():
             raise RuntimeInputError("empty text")
         self._adapt_check()
@@ -506,6 +605,9 @@ class Runtime:
         }
         (logits,) = self.session.run(["logits"], feeds)
         z = logits[0].astype(np.float64)
+        if not np.isfinite(z).all():
+            with self._finite_output():
+                raise NonFiniteLogitsError(f"{int(np.count_nonzero(~np.isfinite(z)))} logits")
         p = np.exp(z - z.max())
         p /= p.sum()
         labels = self.labels
@@ -533,3 +635,18 @@ def pareto_of(bundle: Bundle) -> ParetoSet:
         return ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     except ParetoError as exc:
         raise BundleError(f"{bundle.root}: pareto.json: {exc}") from None
+
+
+def clamp_threads(threads: int) -> int:
+    """More intra-op threads than the CPUs this process may use only add rendezvous cost (a
+    pool of 1000 takes most of a minute to start and decodes at a crawl)."""
+    cores = usable_cpus()
+    if threads > cores:
+        log.warning(
+            "warning: %d threads asked for, this process can use %d CPUs: using %d",
+            threads,
+            cores,
+            cores,
+        )
+        return cores
+    return threads

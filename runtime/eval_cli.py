@@ -60,9 +60,9 @@ def eval_command(
     figures the bundle stores from the workstation."""
     from coalora.runtime import evaluate as ev
     from coalora.runtime.budget import BudgetError
-    from coalora.runtime.bundle import BundleError
     from coalora.runtime.data import DataError
     from coalora.runtime.engine import Runtime, RuntimeInputError
+    from coalora.runtime.format.reader import BundleError
     from coalora.runtime.selection import SelectionError
 
     if blocks not in ("stored", "all"):

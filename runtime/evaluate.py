@@ -33,7 +33,8 @@ import numpy as np
 from coalora.runtime.budget import Budget, BudgetError
 from coalora.runtime.data import DataError, TextDataset, load_dataset
 from coalora.runtime.engine import Runtime
-from coalora.runtime.selection import ParetoEntry, ParetoSet, Selection, SelectionError, select
+from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.selection import Selection, SelectionError, select
 
 DEFAULT_SEQ_LEN = 128
 

@@ -10,6 +10,7 @@ from the file).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -39,6 +40,13 @@ class MappedFileError(ValueError):
     """The file is not a readable safetensors file."""
 
 
+def _whole(value: Any) -> int:
+    """A non-negative whole number from a header (JSON ints only: no bools, floats, text)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
 class MappedSafetensors:
     """Read-only views of every tensor of one safetensors file."""
 
@@ -58,6 +66,8 @@ class MappedSafetensors:
                 raise MappedFileError(
                     f"{self.path}: unreadable safetensors header ({exc})"
                 ) from None
+            except RecursionError:
+                raise MappedFileError(f"{self.path}: safetensors header nests too deep") from None
             self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         if not isinstance(header, dict):
             raise MappedFileError(f"{self.path}: safetensors header is not an object")
@@ -67,14 +77,19 @@ class MappedSafetensors:
         for name, spec in header.items():
             try:
                 dtype = _DTYPES[spec["dtype"]]
-                shape = tuple(int(d) for d in spec["shape"])
-                start, end = (int(o) for o in spec["data_offsets"])
+                shape = tuple(_whole(d) for d in spec["shape"])
+                start, end = (_whole(o) for o in spec["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise MappedFileError(f"{self.path}: tensor {name!r} has a bad header") from None
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)  # Python ints: a huge shape cannot wrap around
             if end - start != count * dtype.itemsize or self._base + end > size or start < 0:
                 raise MappedFileError(f"{self.path}: tensor {name!r} lies outside the file")
             self._specs[name] = (dtype, shape, start, end)
+        # The format forbids overlapping tensors: two names over the same bytes serve garbage.
+        spans = sorted((start, end, name) for name, (_, _, start, end) in self._specs.items())
+        for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:], strict=False):
+            if start < prev_end:
+                raise MappedFileError(f"{self.path}: tensors {prev!r} and {name!r} overlap")
 
     def keys(self) -> list[str]:
         return list(self._specs)

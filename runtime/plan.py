@@ -1,23 +1,32 @@
-"""The memory plan of a configuration: what the whole process holds when it serves it.
+"""The memory accountant: every byte the process holds when it serves a configuration.
 
 A byte budget ("600MB") covers the whole process, so a configuration fits only if all of
 these do (see the design's "Quantization configuration"):
 
 - quantized weights: codes + scales + zero points, exactly as MatMulNBits holds them
-- other weights: embeddings, norms, the LM head (a given number from the bundle)
-- the LoRA side branch: A' and B for every matrix
+- other weights: embeddings, norms, the LM head (the bundle's base file), θ, the RoPE cache
+- the LoRA side branch: one A'/B slot per matrix, or per fused group (``fused_groups``)
 - the KV cache at the full context length
-- the runtime itself (``DEFAULT_OVERHEAD``)
+- the runtime itself (``DEFAULT_OVERHEAD``) and the loaded tokenizer
+
+``Accountant`` holds these for one bundle; ``Runtime`` plans every configuration with it. The
+rule that decides which projections share one fused MatMulNBits (and so one LoRA slot) is
+``can_fuse``, and the graph builders ask it too, so the plan counts what is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from coalora.kernels.config import ConfigSpace
 from coalora.kernels.options import QuantOption
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.spec import TOKENIZER_FILE, Family, family_named
+
+# The graph modules (the slot layout, the architectures) come with onnx: imported where used,
+# so planning alone (selection, a dry run) loads no onnx.
 
 DEFAULT_OVERHEAD = 64 * 2**20
 """Resident memory of the runtime before any model weights: 64 MiB (67.1 MB).
@@ -109,3 +118,147 @@ def plan_memory(
         kv_cache_bytes=int(kv_bytes_per_token) * int(context_length),
         runtime_overhead_bytes=int(overhead_bytes),
     )
+
+
+# -- what the device holds besides the quantized weights ------------------------------------------
+# A loaded tokenizers.Tokenizer holds about this many times its tokenizer.json in RAM:
+# measured (RSS before/after Tokenizer.from_file, tokenizers 0.23) 33.1 MB for SmolLM2's
+# 1.56 MB file (21.2x) and 10.0 MB for all-MiniLM-L6-v2's 0.47 MB (21.4x).
+TOKENIZER_RSS_FACTOR = 22
+
+
+def tokenizer_bytes(bundle: Bundle) -> int:
+    """RAM of the bundle's tokenizer once loaded (0 without one)."""
+    size = bundle.file_bytes(TOKENIZER_FILE)
+    return TOKENIZER_RSS_FACTOR * size if size else 0
+
+
+def kv_bytes_per_token(arch: Any) -> int:
+    """KV cache bytes per token of ``arch`` (an encoder classifies in one pass: none)."""
+    from coalora.runtime.graphs.bert import BertArch
+
+    if isinstance(arch, BertArch):
+        return 0
+    return kv_cache_bytes_per_token(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+
+
+def rope_cache_bytes(arch: Any, context_length: int) -> int:
+    from coalora.runtime.graphs.bert import BertArch
+
+    return 0 if isinstance(arch, BertArch) else 4 * context_length * arch.head_dim
+
+
+# -- fused groups and LoRA slots ------------------------------------------------------------------
+def can_fuse(options: Sequence[QuantOption], biased: Sequence[bool] = ()) -> bool:
+    """Whether projections that read one input share one fused MatMulNBits (and one LoRA slot):
+    all at the same option, and all or none with a bias (the fused kernel takes one bias)."""
+    return len(set(options)) == 1 and len(set(biased)) <= 1
+
+
+def fused_groups(
+    space: ConfigSpace,
+    config: Mapping[str, QuantOption] | None,
+    family: Family | None,
+    biased: Collection[str] = (),
+) -> list[tuple[str, ...]]:
+    """The matrices that share one LoRA slot in the runtime's graph: a family's fused
+    projections of one block (``Family.fused``: q/k/v and gate/up of a LLaMA layer) where
+    ``can_fuse`` says so, every other matrix alone. ``config=None``: nothing fuses."""
+    names = [m.name for m in space.matrices]
+    if config is None or family is None or not family.fused:
+        return [(n,) for n in names]
+    fused = {group[0]: group for group in family.fused}
+    groups: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    for n in names:
+        if n in done:
+            continue
+        prefix, _, proj = n.rpartition(".")
+        members = fused.get(proj)
+        group = (n,)
+        if members:
+            cand = tuple(f"{prefix}.{p}" for p in members)
+            if all(c in config for c in cand) and can_fuse(
+                [config[c] for c in cand], [c in biased for c in cand]
+            ):
+                group = cand
+        groups.append(group)
+        done.update(group)
+    return groups
+
+
+def slot_bytes(space: ConfigSpace, group: Sequence[str], rank: int, lora_bits: int) -> int:
+    """Bytes of the LoRA slot that ``group`` shares (``graphs.weights.LoraSlot``)."""
+    from coalora.runtime.graphs.weights import LoraSlot
+
+    specs = [space.matrix(n) for n in group]
+    out = tuple(m.out_features for m in specs)
+    slot = LoraSlot(group[0], tuple(group), specs[0].in_features, out, rank, lora_bits)
+    return slot.nbytes()
+
+
+def lora_bytes(
+    bundle: Bundle,
+    lora_bits: int,
+    config: Mapping[str, QuantOption] | None = None,
+    biased: Collection[str] = (),
+) -> int:
+    """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
+    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
+    groups = fused_groups(bundle.space, config, family_named(bundle.family), biased)
+    return sum(slot_bytes(bundle.space, g, bundle.lora_rank, lora_bits) for g in groups)
+
+
+# -- the accountant of one served bundle ----------------------------------------------------------
+@dataclass(frozen=True)
+class Accountant:
+    """Every byte of serving one bundle at one context length and LoRA precision."""
+
+    bundle: Bundle
+    lora_bits: int
+    context_length: int
+    other_weights_bytes: int  # base file + RoPE cache + θ
+    kv_bytes_per_token: int
+    overhead_bytes: int  # the runtime + the loaded tokenizer
+    biased: frozenset[str] = frozenset()  # quantized matrices with a bias
+
+    @classmethod
+    def for_bundle(
+        cls,
+        bundle: Bundle,
+        arch: Any,
+        *,
+        base_bytes: int,
+        base_names: Collection[str],
+        context_length: int,
+        lora_bits: int,
+        theta_bytes: int,
+    ) -> Accountant:
+        """``base_bytes``/``base_names``: the size and tensor names of the base file."""
+        names = [m.name for m in bundle.space.matrices]
+        return cls(
+            bundle=bundle,
+            lora_bits=lora_bits,
+            context_length=context_length,
+            other_weights_bytes=base_bytes + rope_cache_bytes(arch, context_length) + theta_bytes,
+            kv_bytes_per_token=kv_bytes_per_token(arch),
+            overhead_bytes=DEFAULT_OVERHEAD + tokenizer_bytes(bundle),
+            biased=frozenset(n for n in names if f"{n}.bias" in base_names),
+        )
+
+    def fused_groups(self, config: Mapping[str, QuantOption]) -> list[tuple[str, ...]]:
+        return fused_groups(
+            self.bundle.space, config, family_named(self.bundle.family), self.biased
+        )
+
+    def plan(self, config: Mapping[str, QuantOption]) -> MemoryPlan:
+        """The memory plan of serving ``config``."""
+        return plan_memory(
+            self.bundle.space,
+            config,
+            other_weights_bytes=self.other_weights_bytes,
+            lora_bytes=lora_bytes(self.bundle, self.lora_bits, config, self.biased),
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            context_length=self.context_length,
+            overhead_bytes=self.overhead_bytes,
+        )

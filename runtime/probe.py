@@ -116,6 +116,15 @@ def physical_cores() -> int:
     return max(1, int(cores))
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask): the most threads worth
+    starting."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, psutil.cpu_count(logical=True) or 1)
+
+
 # -- cgroups ------------------------------------------------------------------------------------
 def _read_memberships(path: Path) -> dict[str, str]:
     """``/proc/self/cgroup`` -> {"v2": path, "memory": v1 memory path} (whichever exist)."""

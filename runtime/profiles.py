@@ -13,7 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from coalora.kernels.options import SUPPORTED_BITS
 from coalora.runtime.budget import Budget
+from coalora.runtime.isa import DeviceClassError, check_device_class, class_from_features
 
 _PACKAGE = "coalora.device_profiles"
 
@@ -35,6 +37,12 @@ class DeviceProfile:
     isa_features: tuple[str, ...]  # e.g. ("neon", "dotprod")
     memory_bandwidth_gbs: float  # approximate sustained bandwidth
     notes: str
+    # The CPU class that decides which options are slow (runtime.isa); from the profile's
+    # "device_class", else from isa and isa_features.
+    device_class: str = ""
+    # bit-widths this board runs slowly at accuracy level 4, measured on it; None: the
+    # device class's row of runtime.isa.SLOW_BITS
+    slow_bits: tuple[int, ...] | None = None
 
     @property
     def has_dotprod(self) -> bool:
@@ -73,10 +81,28 @@ class DeviceProfile:
             memory_bandwidth_gbs=float(get("memory_bandwidth_gbs", (int, float))),
             notes=get("notes", str),
         )
+        cls_name = data.get("device_class") or class_from_features(
+            profile.isa, profile.isa_features
+        )
+        try:
+            object.__setattr__(profile, "device_class", check_device_class(str(cls_name)))
+        except DeviceClassError as exc:
+            raise ProfileError(f"{source}: {exc}") from None
+        slow = data.get("slow_bits")
+        if slow is not None:
+            if not isinstance(slow, list) or not all(b in SUPPORTED_BITS for b in slow):
+                raise ProfileError(
+                    f"{source}: 'slow_bits' must list bit-widths from {list(SUPPORTED_BITS)}"
+                )
+            object.__setattr__(profile, "slow_bits", tuple(sorted(set(slow))))
         if not 0 < profile.usable_ram_bytes <= profile.ram_bytes:
             raise ProfileError(f"{source}: usable_ram_bytes must be in (0, ram_bytes]")
         if profile.cores <= 0 or profile.threads <= 0:
             raise ProfileError(f"{source}: cores and threads must be positive")
+        if profile.threads > 2 * profile.cores:  # two hardware threads per core at most
+            raise ProfileError(
+                f"{source}: {profile.threads} threads on {profile.cores} cores is not a board"
+            )
         bw = profile.memory_bandwidth_gbs
         if not (math.isfinite(bw) and bw > 0):
             raise ProfileError(f"{source}: memory_bandwidth_gbs must be positive")
@@ -95,7 +121,13 @@ def load_profile(name: str) -> DeviceProfile:
     """A shipped profile by name (``"rpi4-4gb"``), or a path to a profile JSON file."""
     if name.endswith(".json") and Path(name).is_file():
         path = Path(name)
-        return _parse(path.read_text(encoding="utf-8"), str(path), expect_name=None)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ProfileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return _parse(text, str(path), expect_name=None)
     known = list_profiles()
     if name not in known:
         raise ProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(known)}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from coalora.runtime.bundle import Bundle
-from coalora.runtime.selection import ParetoSet
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.spec import Arch, Key
 
 
 def option_histogram(config: Any) -> str:
@@ -18,22 +19,22 @@ def option_histogram(config: Any) -> str:
 def bundle_summary(bundle: Bundle) -> dict[str, Any]:
     arch = bundle.architecture
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
-    cfg = arch.get("config", {})
+    cfg = arch.get(Arch.CONFIG, {})
     return {
         "path": str(bundle.root),
-        "format_version": bundle.manifest["format_version"],
-        "producer": bundle.manifest.get("producer"),
-        "family": arch.get("family"),
-        "task": arch.get("task"),
+        "format_version": bundle.format_version,
+        "producer": bundle.producer,
+        "family": bundle.family,
+        "task": arch.get(Arch.TASK),
         "layers": cfg.get("num_hidden_layers"),
         "hidden_size": cfg.get("hidden_size"),
         "vocab_size": cfg.get("vocab_size"),
-        "labels": arch.get("labels"),
-        "lm_head": arch.get("lm_head"),
+        "labels": bundle.labels,
+        "lm_head": bundle.lm_head,
         "quantized_matrices": len(bundle.space.matrices),
         "quantized_params": bundle.space.total_params,
         "options_shipped": [o.name for o in bundle.space.options],
-        "lora": bundle.manifest["lora"],
+        "lora": bundle.manifest[Key.LORA],
         "size_on_disk_bytes": bundle.size_on_disk(),
         "metric": pareto.metric_name,
         "higher_is_better": pareto.higher_is_better,

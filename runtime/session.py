@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper
 
 from coalora.runtime.graphs._onnx import MIN_EXTERNAL_BYTES, PLACEHOLDER, external_tensor
+from coalora.runtime.tempfiles import owned_tempdir
 
 _PLACEHOLDER = PLACEHOLDER
 
@@ -45,6 +45,10 @@ class BuiltSession:
     keep: list[Any] = field(default_factory=list)  # OrtValues onnxruntime reads, not owns
     external_bytes: int = 0  # bytes handed over as external initializers
     proto_bytes: int = 0  # size of the serialized (stripped) model
+
+
+# The session's model file is written here for onnxruntime to read; see runtime/tempfiles.py.
+SESSION_DIR_PREFIX = "coalora-session-"
 
 
 def session_options(threads: int, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
@@ -159,7 +163,8 @@ def create_session(
     """
     so = session_options(threads, config)
     arrays = {**(sources or {}), **(overrides or {})}
-    with tempfile.TemporaryDirectory(prefix="coalora-") as tmp:
+    with owned_tempdir(SESSION_DIR_PREFIX) as tmp_dir:
+        tmp = str(tmp_dir)
         moved = _placeholders(proto, arrays, _PLACEHOLDER, set(overrides or {}))
         missing = sorted(set(overrides or {}) - set(moved))
         if missing:

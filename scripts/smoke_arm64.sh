@@ -6,6 +6,8 @@
 #   sudo scripts/smoke_arm64.sh --rootfs-only     # build/refresh the cached rootfs and stop
 #   sudo scripts/smoke_arm64.sh --rebuild-rootfs  # ignore the cached rootfs tarball
 #   sudo scripts/smoke_arm64.sh --sigill-selftest # plus one SDOT: must fail on cortex-a72
+#   sudo scripts/smoke_arm64.sh --measure FILE [--measure-args ARGS]
+#                                                 # run python FILE --measure-only in each pass
 #
 # What it does (details in docs/arm64-smoke.md):
 #   1. installs the host tools it needs from Debian (qemu-user-static, debootstrap,
@@ -36,14 +38,19 @@ CPUS="cortex-a72 cortex-a76"
 REBUILD=0
 ROOTFS_ONLY=0
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 SIGILL_SELFTEST=0
+# --measure: instead of the smoke cases, each pass runs this Python file with the device
+# install (benchmarks/arm_paths.py: `make bench-arm-paths`); no bundle, no host reference.
+MEASURE="" MEASURE_ARGS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpus) CPUS=$2; shift 2 ;;
         --rebuild-rootfs) REBUILD=1; shift ;;
         --rootfs-only) ROOTFS_ONLY=1; shift ;;
         --sigill-selftest) SIGILL_SELFTEST=1; shift ;;
+        --measure) MEASURE=$(realpath "$2"); shift 2 ;;
+        --measure-args) MEASURE_ARGS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "smoke-arm64: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -254,10 +261,15 @@ else
 fi
 [ "$ROOTFS_ONLY" = 1 ] && { [ ${#TIMINGS[@]} -eq 0 ] || printf '%s\n' "${TIMINGS[@]}"; exit 0; }
 
-log "exporting the tiny test bundle on the host"
-t0=$(now)
 rm -rf "$WORK/bundle" "$WORK/out"
 mkdir -p "$WORK/out"
+if [ -n "$MEASURE" ]; then
+    [ -f "$MEASURE" ] || die "--measure: no file $MEASURE"
+    mkdir -p "$WORK/bundle"  # unused in this mode
+    log "measure mode: $(basename "$MEASURE") in each pass (no bundle, no host reference)"
+else
+log "exporting the tiny test bundle on the host"
+t0=$(now)
 (cd "$ROOT/tests" && "$HOST_PY" -c \
     "from bundles import build_llama_bundle; from pathlib import Path; \
 build_llama_bundle(Path('$WORK/bundle'))") >"$WORK/out/bundle-export.log" 2>&1 \
@@ -271,6 +283,7 @@ bash "$ROOT/scripts/smoke_arm64_inside.sh" --label host --venv "$ROOT/.venv" \
     --bundle "$WORK/bundle" --out "$WORK/out/host" || host_rc=$?
 timing "host reference cases" $(($(now) - t0))
 [ "$host_rc" = 0 ] || die "the smoke cases fail on the host itself (exit $host_rc): fix that first"
+fi
 
 log "building the project wheel and fetching PyPI's aarch64 wheels into the cache"
 t0=$(now)
@@ -294,6 +307,11 @@ mkdir -p "$ROOTFS/smoke"
 cp -a "$WORK/dist" "$ROOTFS/smoke/dist"
 cp -a "$WORK/bundle" "$ROOTFS/smoke/bundle"
 cp "$ROOT/scripts/smoke_arm64_inside.sh" "$ROOTFS/smoke/inside.sh"
+INSIDE_EXTRA=()
+if [ -n "$MEASURE" ]; then
+    cp "$MEASURE" "$ROOTFS/smoke/measure.py"
+    INSIDE_EXTRA=(--measure /smoke/measure.py --measure-args "$MEASURE_ARGS")
+fi
 for cpu in $CPUS; do
     log "=== pass QEMU_CPU=$cpu ==="
     t0=$(now)
@@ -303,7 +321,8 @@ for cpu in $CPUS; do
     env -i QEMU_CPU="$cpu" "${PASS_ENV[@]}" "$CHROOT" "$ROOTFS" /bin/bash /smoke/inside.sh --label "$cpu" \
         --wheel "/smoke/dist/$(basename "$WHEEL")" \
         --wheelhouse "/root/.cache/pip/$(basename "$WHEELHOUSE")" \
-        --venv "/opt/venv-$cpu" --bundle /smoke/bundle --out "/smoke/out/$cpu" || rc=$?
+        --venv "/opt/venv-$cpu" --bundle /smoke/bundle --out "/smoke/out/$cpu" \
+        "${INSIDE_EXTRA[@]}" || rc=$?
     cleanup_mounts
     rm -rf "$WORK/out/$cpu"
     [ -d "$ROOTFS/smoke/out/$cpu" ] && cp -a "$ROOTFS/smoke/out/$cpu" "$WORK/out/$cpu"
@@ -320,11 +339,13 @@ for cpu in $CPUS; do
     fi
 done
 
-log "comparing generated tokens with the host"
-cmp_rc=0
-# shellcheck disable=SC2086  # CPUS is a space-separated list
-"$HOST_PY" "$ROOT/scripts/smoke_arm64_compare.py" "$WORK/out" host $CPUS || cmp_rc=$?
-[ "$cmp_rc" = 0 ] || FAILED+=("token-comparison")
+if [ -z "$MEASURE" ]; then
+    log "comparing generated tokens with the host"
+    cmp_rc=0
+    # shellcheck disable=SC2086  # CPUS is a space-separated list
+    "$HOST_PY" "$ROOT/scripts/smoke_arm64_compare.py" "$WORK/out" host $CPUS || cmp_rc=$?
+    [ "$cmp_rc" = 0 ] || FAILED+=("token-comparison")
+fi
 
 timing "total" $(($(now) - T_ALL))
 echo
@@ -338,4 +359,5 @@ if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED: ${FAILED[*]} (outputs kept in $WORK/out)"
     exit 1
 fi
+[ -n "$MEASURE" ] && { log "OK: measured on every CPU model"; exit 0; }
 log "OK: every CPU model ran the runtime and matched the host token for token"

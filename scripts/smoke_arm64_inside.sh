@@ -8,13 +8,16 @@
 #       [--wheel FILE --wheelhouse DIR]
 #     --wheel/--wheelhouse  first create a fresh venv at --venv and install the project's
 #                           wheel with the [runtime] extra from the wheels in DIR (no index)
+#     --measure FILE [--measure-args ARGS]
+#                           instead of the cases: python FILE --measure-only --label NAME
+#                           --out OUT/measure.json ARGS (benchmarks/arm_paths.py)
 #
 # Every case's stdout/stderr/exit status lands in --out; failures.txt lists the failed cases
 # (a crash by signal is named: SIGILL means the CPU model lacks an instruction some code
 # used). Exit status: 0 when every case behaved, else the first crash's 128+signal, else 1.
 set -uo pipefail
 
-LABEL="" VENV="" BUNDLE="" OUT="" WHEEL="" WHEELHOUSE=""
+LABEL="" VENV="" BUNDLE="" OUT="" WHEEL="" WHEELHOUSE="" MEASURE="" MEASURE_ARGS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --label) LABEL=$2; shift 2 ;;
@@ -23,6 +26,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --wheel) WHEEL=$2; shift 2 ;;
         --wheelhouse) WHEELHOUSE=$2; shift 2 ;;
+        --measure) MEASURE=$2; shift 2 ;;
+        --measure-args) MEASURE_ARGS=$2; shift 2 ;;
         *) echo "smoke_arm64_inside: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -86,6 +91,15 @@ fi
 PY="$VENV/bin/python"
 RUN="$VENV/bin/coalora-run"
 
+if [ -n "$MEASURE" ]; then
+    # shellcheck disable=SC2086  # MEASURE_ARGS is a space-separated list of flags
+    run_case measure 0 "$PY" "$MEASURE" --measure-only --label "$LABEL" \
+        --out "$OUT/measure.json" $MEASURE_ARGS
+    cat "$OUT/measure.out" "$OUT/measure.err"
+    [ "$FAILS" = 0 ] || exit 1
+    exit 0
+fi
+
 # ---------------------------------------------------------------- the platform
 # HWCAP bits (asm/hwcap.h): ASIMDDP = AT_HWCAP bit 20, I8MM = AT_HWCAP2 bit 13. Then one SDOT
 # and one SMMLA executed directly: on a CPU without them the child dies with SIGILL.
@@ -142,10 +156,29 @@ cat "$OUT/ort-info.out"
 
 # ---------------------------------------------------------------- the CLI
 run_case dry-run 0 "$RUN" "$BUNDLE" --budget "$BUDGET_LOW" --dry-run
+# The CPU class the runtime finds by itself (HWCAP): what it would avoid as slow here.
+run_case cpu-class 0 "$RUN" "$BUNDLE" --budget "$BUDGET_HIGH" --dry-run --json
+want_class=""
+case "${QEMU_CPU:-}" in
+    cortex-a72) want_class=armv8.0 ;;
+    cortex-a76) want_class=armv8.2-dotprod ;;
+esac
+if [ -n "$want_class" ] && ! grep -q "\"cpu\": \"$want_class (HWCAP)\"" "$OUT/cpu-class.out"; then
+    fail "cpu-class: expected $want_class (HWCAP) on ${QEMU_CPU}, got: $(grep '"cpu"' "$OUT/cpu-class.out")"
+fi
+# The budget cases plan as for any CPU ('--device-class any'), so every machine serves the same
+# configuration and the tokens can be compared.
 for b in "$BUDGET_LOW" "$BUDGET_HIGH"; do
-    run_case "gen-$b" 0 "$RUN" "$BUNDLE" --budget "$b" --prompt "$PROMPT" --json \
-        --max-tokens "$MAX_TOKENS" --seed "$SEED" --temperature 0
+    run_case "gen-$b" 0 "$RUN" "$BUNDLE" --budget "$b" --device-class any --prompt "$PROMPT" \
+        --json --max-tokens "$MAX_TOKENS" --seed "$SEED" --temperature 0
 done
+# A Pi 4 (Cortex-A72, no dot product): the profile's CPU class skips the configurations with
+# 2- and 8-bit matrices (slow there: benchmarks/results/arm_paths.md) and serves 4-bit.
+run_case gen-rpi4 0 "$RUN" "$BUNDLE" --profile rpi4-2gb --budget "$BUDGET_HIGH" --prompt "$PROMPT" \
+    --json --max-tokens "$MAX_TOKENS" --seed "$SEED" --temperature 0
+if ! grep -q '"reason": ".*skipped' "$OUT/gen-rpi4.out"; then
+    fail "gen-rpi4: the selection skipped no slow configuration: $(grep '"reason"' "$OUT/gen-rpi4.out")"
+fi
 
 # Bad input: a budget without its unit is refused with exit 2 and exactly one stderr line.
 run_case bad-budget 2 "$RUN" "$BUNDLE" --budget 3.5 --prompt "$PROMPT"
@@ -170,7 +203,7 @@ from coalora.runtime.engine import Runtime
 bundle, prompt, low, high = sys.argv[1:5]
 n, logits_file = int(sys.argv[5]), sys.argv[6]
 out, logits = {}, {}
-rt = Runtime.open(bundle, budget=low)
+rt = Runtime.open(bundle, budget=low, device_class="any")  # the same choice on every CPU
 for name, budget in (("open", low), ("switch", high), ("switch-back", low)):
     if name != "open":
         t0 = time.perf_counter()

@@ -1,19 +1,31 @@
-"""Tiny trained models exported as bundles, for tests of the exporter and the runtime."""
+"""Bundles for tests and benchmarks: tiny trained models exported by the exporter, and
+random-weight bundles of any LLaMA shape (``random_llama_bundle``, which
+benchmarks/runtime_speed.py builds its SmolLM2-shaped bundle with)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from coalora.export.chat import chat_format_from_tokenizer
 from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, evaluate_configs, train
+from coalora.export.coa_lora.theta import ConfigTheta
 from coalora.export.data import TextDataset, classification_batches, lm_batches
-from coalora.export.exporter import export_bundle
+from coalora.export.exporter import export_bundle, theta_to_onnx
 from coalora.export.models import LoadedModel, config_space, tiny_bert, tiny_llama, tiny_tokenizer
-from coalora.kernels import Configuration, QuantOption
-from coalora.runtime.selection import ParetoEntry, ParetoSet
-from coalora.runtime.theta import matrix_role
+from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption
+from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.format.spec import THETA_INPUTS
+from coalora.runtime.format.theta import ThetaVocab, matrix_role
+from coalora.runtime.format.writer import BundleContents, write_bundle
+from coalora.runtime.graphs.llama import LlamaArch
+from coalora.runtime.graphs.weights import llama_linear_shapes
 
 CHATML = (
     "{% for message in messages %}"
@@ -85,3 +97,130 @@ def build_bert_bundle(out: Path, steps: int = 6) -> Path:
     train(model, batches, configs, steps=steps, progress=False)
     pareto = _pareto(model, configs, [batches(0)], "accuracy", higher=True)
     return export_bundle(model, loaded, pareto, out)
+
+
+# -- random weights, any shape ----------------------------------------------------------
+def mixed_config(space: Any, lo: tuple, hi: Any, target: float) -> Any:
+    """The cheapest of ``lo`` for every matrix, then ``hi`` matrix by matrix while the average
+    stays <= target."""
+    opts = {
+        m.name: min(lo, key=lambda o, m=m: o.nbytes(m.out_features, m.in_features))
+        for m in space.matrices
+    }
+    for m in space.matrices:
+        trial = dict(opts, **{m.name: hi})
+        if space.bits(trial) <= target:
+            opts = trial
+    return Configuration(opts)
+
+
+def random_llama_bundle(
+    out: Path,
+    hf_config: dict[str, Any],
+    tok: Any,
+    options: tuple[QuantOption, ...],
+    configs: Callable[[Any], list[Configuration]],
+    *,
+    rank: int = 16,
+    note: str = "random weights (tests and benchmarks only)",
+) -> Path:
+    """A LLaMA bundle of ``hf_config``'s shapes with random codes, scales, LoRA and θ, no
+    training: decode speed and memory depend on shapes and options only. ``configs(space)``
+    are the stored configurations; ``tok`` a Hugging Face tokenizer (its chat template too).
+    """
+
+    cfg_dict = hf_config
+    arch = LlamaArch.from_config(cfg_dict)
+    rng = np.random.default_rng(0)
+    shapes = llama_linear_shapes(arch)
+    space = ConfigSpace([MatrixSpec(n, out, inp) for n, (out, inp) in shapes.items()], options)
+    stored = configs(space)
+
+    def mnb(n: int, k: int, opt: QuantOption) -> MatMulNBitsWeights:
+        nb = opt.n_blocks(k)
+        return MatMulNBitsWeights(
+            b=rng.integers(0, 256, (n, nb, opt.block_size * opt.bits // 8), dtype=np.uint8),
+            scales=(rng.random(n * nb, dtype=np.float32) * 0.02 + 1e-3),
+            zero_points=rng.integers(0, 256, n * -(-nb * opt.bits // 8), dtype=np.uint8),
+            K=k,
+            N=n,
+            bits=opt.bits,
+            block_size=opt.block_size,
+        )
+
+    quantized: dict[QuantOption, dict[str, MatMulNBitsWeights]] = {}
+    for c in stored:
+        for name, opt in c.items():
+            if name not in quantized.setdefault(opt, {}):
+                out_f, in_f = shapes[name]
+                quantized[opt][name] = mnb(out_f, in_f, opt)
+    h = arch.hidden_size
+    base: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": (
+            rng.standard_normal((arch.vocab_size, h), dtype=np.float32) * 0.02
+        ),
+        "model.norm.weight": np.ones(h, np.float32),
+    }
+    for i in range(arch.num_hidden_layers):
+        base[f"model.layers.{i}.input_layernorm.weight"] = np.ones(h, np.float32)
+        base[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(h, np.float32)
+    head = mnb(arch.vocab_size, h, QuantOption(8, 32))
+    base["lm_head.qweight"], base["lm_head.scales"], base["lm_head.qzeros"] = (
+        head.b,
+        head.scales,
+        head.zero_points,
+    )
+    r = rank
+    lora_a = {
+        n: rng.standard_normal((r, k), dtype=np.float32) * 0.02 for n, (_, k) in shapes.items()
+    }
+    lora_b = {
+        n: rng.standard_normal((out_f, r), dtype=np.float32) * 0.02
+        for n, (out_f, _) in shapes.items()
+    }
+    vocab = ThetaVocab.from_space(space, n_layers=arch.num_hidden_layers)
+    torch.manual_seed(0)
+    theta = ConfigTheta(vocab, r)
+
+    class _Model:  # what theta_to_onnx reads of a CoALoRAModel
+        pass
+
+    model = _Model()
+    model.space, model.vocab, model.theta = space, vocab, theta  # type: ignore[attr-defined]
+    model.cfg = type("Cfg", (), {"rank": r})()  # type: ignore[attr-defined]
+    chat = chat_format_from_tokenizer(tok)
+    tok_dir = out.parent / (out.name + ".tok")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok_json = tok_dir / "tokenizer.json"
+    tok_json.write_text(tok.backend_tokenizer.to_str(), encoding="utf-8")
+    entries = [
+        ParetoEntry(c, space.bits(c), space.nbytes(c), 20.0 / space.bits(c), True) for c in stored
+    ]
+    pareto = ParetoSet(entries, "perplexity", higher_is_better=False)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    contents = BundleContents(
+        architecture={
+            "family": "llama",
+            "task": "causal-lm",
+            "config": cfg_dict,
+            "labels": None,
+            "chat_format": None if chat is None else chat.to_dict(),
+            "eos_token_ids": eos,
+            "bos_token_id": tok.bos_token_id,
+            "lm_head": "8b32",
+        },
+        space=space,
+        quantized=quantized,
+        base=base,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_rank=r,
+        lora_alpha=float(2 * r),
+        theta_onnx=theta_to_onnx(model),  # type: ignore[arg-type]
+        theta_vocab=vocab.to_dict(),
+        pareto=pareto.to_dict(),
+        tokenizer_json=tok_json,
+        theta_inputs=THETA_INPUTS,
+        extra={"note": note},
+    )
+    return write_bundle(out, contents, overwrite=True)

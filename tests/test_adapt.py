@@ -3,6 +3,7 @@ never oscillates; driven by a fake probe and a fake clock over a real tiny runti
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ class Fake:
 def weights_only(rt: Runtime) -> Runtime:
     """Plans without the runtime's fixed 64 MiB: a tiny model's configurations then differ by
     10-30% of their plans, as a real model's do, instead of by 0.1%."""
-    rt._overhead = 0
+    rt.accountant = dataclasses.replace(rt.accountant, overhead_bytes=0)
     rt.use(rt.choose(Budget.auto()))
     return rt
 

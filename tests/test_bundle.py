@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coalora.export.bundle import BundleContents, write_bundle
 from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption, quantize
 from coalora.kernels.matmulnbits import dequantize, to_matmulnbits
-from coalora.runtime.bundle import Bundle, BundleError
+from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.writer import BundleContents, write_bundle
 
 OPTS = (QuantOption(2, 32), QuantOption(4, 64), QuantOption(8, 128))
 

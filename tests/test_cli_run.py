@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from coalora.runtime.cli import main
+from coalora.runtime.format.spec import Key
 
 
 def run_cli(
@@ -37,7 +38,7 @@ def damaged(tiny_llama_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     (corrupt / "base.safetensors").write_bytes(bytes(data))
     version = Path(shutil.copytree(tiny_llama_bundle, root / "version"))
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["format_version"] = 99
+    manifest[Key.FORMAT_VERSION] = 99
     (version / "manifest.json").write_text(json.dumps(manifest))
     return {"corrupt": corrupt, "version": version, "missing": root / "nowhere"}
 

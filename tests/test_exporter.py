@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from coalora.runtime.adapter import ThetaRunner
-from coalora.runtime.bundle import Bundle
 from coalora.runtime.chat import ChatFormat
-from coalora.runtime.selection import ParetoSet
-from coalora.runtime.theta import ThetaVocab
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.theta import ThetaVocab
 
 
 def test_llama_bundle_round_trip(tiny_llama_bundle: Path) -> None:
@@ -33,8 +33,8 @@ def test_llama_bundle_round_trip(tiny_llama_bundle: Path) -> None:
 
 def test_bert_bundle_has_labels_and_no_head(tiny_bert_bundle: Path) -> None:
     b = Bundle.open(tiny_bert_bundle, verify="all")
-    assert b.architecture["labels"] == ["sport", "business", "tech"]
-    assert b.architecture["lm_head"] is None and b.task == "classify"
+    assert b.labels == ["sport", "business", "tech"]
+    assert b.lm_head is None and b.task == "classify"
     assert "classifier.weight" in b.base_tensors()
 
 
@@ -46,8 +46,8 @@ def test_theta_onnx_matches_torch(fixture: str, request: pytest.FixtureRequest) 
     from coalora.export.coa_lora.theta import ConfigTheta
 
     b = Bundle.open(request.getfixturevalue(fixture))
-    vocab = ThetaVocab.from_dict(b.manifest["theta"]["vocab"])
-    runner = ThetaRunner(str(b.theta_path()), b.manifest["theta"]["inputs"])
+    vocab = ThetaVocab.from_dict(b.theta_vocab)
+    runner = ThetaRunner(str(b.theta_path()), b.theta_inputs)
     pareto = ParetoSet.from_dict(b.pareto_dict(), b.space)
     arrays = [vocab.encode(e.config, b.space) for e in pareto.entries]
     us = [runner(a) for a in arrays]

@@ -8,9 +8,10 @@ import pytest
 
 from coalora.export.plots import plot_pareto
 from coalora.export.slim import SlimError, slim_bundle
-from coalora.runtime.bundle import Bundle
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.spec import Key, Slimmed
 from coalora.runtime.report import bundle_summary, print_summary
-from coalora.runtime.selection import ParetoSet
 
 
 def test_summary_and_plot(tiny_llama_bundle: Path, tmp_path: Path, capsys) -> None:
@@ -37,7 +38,7 @@ def test_slim_keeps_only_what_fits(tiny_llama_bundle: Path, tmp_path: Path) -> N
     assert {o: set(n) for o, n in slim.shipped.items()} == used  # only what a config uses
     assert sum(map(len, slim.shipped.values())) < sum(map(len, full.shipped.values()))
     assert slim.size_on_disk() < full.size_on_disk()
-    assert slim.manifest["slimmed"]["max_bits"] == 6.0
+    assert slim.manifest[Key.SLIMMED][Slimmed.MAX_BITS] == 6.0
 
 
 def test_slim_below_everything_fails_cleanly(tiny_llama_bundle: Path, tmp_path: Path) -> None:
@@ -61,13 +62,13 @@ def test_cli_inspect_and_slim(tiny_llama_bundle: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "p.png").exists()
     out = tmp_path / "slim"
     res = runner.invoke(
-        app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "6", "--out", str(out)]
+        app, ["export", "slim", str(tiny_llama_bundle), "--max-bits", "6", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
-    assert Bundle.open(out, verify="all").manifest["slimmed"]["max_bits"] == 6.0
+    assert Bundle.open(out, verify="all").manifest[Key.SLIMMED][Slimmed.MAX_BITS] == 6.0
     res = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "no bundle" in res.stderr
-    res = runner.invoke(
+    res = runner.invoke(  # the command's old name, an alias for one release
         app, ["export", "bundle", str(tiny_llama_bundle), "--max-bits", "1", "--out", str(out)]
     )
     assert res.exit_code == 2 and "smallest needs" in res.stderr

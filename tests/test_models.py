@@ -26,7 +26,7 @@ from coalora.export.models import (
     tiny_llama,
     tiny_tokenizer,
 )
-from coalora.runtime.theta import matrix_role
+from coalora.runtime.format.theta import matrix_role
 
 LLAMA_TYPES = ["q", "k", "v", "o", "gate", "up", "down"]
 BERT_TYPES = ["q", "k", "v", "o", "up", "down"]

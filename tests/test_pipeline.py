@@ -16,8 +16,9 @@ from coalora.export.cli import app
 from coalora.export.models import tiny_llama, tiny_tokenizer
 from coalora.export.pipeline import ExportError, ExportOptions, run_export
 from coalora.export.sweep import SweepError, sweep_budgets
-from coalora.runtime.bundle import Bundle
-from coalora.runtime.selection import ParetoSet
+from coalora.runtime.format.pareto import ParetoSet
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.spec import Key, Training
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "ran", "to", "red", "house", "near", "old", "tree"]
 
@@ -76,7 +77,7 @@ def test_export_end_to_end_then_reuse(inputs, tmp_path, caplog):
         assert bundle.space.validate(e.config) == e.config
     assert pareto.front().entries == pareto.entries  # only non-dominated ones ship
     assert any(not p["seen_in_training"] for p in res.evaluated)  # unseen ones were measured
-    training = bundle.manifest["training"]
+    training = bundle.manifest[Key.TRAINING]
     assert training["steps"] == 4 and training["split"]["seed"] == 0
     assert training["split"]["train"] + training["split"]["val"] == 48
     assert set(res.phases) >= {"data", "calibration", "train", "sweep", "export"}
@@ -99,7 +100,8 @@ def test_export_end_to_end_then_reuse(inputs, tmp_path, caplog):
     opts.sweep_batches = 3
     wider = run_export(opts)
     assert wider.reused["train"] and not wider.reused["sweep"], wider.reused
-    measured = Bundle.open(wider.bundle).manifest["training"]["sweep"]["held_out_batches"]
+    record = Bundle.open(wider.bundle).manifest[Key.TRAINING]
+    measured = record[Training.SWEEP][Training.SWEEP_HELD_OUT_BATCHES]
     assert measured == 3 and opts.eval_batches == 1
     opts.sweep_batches = None
 
@@ -223,7 +225,7 @@ def test_export_classifier_from_labelled_jsonl(tmp_path):
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     assert pareto.metric_name == "accuracy" and pareto.higher_is_better
     assert all(0.0 <= e.metric <= 1.0 for e in pareto.entries)
-    assert bundle.manifest["architecture"]["labels"] == ["sport", "tech"]
+    assert bundle.labels == ["sport", "tech"]
 
 
 def test_presets_layer_model_fast_and_overrides():

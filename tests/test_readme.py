@@ -15,7 +15,7 @@ from coalora.export.cli import app as coalora_app
 from coalora.runtime.cli import app as run_app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SUBCOMMANDS = {"export train", "export bundle", "inspect", "quantize-report", "serve", "eval"}
+SUBCOMMANDS = {"export train", "export slim", "inspect", "quantize-report", "serve", "eval"}
 
 
 def _readme_commands() -> list[list[str]]:

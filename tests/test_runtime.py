@@ -12,10 +12,10 @@ from coalora.runtime import assemble
 from coalora.runtime.adapter import ThetaRunner, fold
 from coalora.runtime.budget import BudgetError
 from coalora.runtime.engine import Runtime, RuntimeInputError
+from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.profiles import ProfileError
 from coalora.runtime.sampling import SamplingParams
 from coalora.runtime.selection import SelectionError
-from coalora.runtime.theta import ThetaVocab
 
 LOW, HIGH = "4bits", "6bits"
 PROMPT_IDS = [5, 9, 17, 33, 8, 12]
@@ -42,8 +42,8 @@ def _reference_session(rt: Runtime, with_adapter: bool, **graph: int) -> ort.Inf
     b = rt.bundle
     adapters = None
     if with_adapter:
-        vocab = ThetaVocab.from_dict(b.manifest["theta"]["vocab"])
-        theta = ThetaRunner(str(b.theta_path()), b.manifest["theta"]["inputs"])
+        vocab = ThetaVocab.from_dict(b.theta_vocab)
+        theta = ThetaRunner(str(b.theta_path()), b.theta_inputs)
         u = theta(vocab.encode(rt.config, b.space))
         lora = b.lora_tensors()
         names = [m.name for m in b.space.matrices]
@@ -204,7 +204,7 @@ def test_open_errors(tiny_llama_bundle: Path, tmp_path: Path) -> None:
         Runtime.open(tiny_llama_bundle, budget="10MB")
     with pytest.raises(ProfileError, match="known profiles"):
         Runtime.open(tiny_llama_bundle, profile="no-such-board")
-    from coalora.runtime.bundle import BundleError
+    from coalora.runtime.format.reader import BundleError
 
     with pytest.raises(BundleError):
         Runtime.open(tmp_path / "missing")
@@ -222,17 +222,17 @@ def test_session_is_built_without_copies_and_planned_in_full(high: Runtime) -> N
     (fused q/k/v, gate/up and the packed LoRA) sit in scratch pages that were given back,
     and the plan counts the loaded tokenizer and the fused LoRA slots."""
     from coalora.runtime.mapped import Scratch
-    from coalora.runtime.plan import DEFAULT_OVERHEAD
+    from coalora.runtime.plan import DEFAULT_OVERHEAD, lora_bytes, tokenizer_bytes
 
     built = high._built
     assert built is not None and built.proto_bytes < 200_000 and built.external_bytes > 0
     scratch = [k for k in built.keep if isinstance(k, Scratch)]
     assert len(scratch) == 1 and scratch[0].nbytes > 0
     plan = high.selection.plan
-    tok = assemble.tokenizer_bytes(high.bundle)
+    tok = tokenizer_bytes(high.bundle)
     assert tok > 0 and plan.runtime_overhead_bytes == DEFAULT_OVERHEAD + tok
-    unfused = assemble.lora_bytes(high.bundle, high.lora_bits)
-    assert plan.lora_bytes == assemble.lora_bytes(high.bundle, high.lora_bits, high.config)
+    unfused = lora_bytes(high.bundle, high.lora_bits)
+    assert plan.lora_bytes == lora_bytes(high.bundle, high.lora_bits, high.config)
     assert plan.lora_bytes >= unfused
 
 
@@ -247,3 +247,22 @@ def test_scratch_pages_read_back_after_release() -> None:
     scratch.release()
     np.testing.assert_array_equal(a, np.arange(300_000, dtype=np.float32))
     assert int(b.sum()) == 7 * 64 * 33
+
+
+def test_the_plan_counts_the_lora_slots_the_graph_builds(high: Runtime) -> None:
+    """The accountant and the decoder builder share one fusion rule: for every stored
+    configuration (uniform ones fuse q/k/v and gate/up, the mixed one only partly) the slots
+    in the built graph are the plan's fused groups, and the plan's LoRA bytes are theirs."""
+    from coalora.runtime.graphs.weights import lora_slots
+
+    mixed = 0
+    for entry in high.pareto.entries:
+        proto, _ = assemble.build_graph(
+            high._mapped, high.arch, entry.config, context_length=16, fuse=True, external=True
+        )
+        slots = lora_slots(proto)
+        groups = high.accountant.fused_groups(entry.config)
+        assert sorted(s.members for s in slots) == sorted(groups)
+        assert sum(s.nbytes() for s in slots) == high.plan(entry.config).lora_bytes
+        mixed += any(len(g) == 1 for g in groups if g[0].endswith("q_proj"))
+    assert mixed  # a configuration where the rule said no

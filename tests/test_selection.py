@@ -13,19 +13,14 @@ import pytest
 from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption
 from coalora.runtime import selection as select_module
 from coalora.runtime.budget import parse_budget
+from coalora.runtime.format.pareto import ParetoEntry, ParetoError, ParetoSet
 from coalora.runtime.plan import (
     DEFAULT_OVERHEAD,
     MemoryPlan,
     kv_cache_bytes_per_token,
     plan_memory,
 )
-from coalora.runtime.selection import (
-    ParetoEntry,
-    ParetoError,
-    ParetoSet,
-    SelectionError,
-    select,
-)
+from coalora.runtime.selection import SelectionError, select
 
 MB = 10**6
 OTHER = 50 * MB

@@ -5,40 +5,42 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from coalora.export.options import default_of
+
 
 @dataclass
 class CoALoRAConfig:
     """Hyper-parameters of one CoA-LoRA adapter.
 
     ``use_theta=False`` gives the Shared-LoRA baseline (one A, B for every configuration, U = 0);
-    per-configuration LoRA is the same model trained on a single configuration.
+    per-configuration LoRA is the same model trained on a single configuration. The fields
+    an export run sets (rank, alpha, lr, configs_per_step, seed) default to ``ExportOptions``'
+    (written once, in ``export/options.py``), so a config built by hand trains as an export does.
     """
 
     # adapter
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int = default_of("rank")
+    alpha: float = default_of("alpha")
     # configuration-aware network θ
     use_theta: bool = True
     theta_hidden: int = 128
     theta_embed_dim: int = 8
     use_global_feature: bool = True
     theta_init_std: float = 1e-3  # last layer near zero so U starts ~0 (plain LoRA)
-    # which linears get an adapter (matrix module types, see ``export.models.matrix_role``)
+    # which linears get an adapter (matrix module types, see
+    # ``coalora.runtime.format.theta.matrix_role``)
     target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     # parameter names of the base model that are trained too (classifier heads)
     trainable_base: tuple[str, ...] = ("classifier", "score")
     # training
-    configs_per_step: int = 3
-    # 1e-4 is the paper's setting for long runs. Short runs need more: MiniLM on BBC News
-    # (rank 16, 2 configurations/step, batch 8, 60 steps, fresh classifier head) reached
-    # held-out accuracy 0.41 at 1e-4, 0.875 at 1e-3 and 0.91 at 3e-3 (at 4b64).
-    lr: float = 1e-4
+    configs_per_step: int = default_of("configs_per_step")
+    lr: float = default_of("lr")
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of ``lr``
-    seed: int = 0
+    seed: int = default_of("seed")
 
     def __post_init__(self) -> None:
         if self.rank < 1:

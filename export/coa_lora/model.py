@@ -25,7 +25,7 @@ from coalora.export.models import config_space
 from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import Method
-from coalora.runtime.theta import matrix_role
+from coalora.runtime.format.theta import matrix_role
 
 Adapter = dict[str, tuple[np.ndarray, np.ndarray, float]]
 

@@ -48,7 +48,7 @@ from coalora.export.coa_lora.train import (
     random_configurations,
 )
 from coalora.kernels.config import ConfigSpace, Configuration
-from coalora.runtime.theta import MODULE_TYPES, matrix_role
+from coalora.runtime.format.theta import MODULE_TYPES, matrix_role
 
 REF_MARGIN = 0.1
 

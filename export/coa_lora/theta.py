@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coalora.runtime.theta import ThetaVocab
+from coalora.runtime.format.theta import ThetaVocab
 
 
 class ConfigTheta(nn.Module):

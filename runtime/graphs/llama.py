@@ -40,6 +40,7 @@ from onnx import ModelProto, TensorProto
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, to_matmulnbits
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import quantize
+from coalora.runtime import plan as memory_plan
 from coalora.runtime.graphs._onnx import MS, GraphBuilder, concat_matmulnbits, lora_branch
 from coalora.runtime.graphs.weights import (
     LORA_METADATA_KEY,
@@ -133,11 +134,11 @@ class LlamaArch:
 
 
 def _group_options_match(weights: DecoderWeights, names: Sequence[str]) -> bool:
+    """Whether ``names`` fuse: the memory plan's rule (``plan.can_fuse``), so the plan counts
+    the LoRA slots this graph builds."""
     ws = [weights.linears[n] for n in names]
-    same = all((w.K, w.bits, w.block_size) == (ws[0].K, ws[0].bits, ws[0].block_size) for w in ws)
-    # Mixed biased/unbiased members cannot share the fused kernel's single bias input.
-    has_bias = {n in weights.biases for n in names}
-    return same and len(has_bias) == 1
+    options = [QuantOption(w.bits, w.block_size) for w in ws]
+    return memory_plan.can_fuse(options, [n in weights.biases for n in names])
 
 
 class _DecoderBuilder:

@@ -109,6 +109,13 @@ class LoraSlot:
     def b_shape(self) -> tuple[int, int]:
         return (self.rank * len(self.members), sum(self.out_features))
 
+    def nbytes(self) -> int:
+        """Bytes of the slot's A and B as the session holds them."""
+        if self.bits == 32:
+            return 4 * (self.a_shape[0] * self.a_shape[1] + self.b_shape[0] * self.b_shape[1])
+        (k_a, n_a), (k_b, n_b) = self.a_shape, self.b_shape
+        return LORA_A_OPTION.nbytes(n_a, k_a) + LORA_B_OPTION.nbytes(n_b, k_b)
+
     @property
     def initializer_names(self) -> list[str]:
         if self.bits == 32:

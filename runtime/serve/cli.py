@@ -106,8 +106,8 @@ def serve_command(
     """
     from coalora.runtime.adapt import AdaptPolicy
     from coalora.runtime.budget import BudgetError
-    from coalora.runtime.bundle import BundleError
     from coalora.runtime.engine import Runtime, RuntimeInputError
+    from coalora.runtime.format.reader import BundleError
     from coalora.runtime.profiles import ProfileError
     from coalora.runtime.selection import SelectionError
 

@@ -1,4 +1,4 @@
-"""Write a coalora bundle (spec: docs/bundle-format.md; reader: ``coalora.runtime.bundle``).
+"""Write a coalora bundle (names: ``spec``; prose: docs/bundle-format.md; reader: ``reader``).
 
 The writer builds the bundle in a temporary sibling directory and renames it into place only
 when every file is written and hashed, so a failed export leaves nothing half-written.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +20,33 @@ from safetensors.numpy import save_file
 import coalora
 from coalora.kernels import ConfigSpace, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
-from coalora.runtime.bundle import (
+from coalora.runtime.format.reader import sha256_file
+from coalora.runtime.format.spec import (
     BASE_FILE,
     FORMAT,
     FORMAT_VERSION,
+    LORA_A,
+    LORA_B,
     LORA_FILE,
     MANIFEST,
     PARETO_FILE,
+    QUANT_DIR,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
     THETA_FILE,
+    THETA_INPUTS,
+    THETA_OUTPUT,
     TOKENIZER_FILE,
+    FileEntry,
+    Key,
+    Lora,
+    Space,
+    Theta,
     quant_file,
-    sha256_file,
+    tensor_name,
 )
+from coalora.runtime.tempfiles import make_owned_dir
 
 
 @dataclass
@@ -52,7 +66,7 @@ class BundleContents:
     theta_vocab: dict[str, Any]
     pareto: dict[str, Any]
     tokenizer_json: Path | None = None
-    theta_inputs: tuple[str, ...] = ("bits", "block", "layer", "module", "global")
+    theta_inputs: tuple[str, ...] = THETA_INPUTS
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,15 +100,19 @@ def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bo
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    if out.exists() and (out.is_symlink() or not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a bundle directory: not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Named after this process: a write killed half-way is swept by the next one.
+    tmp = make_owned_dir(f".{out.name}.partial-", out.parent)
     try:
-        (tmp / "quant").mkdir()
+        (tmp / QUANT_DIR).mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in contents.base.items()}, tmp / BASE_FILE)
         lora: dict[str, np.ndarray] = {}
         for name in sorted(contents.lora_a):
-            lora[f"{name}.A"] = np.ascontiguousarray(contents.lora_a[name], dtype=np.float32)
-            lora[f"{name}.B"] = np.ascontiguousarray(contents.lora_b[name], dtype=np.float32)
+            a, b = contents.lora_a[name], contents.lora_b[name]
+            lora[tensor_name(name, LORA_A)] = np.ascontiguousarray(a, dtype=np.float32)
+            lora[tensor_name(name, LORA_B)] = np.ascontiguousarray(b, dtype=np.float32)
         save_file(lora, tmp / LORA_FILE)
         shipped: dict[str, list[str]] = {}
         for opt in sorted(contents.quantized):
@@ -104,9 +122,9 @@ def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bo
             tensors: dict[str, np.ndarray] = {}
             for name in sorted(mats):
                 w = mats[name]
-                tensors[f"{name}.qweight"] = np.ascontiguousarray(w.b, dtype=np.uint8)
-                tensors[f"{name}.scales"] = np.ascontiguousarray(w.scales, dtype=np.float32)
-                tensors[f"{name}.qzeros"] = np.ascontiguousarray(w.zero_points, dtype=np.uint8)
+                tensors[tensor_name(name, QWEIGHT)] = np.ascontiguousarray(w.b, dtype=np.uint8)
+                tensors[tensor_name(name, SCALES)] = np.ascontiguousarray(w.scales, np.float32)
+                tensors[tensor_name(name, QZEROS)] = np.ascontiguousarray(w.zero_points, np.uint8)
             save_file(tensors, tmp / quant_file(opt))
             shipped[opt.name] = sorted(mats)
         (tmp / THETA_FILE).write_bytes(contents.theta_onnx)
@@ -117,23 +135,23 @@ def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bo
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            files[rel] = {FileEntry.SHA256: sha256_file(path), FileEntry.BYTES: path.stat().st_size}
         space = contents.space.to_dict()
-        space["options"] = sorted(shipped, key=lambda s: QuantOption.parse(s))
+        space[Space.OPTIONS] = sorted(shipped, key=lambda s: QuantOption.parse(s))
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "producer": f"coalora {coalora.__version__}",
-            "architecture": contents.architecture,
-            "space": space,
-            "shipped": shipped,
-            "lora": {"rank": contents.lora_rank, "alpha": contents.lora_alpha},
-            "theta": {
-                "inputs": list(contents.theta_inputs),
-                "output": "U",
-                "vocab": contents.theta_vocab,
+            Key.FORMAT: FORMAT,
+            Key.FORMAT_VERSION: FORMAT_VERSION,
+            Key.PRODUCER: f"coalora {coalora.__version__}",
+            Key.ARCHITECTURE: contents.architecture,
+            Key.SPACE: space,
+            Key.SHIPPED: shipped,
+            Key.LORA: {Lora.RANK: contents.lora_rank, Lora.ALPHA: contents.lora_alpha},
+            Key.THETA: {
+                Theta.INPUTS: list(contents.theta_inputs),
+                Theta.OUTPUT: THETA_OUTPUT,
+                Theta.VOCAB: contents.theta_vocab,
             },
-            "files": files,
+            Key.FILES: files,
             **contents.extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -17,25 +17,10 @@ import numpy as np
 
 from coalora.kernels.config import ConfigSpace
 from coalora.kernels.options import QuantOption
+from coalora.runtime.format.spec import FAMILIES, MODULE_TYPES
 
-# Suffix of a matrix name -> module type. Order matters: BERT's "attention.output.dense" must
-# win over the block output's "output.dense".
-_MODULE_TYPES: tuple[tuple[str, str], ...] = (
-    ("self_attn.q_proj", "q"),
-    ("self_attn.k_proj", "k"),
-    ("self_attn.v_proj", "v"),
-    ("self_attn.o_proj", "o"),
-    ("mlp.gate_proj", "gate"),
-    ("mlp.up_proj", "up"),
-    ("mlp.down_proj", "down"),
-    ("attention.self.query", "q"),
-    ("attention.self.key", "k"),
-    ("attention.self.value", "v"),
-    ("attention.output.dense", "o"),
-    ("intermediate.dense", "up"),
-    ("output.dense", "down"),
-)
-MODULE_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+# Suffix of a matrix name -> module type, family by family (spec.FAMILIES).
+_MODULE_TYPES: tuple[tuple[str, str], ...] = tuple(m for f in FAMILIES for m in f.modules)
 
 # The block index: the number after the last "layers"/"layer"/"h"/"blocks" component.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")

@@ -1,0 +1,310 @@
+"""What an export run takes: ``ExportOptions`` (each default once, with its help text) and the
+one table of presets that per-model and ``--fast`` runs start from.
+
+A field's help lives in its metadata (``field(metadata={"help": ...})``, as peft does); the
+CLI builds its flag help from it with ``cli_help``. The adapter's own hyper-parameters (rank,
+alpha, lr, configurations per step, seed) are defined here too: ``CoALoRAConfig`` takes
+its defaults from these fields (``default_of``).
+Torch-free: the CLI imports this module for ``--help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from coalora.kernels import DEFAULT_OPTIONS, QuantOption
+
+TASKS = ("auto", "causal-lm", "classify")
+
+
+class ExportError(ValueError):
+    """Unusable input or options; the message says what is wrong and how to fix it."""
+
+
+def _opt(default: Any = MISSING, help: str = "", shown: str | None = None, **kw: Any) -> Any:
+    """A field with its default and help (``shown``: how --help writes the default)."""
+    meta = {"help": help}
+    if shown is not None:
+        meta["shown"] = shown
+    if default is MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``run_export`` needs. ``ExportOptions.for_model`` applies ``PRESETS``."""
+
+    model: str = _opt(help="'smollm2', 'minilm', a .gguf file or a local HF model folder.")
+    out: str | Path = _opt(help="Bundle directory to write.")
+    data: str = _opt("bbc", "'bbc' (BBC News, installed offline), a .jsonl file or a folder.")
+    task: str = _opt("auto", "auto (causal-lm for decoders, classify for encoders).")
+    work_dir: str | Path | None = _opt(
+        None, "Checkpoints, logs and caches.", shown=".cache/coalora/<model>-<hash>"
+    )
+    # training
+    steps: int = _opt(200, "Training steps.")
+    batch_size: int = _opt(8, "Examples per step.")
+    seq_len: int = _opt(128, "Tokens per example.")
+    rank: int = _opt(16, "LoRA rank.")
+    alpha: float = _opt(32.0, "LoRA alpha.")
+    # 1e-4 is the paper's setting for long runs; it learns nothing in 60 steps on MiniLM: on
+    # BBC News (rank 16, 2 configurations/step, batch 8, 60 steps, fresh classifier head)
+    # held-out accuracy reached 0.41 at 1e-4, 0.875 at 1e-3 and 0.91 at 3e-3 (at 4b64).
+    lr: float = _opt(2e-3, "Learning rate.")
+    configs_per_step: int = _opt(2, "Configurations trained per step.")
+    steps_per_epoch: int = _opt(50, "Steps between Pareto searches (0: a frozen set).")
+    proposals_per_epoch: int = _opt(6, "Configurations the Pareto search proposes per epoch.")
+    search_candidates: int = _opt(256, "Random candidates the search's predictor ranks.")
+    initial_budgets: int = _opt(24, "MILP allocations in the starting training set.")
+    eval_batches: int = _opt(4, "Held-out batches for the search and for the sweep.")
+    val_fraction: float = _opt(0.1, "Held-out fraction.")
+    seed: int = _opt(0, "Seed of the split, init and sampling.")
+    # calibration and quantization
+    calib_texts: int = _opt(32, "Calibration texts.")
+    calib_len: int = _opt(256, "Tokens per calibration text.")
+    options: tuple[str, ...] = _opt(
+        tuple(o.name for o in DEFAULT_OPTIONS),
+        "Quantization options, e.g. 2b64,4b64,8b64.",
+        shown="all nine",
+    )
+    quantizer: str = _opt("search", "search (error-minimising) or rtn (round-to-nearest).")
+    # the deployable Pareto set
+    sweep_lo: float = _opt(2.5, "Lowest sweep budget, bits per weight.")
+    sweep_hi: float = _opt(8.0, "Highest sweep budget, bits per weight.")
+    sweep_step: float = _opt(0.25, "Step between sweep budgets.")
+    sweep_random: int = _opt(8, "Unseen random configurations added to the sweep.")
+    # Only the sweep reads these batches, so raising it reuses the trained adapter.
+    sweep_batches: int | None = _opt(
+        None,
+        "Held-out batches the sweep measures on, after the search's; changing it reuses "
+        "the trained adapter.",
+        shown="--eval-batches",
+    )
+    lm_head: str | None = _opt("8b32", "LM head option in the bundle, or 'none' for fp32.")
+    device_class: str | None = _opt(
+        None,
+        "Also keep the front of the options fast on this CPU class, e.g. armv8.0 (Raspberry Pi "
+        "4: 2/8-bit run slowly there); see benchmarks/results/arm_paths.md.",
+        shown="one front over every option",
+    )
+    # the run
+    threads: int | None = _opt(None, "torch threads.", shown="torch's")
+    limit: int | None = _opt(None, "Use at most this many examples.", shown="all")
+    fresh: bool = _opt(False, "Ignore cached work.")
+    allow_pickle: bool = _opt(
+        False,
+        "Load a model folder's pickled .bin/.pt weights (can run code they hold: trusted "
+        "files only). Without it, safetensors only.",
+    )
+    overwrite: bool = _opt(False, "Replace --out if it exists.")
+    progress: bool = _opt(True, "Progress bars and log.")
+
+    @classmethod
+    def for_model(
+        cls, model: str, out: str | Path, *, fast: bool = False, **overrides: Any
+    ) -> ExportOptions:
+        """The defaults, then ``model``'s presets (``presets_for``), then ``overrides``
+        (``None`` values are ignored, so a CLI can pass unset flags)."""
+        values = presets_for(model, fast)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ExportError(f"unknown export option(s): {', '.join(unknown)}")
+        return cls(model=model, out=out, **values)
+
+    def adapter_config(self, **overrides: Any) -> Any:
+        """The CoA-LoRA settings (``CoALoRAConfig``) these options train with; baselines
+        override a field. Imported here: the module loads without torch."""
+        from coalora.export.coa_lora import CoALoRAConfig
+
+        return CoALoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            lr=self.lr,
+            configs_per_step=self.configs_per_step,
+            seed=self.seed,
+            **overrides,
+        )
+
+    def pareto_search(
+        self, space: Any, eval_batches: Any, costs: Any, log_path: Path | None = None
+    ) -> Any:
+        """The Pareto configuration search (``ParetoSearch``) these options run."""
+        from coalora.export.coa_lora.search import ParetoSearch
+
+        return ParetoSearch(
+            space,
+            eval_batches=eval_batches,
+            allocation_costs=costs,
+            proposals_per_epoch=self.proposals_per_epoch,
+            candidates=self.search_candidates,
+            seed=self.seed,
+            log_path=log_path,
+        )
+
+    def check(self) -> None:
+        """Reject impossible options before any work."""
+        positive = ("steps", "batch_size", "rank", "configs_per_step", "eval_batches")
+        positive += ("initial_budgets", "calib_texts", "calib_len", "proposals_per_epoch")
+        positive += ("search_candidates",)
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ExportError(
+                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.seq_len < 2:
+            raise ExportError(f"seq-len must be >= 2, got {self.seq_len}")
+        if self.steps_per_epoch < 0:
+            raise ExportError(f"steps-per-epoch must be >= 0, got {self.steps_per_epoch}")
+        if not 0 < self.val_fraction < 1:
+            raise ExportError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.alpha <= 0:
+            raise ExportError("lr and alpha must be positive")
+        if self.task not in TASKS:
+            raise ExportError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.quantizer not in ("search", "rtn"):
+            raise ExportError(f"unknown quantizer {self.quantizer!r}: expected search or rtn")
+        if self.sweep_step <= 0 or self.sweep_lo > self.sweep_hi:
+            raise ExportError(
+                f"impossible sweep budgets {self.sweep_lo:g}-{self.sweep_hi:g} step "
+                f"{self.sweep_step:g}: need low <= high and a positive step"
+            )
+        if self.sweep_batches is not None and self.sweep_batches < 1:
+            raise ExportError(f"sweep-batches must be >= 1, got {self.sweep_batches}")
+        if self.sweep_random < 0:
+            raise ExportError(f"sweep-random must be >= 0, got {self.sweep_random}")
+        if self.limit is not None and self.limit < 2:
+            raise ExportError(f"limit must be >= 2 examples, got {self.limit}")
+        if self.threads is not None and self.threads < 1:
+            raise ExportError(f"threads must be >= 1, got {self.threads}")
+        self.quant_options()
+        self.lm_head_option()
+        if self.device_class is not None:
+            from coalora.runtime.isa import DeviceClassError, check_device_class
+
+            try:
+                check_device_class(self.device_class)
+            except DeviceClassError as exc:
+                raise ExportError(f"--device-class: {exc}") from None
+
+    def quant_options(self) -> tuple[QuantOption, ...]:
+        try:
+            opts = tuple(dict.fromkeys(QuantOption.parse(o) for o in self.options))
+        except ValueError as exc:
+            raise ExportError(f"bad quantization option: {exc}") from None
+        if not opts:
+            raise ExportError("no quantization options given (e.g. 2b64,4b64,8b64)")
+        return opts
+
+    def lm_head_option(self) -> QuantOption | None:
+        if self.lm_head is None or str(self.lm_head).lower() in ("none", "fp32", ""):
+            return None
+        try:
+            return QuantOption.parse(str(self.lm_head))
+        except ValueError as exc:
+            raise ExportError(f"bad --lm-head option: {exc}") from None
+
+    def training_key(self) -> dict[str, Any]:
+        """The options that shape calibration, costs and training (the work directory's key).
+
+        Paths of the output, the sweep and how the run is executed do not change what is
+        trained, so they stay out: changing them reuses the checkpoint.
+        """
+        skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
+        # where weights may come from, and which extra front the sweep keeps, neither
+        skip |= {"allow_pickle", "device_class"}
+        skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
+        d["options"] = list(d["options"])
+        return d
+
+
+# -- the presets: one table ----------------------------------------------------------------------
+# Applied in order over the defaults: the model's row, then "fast" (for --fast), then the
+# model's "fast:" row. A row holds only what it changes over what is beneath it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct: LLaMA, 30 layers, a causal LM on BBC News text
+    "smollm2": dict(batch_size=4, seq_len=256),
+    # all-MiniLM-L6-v2: BERT, 6 layers, BBC News topic classification (5 classes)
+    "minilm": dict(steps=300, batch_size=16, steps_per_epoch=75),
+    # Demos and tests: minutes on 2 cores, a short adapter. The error-searching quantizer (the
+    # default) stays on: on SmolLM2 it cuts the weighted error 3x against round-to-nearest at
+    # 4 bits, which decides whether a 4.5-bit configuration answers coherently at all.
+    "fast": dict(
+        steps=16,
+        batch_size=2,
+        seq_len=64,
+        steps_per_epoch=4,
+        proposals_per_epoch=2,
+        search_candidates=48,
+        initial_budgets=6,
+        eval_batches=2,
+        calib_texts=8,
+        calib_len=128,
+        options=("2b64", "4b64", "8b64"),
+        sweep_step=0.5,
+        sweep_random=2,
+        limit=300,
+    ),
+    # A classifier's metric is accuracy: with the fast row's 2 batches of 2 held-out articles
+    # every configuration scores the same few values (often all 0 after 16 steps) and the
+    # Pareto set collapses to one point. MiniLM is cheap enough for 8x more held-out articles.
+    "fast:minilm": dict(batch_size=8, eval_batches=4, val_fraction=0.2),
+}
+FAST = "fast"
+
+
+def preset_rows(model: str, fast: bool) -> list[str]:
+    """The ``PRESETS`` rows a run of ``model`` applies, in order."""
+    key = model.strip().lower()
+    rows = [key] + ([FAST, f"{FAST}:{key}"] if fast else [])
+    return [r for r in rows if r in PRESETS]
+
+
+def presets_for(model: str, fast: bool = False) -> dict[str, Any]:
+    """What the presets change for ``model`` (and ``--fast``), over the defaults."""
+    values: dict[str, Any] = {}
+    for row in preset_rows(model, fast):
+        values.update(PRESETS[row])
+    return values
+
+
+# -- defaults and help, read off the fields -------------------------------------------------------
+def option_field(name: str) -> Field:
+    for f in fields(ExportOptions):
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+def default_of(name: str) -> Any:
+    """The default of an ``ExportOptions`` field (the one place it is written)."""
+    f = option_field(name)
+    if f.default is MISSING:
+        raise KeyError(f"ExportOptions.{name} has no default")
+    return f.default
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cli_help(name: str, text: str | None = None) -> str:
+    """``--<name>``'s help: the field's help text, its default in brackets, and what the model
+    presets set it to where they differ (``text`` replaces the field's help)."""
+    f = option_field(name)
+    shown = f.metadata.get("shown")
+    default = shown if shown is not None else _shown(f.default)
+    per_model = [
+        f"{row} {_shown(values[name])}"
+        for row, values in PRESETS.items()
+        if ":" not in row and row != FAST and name in values
+    ]
+    note = f"; {', '.join(per_model)}" if per_model else ""
+    return f"{text or f.metadata['help']} [{default}{note}]"

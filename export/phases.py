@@ -1,0 +1,223 @@
+"""The export job's slow phases, each cached in the work directory (``workdir``): calibration,
+the quantization cost table, the training configuration sets (with what training drew from
+them) and the dense sweep. A phase reruns only when what it depends on changed, or ``fresh``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coalora.export.workdir import SWEEP_FILE, file_digest, read_json, write_json
+from coalora.kernels import ConfigSpace, Configuration
+
+log = logging.getLogger("coalora.export.pipeline")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cached_calibration(loaded: Any, texts: Sequence[str], max_length: int, path: Path, fresh: bool):
+    """E[x_k^2] per matrix, from ``path`` when a previous run wrote it."""
+    from safetensors.numpy import load_file, save_file
+
+    from coalora.export.calibration import activation_second_moments
+
+    if path.is_file() and not fresh:
+        log.info("reusing calibration from %s", path)
+        return {k: v for k, v in load_file(str(path)).items()}, True
+    moments = activation_second_moments(loaded, list(texts), max_length=max_length)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in moments.items()}, str(tmp))
+    tmp.replace(path)
+    return moments, False
+
+
+def cached_cost_table(
+    model: Any, moments: dict[str, np.ndarray], path: Path, fresh: bool, progress: bool
+):
+    """Calibration-weighted error of every (matrix, option), read off the model's own quantized
+    weights: the quantizer runs once per pair for both the costs and training."""
+    from tqdm.auto import tqdm
+
+    from coalora.export.allocation import CostTable
+
+    space: ConfigSpace = model.space
+    cached = None if fresh else read_json(path)
+    names = [m.name for m in space.matrices]
+    opts = [o.name for o in space.options]
+    if cached and cached.get("matrices") == names and cached.get("options") == opts:
+        log.info("reusing cost table from %s", path)
+        return CostTable(tuple(names), tuple(space.options), np.array(cached["costs"])), True
+    costs = np.zeros((len(names), len(opts)))
+    bar = tqdm(total=costs.size, desc="quantize", unit="q", disable=not progress, leave=False)
+    with bar:
+        for i, name in enumerate(names):
+            layer = model.layers[name]
+            w = layer.weight.detach().float().cpu().numpy()
+            imp = np.asarray(moments[name], dtype=np.float64)
+            for j, opt in enumerate(space.options):
+                d = w - layer.quantized_weight(opt).cpu().numpy()
+                costs[i, j] = float(np.einsum("nk,nk->k", d, d, dtype=np.float64) @ imp)
+                bar.update(1)
+    write_json(path, {"matrices": names, "options": opts, "costs": costs.tolist()})
+    return CostTable(tuple(names), tuple(space.options), costs), False
+
+
+class TrainingSets:
+    """The training configuration set in force from each step on, persisted (with a ``path``)
+    so a resumed or reused run still knows exactly which configurations training drew
+    (``seen``)."""
+
+    def __init__(
+        self, path: Path | None, initial: Sequence[Configuration], space: ConfigSpace
+    ) -> None:
+        self.path = path
+        self.space = space
+        stored = read_json(path) if path is not None else None
+        if stored:
+            self.sets = [
+                (int(s["from_step"]), [space.config_from_dict(c) for c in s["configs"]])
+                for s in stored
+            ]
+        else:
+            self.sets = [(0, list(initial))]
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        write_json(
+            self.path,
+            [{"from_step": s, "configs": [c.to_dict() for c in cs]} for s, cs in self.sets],
+        )
+
+    def hook(self, search: Callable, steps_per_epoch: int) -> Callable:
+        """``search`` as ``train``'s epoch hook, recording each set it returns."""
+
+        def on_epoch_end(epoch: int, model: Any, current: list[Configuration]):
+            new = list(search(epoch, model, current))
+            start = (epoch + 1) * steps_per_epoch
+            self.sets = [(s, cs) for s, cs in self.sets if s < start] + [(start, new)]
+            self._save()
+            return new
+
+        return on_epoch_end
+
+    def seen(self, steps: int, configs_per_step: int, seed: int) -> set[Configuration]:
+        """Every configuration a training step drew (the trainer's own sampling, replayed)."""
+        from coalora.export.coa_lora.train import sample_configs
+
+        out: set[Configuration] = set()
+        for i, (start, configs) in enumerate(self.sets):
+            end = self.sets[i + 1][0] if i + 1 < len(self.sets) else steps
+            for step in range(start, min(end, steps)):
+                out.update(sample_configs(configs, configs_per_step, seed, step))
+        return out
+
+
+def held_out_batches(val: Any, n: int, measure: int | None = None) -> tuple[list, list, bool]:
+    """(search batches, measuring batches, disjoint?): the first ``n`` held-out batches for the
+    search, the next ``measure`` (default ``n``) to measure on, which the search did not select
+    by; when the held-out split has no more than ``n`` batches both use the same ones."""
+    held = val.head(n + (n if measure is None else measure))
+    if len(held) > n:
+        return held[:n], held[n:], True
+    return held, held, False
+
+
+def cached_sweep(
+    model: Any,
+    costs: Any,
+    held_out: list,
+    opts: Any,
+    *,
+    budgets: list[float],
+    seen: set[Configuration],
+    work: Path,
+    adapter: Path,
+) -> tuple[Any, list[dict[str, Any]], bool]:
+    """(the Pareto front, every evaluated point, reused?): the dense sweep measured on
+    ``held_out`` with the trained adapter, from ``work`` when the same adapter, budgets and
+    batches were swept before."""
+    from coalora.export.sweep import dense_sweep
+
+    sweep_key = {
+        "adapter": file_digest(adapter),
+        "budgets": budgets,
+        "random": opts.sweep_random,
+        "seed": opts.seed,
+        "batches": opts.eval_batches,
+        "measured_on": len(held_out),
+        **({"device_class": opts.device_class} if opts.device_class else {}),
+    }
+    cached = None if opts.fresh else read_json(work / SWEEP_FILE)
+    if cached and cached.get("key") == sweep_key:
+        log.info("reusing the sweep from %s", work / SWEEP_FILE)
+        pareto, evaluated = _sweep_from_cache(cached, model.space, model.kind, opts.device_class)
+        return pareto, evaluated, True
+    front, points = dense_sweep(
+        model,
+        costs,
+        held_out,
+        lo=opts.sweep_lo,
+        hi=opts.sweep_hi,
+        step=opts.sweep_step,
+        n_random=opts.sweep_random,
+        seed=opts.seed,
+        seen=seen,
+        progress=opts.progress,
+        device_class=opts.device_class,
+    )
+    evaluated = [{**p.entry.to_dict(), "source": p.source} for p in points]
+    write_json(work / SWEEP_FILE, {"key": sweep_key, "points": evaluated})
+    return front, evaluated, False
+
+
+def _sweep_from_cache(
+    cached: dict, space: ConfigSpace, kind: str, device_class: str | None = None
+) -> tuple[Any, list[dict]]:
+    from coalora.export.sweep import SweepPoint, deployable
+    from coalora.runtime.format.pareto import ParetoEntry
+
+    points = []
+    for p in cached["points"]:
+        entry = ParetoEntry(
+            config=space.config_from_dict(p),
+            bits=float(p["bits"]),
+            nbytes=int(p["nbytes"]),
+            metric=float(p["metric"]),
+            seen_in_training=bool(p["seen_in_training"]),
+        )
+        points.append(SweepPoint(entry, p.get("source", "")))
+    return deployable(points, kind, device_class), list(cached["points"])
+
+
+def final_loss(train_dir: Path, last: int = 5) -> float | None:
+    """Mean training loss over the last steps, from the log (also when training was reused)."""
+    from coalora.export.coa_lora.train import LOG_FILE as TRAIN_LOG
+
+    path = train_dir / TRAIN_LOG
+    if not path.is_file():
+        return None
+    losses = []
+    for line in path.read_text(encoding="utf-8").splitlines()[-last:]:
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            losses.append(float(json.loads(line)["loss"]))
+    return float(np.mean(losses)) if losses else None

@@ -1,0 +1,58 @@
+"""A bundle written before the format moved into its own package still opens and serves.
+
+``tests/fixtures/bundle-v1-llama`` was written by the format-1 writer (``export/bundle.py``
+at the time) from ``bundles.build_llama_bundle(steps=2)`` with a smaller random LLaMA
+(hidden 32, 2 heads of 16, 1 KV head, MLP 48, 2 layers). The figures below were read from it
+then: the memory plan of every stored configuration, what each budget selects, and a seeded
+sampled continuation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coalora.runtime.engine import Runtime
+from coalora.runtime.format.reader import Bundle
+from coalora.runtime.sampling import SamplingParams
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bundle-v1-llama"
+
+# bits of each stored configuration -> its plan's total bytes at context 64, 8-bit LoRA
+PLANS = {4.9: 67308629, 5.5667: 67309909, 9.8667: 67318165, 6.9167: 67312501}
+
+
+def test_v1_bundle_opens_and_verifies() -> None:
+    bundle = Bundle.open(FIXTURE, verify="all")
+    assert bundle.family == "llama"
+    assert len(bundle.space.matrices) == 14
+    assert sorted(o.name for o in bundle.shipped) == ["2b64", "4b32", "8b32"]
+
+
+def test_v1_bundle_plans_and_selects_as_before() -> None:
+    rt = Runtime.open(FIXTURE, budget="10bits", context_length=64, threads=1, build=False)
+    plans = {round(e.bits, 4): rt.plan(e.config).total for e in rt.pareto.entries}
+    assert plans == PLANS
+    assert rt.plan(rt.pareto.entries[0].config).to_dict() == {
+        "quantized_weights_bytes": 9408,
+        "other_weights_bytes": 90499,
+        "lora_bytes": 11776,
+        "kv_cache_bytes": 16384,
+        "runtime_overhead_bytes": 67180562,
+        "total": 67308629,
+    }
+    assert rt.selection.reason == (
+        "perplexity 314.3 at 4.90 bits (seen configuration, plan 67.31 MB): best of 4/4 "
+        "stored configurations within the 10 bits budget"
+    )
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_v1_bundle_serves_as_before(accuracy_level: int) -> None:
+    rt = Runtime.open(
+        FIXTURE, budget="6bits", context_length=64, threads=1, accuracy_level=accuracy_level
+    )
+    sampled = rt.generate_ids([2, 5, 200, 17, 33, 100], 12, SamplingParams(temperature=0.8, seed=3))
+    assert sampled == [27, 74, 253, 185, 31, 137, 154, 49, 235, 36, 122, 164]
+    assert rt.generate_ids([2, 5, 200, 17, 33, 100], 12) == [100] * 12

@@ -1,0 +1,61 @@
+"""Every committed benchmark report is what its committed JSON renders to, byte for byte
+(what ``python -m benchmarks.<name> --report-only`` rewrites). No benchmark runs here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import RESULTS
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _same(written: Path, name: str) -> None:
+    assert written.read_bytes() == (RESULTS / f"{name}.md").read_bytes(), name
+
+
+@pytest.mark.parametrize("name", ["quantizer_error", "allocation"])
+def test_error_and_allocation_reports(name: str, tmp_path: Path) -> None:
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    out = tmp_path / f"{name}.md"
+    module.write_md(_json(name), out=out)
+    _same(out, name)
+
+
+def test_runtime_speed_report(tmp_path: Path) -> None:
+    from benchmarks.runtime_speed_report import report
+
+    out = tmp_path / "runtime_speed.md"
+    out.write_text(report(_json("runtime_speed")), encoding="utf-8")
+    _same(out, "runtime_speed")
+
+
+def test_parity_report(tmp_path: Path) -> None:
+    from benchmarks.parity_report import write_report
+
+    res = _json("parity")
+    out = tmp_path / "parity.md"
+    write_report(res, res["command"], res["wall_s"], out)
+    _same(out, "parity")
+
+
+@pytest.mark.parametrize("model", ["minilm", "smollm2"])
+def test_baselines_report(model: str, tmp_path: Path) -> None:
+    from benchmarks.baselines import targets, train_passes, write_report
+
+    name = f"baselines_{model}"
+    res = _json(name)
+    res.setdefault("train_passes", train_passes(res))
+    res["targets"] = targets(res)
+    shutil.copy(RESULTS / f"{name}.json", tmp_path / f"{name}.json")
+    command = res.get("command", f"python -m benchmarks.baselines --model {model}")
+    write_report(res, command, tmp_path / name)
+    _same(tmp_path / f"{name}.md", name)
