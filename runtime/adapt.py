@@ -140,8 +140,14 @@ class MemoryAdapter:
 
     def _fit(self, cap: float) -> Selection | None:
         try:
+            rt = self.runtime
             return select(
-                self.runtime.pareto, self.budget, self.runtime.plan, available_bytes=int(cap)
+                rt.pareto,
+                self.budget,
+                rt.plan,
+                available_bytes=int(cap),
+                cpu=rt.cpu_class(rt.profile),  # the same options avoided as slow as at open
+                accuracy_level=rt.accuracy_level,
             )
         except SelectionError:
             return None

@@ -34,6 +34,7 @@ from coalora.runtime.budget import Budget, BudgetError
 from coalora.runtime.data import DataError, TextDataset, load_dataset
 from coalora.runtime.engine import Runtime
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
+from coalora.runtime.format.spec import Key, Training
 from coalora.runtime.selection import Selection, SelectionError, select
 
 DEFAULT_SEQ_LEN = 128
@@ -110,7 +111,7 @@ def choose_configs(rt: Runtime, spec: str) -> list[ParetoEntry]:
         except BudgetError as exc:
             raise EvalError(f"--configs {part.strip()!r}: {exc}") from None
         try:
-            sel = select(rt.pareto, budget, rt.plan)
+            sel = rt.choose(budget)  # as the device would pick
         except SelectionError as exc:
             raise EvalError(str(exc)) from None
         out.setdefault(sel.config, sel.entry)
@@ -128,8 +129,8 @@ def _digest(data: Any) -> str:
 def held_out(rt: Runtime, data: str, *, seq_len: int | None, blocks: str) -> HeldOut:
     task = "classify" if rt.task == "classify" else "lm"
     ds = load_dataset(data, task)
-    record = rt.bundle.manifest.get("training") or {}
-    options = record.get("options") or {}
+    record = rt.bundle.manifest.get(Key.TRAINING) or {}
+    options = record.get(Training.OPTIONS) or {}
     length = seq_len or int(options.get("seq_len") or DEFAULT_SEQ_LEN)
     limit_ctx = rt.context_length if task == "lm" else length
     length = min(length, limit_ctx)
@@ -152,20 +153,21 @@ def held_out(rt: Runtime, data: str, *, seq_len: int | None, blocks: str) -> Hel
 def _bundle_split(ds: TextDataset, record: dict[str, Any]) -> tuple[TextDataset, int, int] | None:
     """(held-out examples, batches the search used, batches the sweep measured) when ``ds``
     is the bundle's own data; None otherwise."""
-    meta, split, options = record.get("data"), record.get("split"), record.get("options") or {}
+    meta, split = record.get(Training.DATA), record.get(Training.SPLIT)
+    options = record.get(Training.OPTIONS) or {}
     if not (isinstance(meta, dict) and isinstance(split, dict)):
         return None
     limit, seed = options.get("limit"), int(split.get("seed", 0))
     if isinstance(limit, int) and len(ds) > limit:
         keep = np.random.default_rng(seed).permutation(len(ds))[:limit]
         ds = ds.subset(sorted(int(i) for i in keep))
-    if _digest({"texts": ds.texts, "labels": ds.labels}) != meta.get("sha256"):
+    if _digest({"texts": ds.texts, "labels": ds.labels}) != meta.get(Training.DATA_SHA256):
         return None
     indices = split.get("val_indices")
     if not isinstance(indices, list) or not indices or max(indices) >= len(ds):
         return None
-    sweep = record.get("sweep") or {}
-    n_measure = int(sweep.get("held_out_batches") or 0)
+    sweep = record.get(Training.SWEEP) or {}
+    n_measure = int(sweep.get(Training.SWEEP_HELD_OUT_BATCHES) or 0)
     n_search = int(options.get("eval_batches") or 0) if sweep.get("disjoint_from_search") else 0
     return ds.subset([int(i) for i in indices]), n_search, n_measure
 
