@@ -31,6 +31,7 @@ from coalora.export.pipeline import (
     cached_calibration,
     cached_cost_table,
     held_out_batches,
+    input_hessians,
     load_data,
     load_for_training,
     torch_threads,
@@ -127,6 +128,7 @@ def run_baselines(
         moments, _ = cached_calibration(
             loaded, texts, opts.calib_len, work / "calibration.safetensors", opts.fresh
         )
+        hessians = input_hessians(opts, loaded, texts)
         coa = CoALoRAModel(
             loaded.model,
             space,
@@ -134,6 +136,7 @@ def run_baselines(
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,
+            hessians=hessians,
         )
         costs, _ = cached_cost_table(coa, moments, work / "costs.json", opts.fresh, opts.progress)
         try:
@@ -151,6 +154,7 @@ def run_baselines(
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,
+            hessians=hessians,
         )
         _share_quantized(coa, shared)
         init_state = {k: v.clone() for k, v in shared.trainable_state_dict().items()}

@@ -264,6 +264,13 @@ def export_train(
     options: Annotated[
         str | None, typer.Option(help="Quantization options, e.g. 2b64,4b64,8b64 [all nine].")
     ] = None,
+    quantizer: Annotated[
+        str | None,
+        typer.Option(
+            help="gptq (error feedback through the input Hessian), search (per-block clipping "
+            "search) or rtn (round-to-nearest) [see export/quantizers]."
+        ),
+    ] = None,
     budgets: Annotated[
         str | None,
         typer.Option(
@@ -309,6 +316,7 @@ def export_train(
             val_fraction=val_fraction,
             seed=seed,
             calib_texts=calib_texts,
+            quantizer=quantizer,
             sweep_random=random_configs,
             lm_head=lm_head,
             threads=threads,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from coalora.export.quantizers import DEFAULT_QUANTIZER, QUANTIZERS
 from coalora.kernels import DEFAULT_OPTIONS, ConfigError, ConfigSpace, Configuration, QuantOption
 
 log = logging.getLogger("coalora.export.pipeline")
@@ -75,7 +76,9 @@ class ExportOptions:
     calib_texts: int = 32
     calib_len: int = 256
     options: tuple[str, ...] = tuple(o.name for o in DEFAULT_OPTIONS)
-    quantizer: str = "search"  # "search" (error-minimising) or "rtn" (round-to-nearest)
+    # "gptq" (error feedback through the input Hessian), "search" (per-block clipping search)
+    # or "rtn" (round-to-nearest); the default and its measurement: export/quantizers
+    quantizer: str = DEFAULT_QUANTIZER
     # the deployable Pareto set
     sweep_lo: float = 2.5
     sweep_hi: float = 8.0
@@ -161,8 +164,10 @@ class ExportOptions:
             raise ExportError("lr and alpha must be positive")
         if self.task not in TASKS:
             raise ExportError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
-        if self.quantizer not in ("search", "rtn"):
-            raise ExportError(f"unknown quantizer {self.quantizer!r}: expected search or rtn")
+        if self.quantizer not in QUANTIZERS:
+            raise ExportError(
+                f"unknown quantizer {self.quantizer!r}: expected one of {', '.join(QUANTIZERS)}"
+            )
         if self.sweep_step <= 0 or self.sweep_lo > self.sweep_hi:
             raise ExportError(
                 f"impossible sweep budgets {self.sweep_lo:g}-{self.sweep_hi:g} step "
@@ -230,7 +235,7 @@ FAST_PRESET: dict[str, Any] = dict(
     calib_texts=8,
     calib_len=128,
     options=("2b64", "4b64", "8b64"),
-    quantizer="search",
+    quantizer=DEFAULT_QUANTIZER,
     sweep_step=0.5,
     sweep_random=2,
     limit=300,
@@ -424,14 +429,27 @@ def cached_calibration(loaded: Any, texts: Sequence[str], max_length: int, path:
     return moments, False
 
 
+def input_hessians(opts: ExportOptions, loaded: Any, texts: Sequence[str]) -> dict | None:
+    """E[x x^T] of every matrix input on the calibration texts, when the quantizer needs them
+    (not cached: a pass over the texts costs less than reading 400 MB for SmolLM2)."""
+    from coalora.export.quantizers import needs_hessian
+    from coalora.export.quantizers.hessians import activation_hessians
+
+    if not needs_hessian(opts.quantizer):
+        return None
+    return activation_hessians(loaded, list(texts), max_length=opts.calib_len)
+
+
 def cached_cost_table(
     model: Any, moments: dict[str, np.ndarray], path: Path, fresh: bool, progress: bool
 ):
     """Calibration-weighted error of every (matrix, option), read off the model's own quantized
-    weights: the quantizer runs once per pair for both the costs and training."""
+    weights: the quantizer runs once per pair for both the costs and training. A layer with a
+    Hessian (the gptq quantizer) gets the full tr((W-Q) H (W-Q)^T), else its diagonal."""
     from tqdm.auto import tqdm
 
     from coalora.export.allocation import CostTable
+    from coalora.export.quantizers import output_error
 
     space: ConfigSpace = model.space
     cached = None if fresh else _read_json(path)
@@ -449,7 +467,7 @@ def cached_cost_table(
             imp = np.asarray(moments[name], dtype=np.float64)
             for j, opt in enumerate(space.options):
                 d = w - layer.quantized_weight(opt).cpu().numpy()
-                costs[i, j] = float(np.einsum("nk,nk->k", d, d, dtype=np.float64) @ imp)
+                costs[i, j] = output_error(d, importance=imp, hessian=layer.hessian)
                 bar.update(1)
     _write_json(path, {"matrices": names, "options": opts, "costs": costs.tolist()})
     return CostTable(tuple(names), tuple(space.options), costs), False
@@ -700,6 +718,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 kind=loaded.kind,
                 importance=moments,
                 method=opts.quantizer,
+                hessians=input_hessians(opts, loaded, texts),
             )
             costs, reused["quantize + costs"] = cached_cost_table(
                 model, moments, work / "costs.json", opts.fresh, opts.progress
@@ -894,6 +913,7 @@ __all__ = [
     "cached_calibration",
     "cached_cost_table",
     "held_out_batches",
+    "input_hessians",
     "load_data",
     "load_for_training",
     "run_export",
