@@ -164,11 +164,14 @@ def run_baselines(
             shared.set_mode(mode)
             return shared
 
+        history: list[dict[str, Any]] = []  # the last fit's step records
+
         def fit(model: Any, train_set: Sequence[Configuration], **kw: Any) -> float:
             t0 = time.perf_counter()
-            train(
+            res = train(
                 model, inp.train_batches, train_set, steps=opts.steps, progress=opts.progress, **kw
             )
+            history[:] = res.history
             return time.perf_counter() - t0
 
         # the configurations CoA-LoRA's steps drew, as the export records them
@@ -193,7 +196,10 @@ def run_baselines(
                     on_epoch_end=coa_sets.hook(search, spe) if spe else None,
                 )
                 curves[method] = curve(coa)
-                seen = coa_sets.seen(opts.steps, opts.configs_per_step, opts.seed)
+                uniform = coa.cfg.sampler == "uniform"
+                seen = coa_sets.seen(
+                    opts.steps, opts.configs_per_step, opts.seed, None if uniform else history
+                )
                 coa_seen = [c in seen for c in configs]
                 # the seen allocations around the budgets: the curve unseen ones are held to
                 lo, hi = min(bits) - 0.5, max(bits) + 0.5
@@ -220,6 +226,9 @@ def run_baselines(
                 curves[method] = curve(model)
             else:  # fp: the configuration is irrelevant, the base runs unquantized
                 model = reset("fp")
+                if model.cfg.lora_init == "residual":  # unquantized, the residual is zero
+                    for layer in model.layers.values():
+                        layer.lora_B.data.zero_()
                 seconds[method] = fit(model, initial[:1])
                 value = evaluate(model, None, held_out)
                 curves[method] = [(b, value) for b in bits]

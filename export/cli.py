@@ -271,6 +271,27 @@ def export_train(
             "search) or rtn (round-to-nearest) [see export/quantizers]."
         ),
     ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(
+            help="A step's configurations: uniform, or sandwich (cheapest and dearest of the "
+            "set plus others weighted by their loss) [uniform]."
+        ),
+    ] = None,
+    lora_init: Annotated[
+        str | None,
+        typer.Option(
+            help="LoRA start: zero (B = 0) or residual (top-r SVD of the quantization residual "
+            "at the cheapest option) [zero]."
+        ),
+    ] = None,
+    distill_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of the KL to the shipped weights' logits in the loss, 0 (cross-entropy "
+            "only) to 1 (KL only); causal LMs [0]."
+        ),
+    ] = None,
     budgets: Annotated[
         str | None,
         typer.Option(
@@ -317,6 +338,9 @@ def export_train(
             seed=seed,
             calib_texts=calib_texts,
             quantizer=quantizer,
+            sampler=sampler,
+            lora_init=lora_init,
+            distill_weight=distill_weight,
             sweep_random=random_configs,
             lm_head=lm_head,
             threads=threads,

@@ -65,6 +65,13 @@ class ExportOptions:
     # 1e-4 (the paper's, for long runs) learns nothing in 60 steps on MiniLM; 2e-3 does.
     lr: float = 2e-3
     configs_per_step: int = 2
+    # quality levers (CoALoRAConfig, export/coa_lora; the baselines take the same):
+    # a step's configurations: "uniform" draw or "sandwich" (ends of the set + loss-weighted)
+    sampler: str = "uniform"
+    # LoRA start: "zero" (B = 0) or "residual" (top-r SVD of W - Q(W) at the cheapest option)
+    lora_init: str = "zero"
+    # loss = (1 - w) cross-entropy + w KL to the shipped weights' top-k logits (causal LMs)
+    distill_weight: float = 0.0
     steps_per_epoch: int = 50  # Pareto search every this many steps; 0 keeps the set frozen
     proposals_per_epoch: int = 6
     search_candidates: int = 256
@@ -125,6 +132,9 @@ class ExportOptions:
             lr=self.lr,
             configs_per_step=self.configs_per_step,
             seed=self.seed,
+            sampler=self.sampler,
+            lora_init=self.lora_init,
+            distill_weight=self.distill_weight,
             **overrides,
         )
 
@@ -162,6 +172,16 @@ class ExportOptions:
             raise ExportError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.alpha <= 0:
             raise ExportError("lr and alpha must be positive")
+        from coalora.export.coa_lora.config import LORA_INITS, SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ExportError(f"unknown sampler {self.sampler!r}: expected {' or '.join(SAMPLERS)}")
+        if self.lora_init not in LORA_INITS:
+            raise ExportError(
+                f"unknown lora-init {self.lora_init!r}: expected {' or '.join(LORA_INITS)}"
+            )
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ExportError(f"distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.task not in TASKS:
             raise ExportError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.quantizer not in QUANTIZERS:
@@ -513,11 +533,21 @@ class TrainingSets:
 
         return on_epoch_end
 
-    def seen(self, steps: int, configs_per_step: int, seed: int) -> set[Configuration]:
-        """Every configuration a training step drew (the trainer's own sampling, replayed)."""
+    def seen(
+        self, steps: int, configs_per_step: int, seed: int, history: Sequence[dict] | None = None
+    ) -> set[Configuration]:
+        """Every configuration a training step drew: the trainer's uniform sampling replayed,
+        or read off the training log's records (``history``: their ``drawn`` positions in the
+        set in force), which a loss-driven sampler needs."""
         from coalora.export.coa_lora.train import sample_configs
 
         out: set[Configuration] = set()
+        if history is not None:
+            for rec in history:
+                step = int(rec["step"]) - 1
+                configs = [cs for start, cs in self.sets if start <= step][-1]
+                out.update(configs[int(i)] for i in rec["drawn"])
+            return out
         for i, (start, configs) in enumerate(self.sets):
             end = self.sets[i + 1][0] if i + 1 < len(self.sets) else steps
             for step in range(start, min(end, steps)):
@@ -572,6 +602,8 @@ def load_data(opts: ExportOptions) -> Inputs:
     if opts.limit is not None and len(ds) > opts.limit:
         keep = np.random.default_rng(opts.seed).permutation(len(ds))[: opts.limit]
         ds = ds.subset(sorted(int(i) for i in keep))
+    if opts.distill_weight > 0 and task == "classify":
+        raise ExportError("--distill-weight needs a causal LM (a classifier head has no teacher)")
     split = train_val_split(ds, opts.val_fraction, opts.seed)
     log.info(
         "data %s: %d examples (%d train, %d held out, seed %d)",
@@ -754,7 +786,12 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 checkpoint_every=spe or max(1, opts.steps // 4),
                 progress=opts.progress,
             )
-            seen = sets.seen(opts.steps, opts.configs_per_step, opts.seed)
+            seen = sets.seen(
+                opts.steps,
+                opts.configs_per_step,
+                opts.seed,
+                history=_train_log(train_dir) if cfg.sampler != "uniform" else None,
+            )
             losses = [r["loss"] for r in result.history]
             if losses:
                 log.info(
@@ -868,6 +905,15 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
         )
         (work / "summary.txt").write_text("\n".join(res.summary()) + "\n", encoding="utf-8")
         return res
+
+
+def _train_log(train_dir: Path) -> list[dict]:
+    """Every step's record from the training log (all of them, also when resumed)."""
+    from coalora.export.coa_lora.train import LOG_FILE as TRAIN_LOG
+
+    path = train_dir / TRAIN_LOG
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _final_loss(train_dir: Path, last: int = 5) -> float | None:

@@ -59,6 +59,10 @@ class CoALoRAModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             self._build(space, importance, method, vocab, hessians)
+            if self.cfg.lora_init == "residual":
+                from coalora.export.coa_lora.init import init_option, residual_init
+
+                residual_init(self, init_option(self, self.cfg.lora_init_option))
         self.configuration: Configuration | None = None
         self.mode: Mode = "quant"
 
