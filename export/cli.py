@@ -271,6 +271,13 @@ def export_train(
             "search) or rtn (round-to-nearest) [see export/quantizers]."
         ),
     ] = None,
+    search_rescore: Annotated[
+        int | None,
+        typer.Option(
+            help="Configurations of the set the search re-measures each epoch (the rest "
+            "estimated) [all]."
+        ),
+    ] = None,
     sampler: Annotated[
         str | None,
         typer.Option(
@@ -338,6 +345,7 @@ def export_train(
             seed=seed,
             calib_texts=calib_texts,
             quantizer=quantizer,
+            search_rescore=search_rescore,
             sampler=sampler,
             lora_init=lora_init,
             distill_weight=distill_weight,

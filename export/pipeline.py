@@ -75,6 +75,9 @@ class ExportOptions:
     steps_per_epoch: int = 50  # Pareto search every this many steps; 0 keeps the set frozen
     proposals_per_epoch: int = 6
     search_candidates: int = 256
+    # configurations of the set the search re-measures each epoch (spread over its bits, the
+    # rest estimated); None: all of them, so its cost grows with the set
+    search_rescore: int | None = None
     initial_budgets: int = 24  # MILP allocations in the starting training set
     eval_batches: int = 4  # held-out batches for the search (and as many for the sweep)
     val_fraction: float = 0.1
@@ -150,6 +153,7 @@ class ExportOptions:
             allocation_costs=costs,
             proposals_per_epoch=self.proposals_per_epoch,
             candidates=self.search_candidates,
+            rescore=self.search_rescore,
             seed=self.seed,
             log_path=log_path,
         )
@@ -193,6 +197,8 @@ class ExportOptions:
                 f"impossible sweep budgets {self.sweep_lo:g}-{self.sweep_hi:g} step "
                 f"{self.sweep_step:g}: need low <= high and a positive step"
             )
+        if self.search_rescore is not None and self.search_rescore < 2:
+            raise ExportError(f"search-rescore must be >= 2, got {self.search_rescore}")
         if self.sweep_batches is not None and self.sweep_batches < 1:
             raise ExportError(f"sweep-batches must be >= 1, got {self.sweep_batches}")
         if self.sweep_random < 0:

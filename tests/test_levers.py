@@ -27,15 +27,17 @@ def _space():
 
 
 def _configs(space, n: int = 6) -> list[Configuration]:
-    """Uniform 2/4/8-bit plus mixes: distinct bit counts, cheapest = all 2-bit."""
+    """Uniform 2/4/8-bit plus distinct random mixes: cheapest all 2-bit, dearest all 8-bit."""
     out = [space.uniform(o) for o in OPTIONS]
-    names = [m.name for m in space.matrices]
-    for i in range(n - len(out)):
-        out.append(
-            Configuration(
-                {nm: OPTIONS[(j + i) % 2 + 1 if j % 3 else 0] for j, nm in enumerate(names)}
-            )
+    rng = np.random.default_rng(0)
+    while len(out) < n:
+        picks = rng.integers(0, len(OPTIONS), len(space.matrices))
+        picks[:2] = (0, 2)  # never a uniform one
+        mix = Configuration(
+            {m.name: OPTIONS[int(p)] for m, p in zip(space.matrices, picks, strict=True)}
         )
+        if mix not in out:
+            out.append(mix)
     return out
 
 
@@ -175,3 +177,36 @@ def test_export_options_check_the_levers() -> None:
             ExportOptions("smollm2", "o", **bad).check()
     cfg = ExportOptions("smollm2", "o", sampler="sandwich", distill_weight=0.25).adapter_config()
     assert (cfg.sampler, cfg.distill_weight, cfg.lora_init) == ("sandwich", 0.25, "zero")
+
+
+# -- a bounded search ----------------------------------------------------------------------------
+def test_bounded_rescore_measures_a_fixed_subset_and_estimates_the_rest() -> None:
+    from coalora.export.coa_lora.search import ParetoSearch
+
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    model = CoALoRAModel(base, space, CoALoRAConfig(rank=4), kind="causal-lm")
+    held_out = _lm_batches(16).head(1)
+    configs = sorted(_configs(space, 8), key=space.bits)
+    search = ParetoSearch(
+        space, eval_batches=held_out, candidates=16, proposals_per_epoch=2, segments=2, rescore=3
+    )
+    measured: list[int] = []
+    real = search._evaluate
+
+    def counting(m, cs):
+        measured.append(len(cs))
+        return real(m, cs)
+
+    search._evaluate = counting  # type: ignore[method-assign]
+    search(0, model, configs)
+    log = search.history[-1]
+    assert measured[0] == 3 and log.evaluated == 3 + log.proposed
+    by_config = {c: loss for c, _, loss in search.last_evaluation}
+    truth = real(model, configs)
+    exact = [i for i, c in enumerate(configs) if abs(by_config[c] - truth[i]) < 1e-9]
+    assert {0, len(configs) - 1} <= set(exact) and len(exact) == 3  # both ends measured
+    with pytest.raises(ValueError, match="rescore"):
+        ParetoSearch(space, eval_batches=held_out, rescore=1)
+    with pytest.raises(ExportError, match="search-rescore"):
+        ExportOptions("smollm2", "o", search_rescore=1).check()

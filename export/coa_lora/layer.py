@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalora.export.quantizers import DEFAULT_QUANTIZER, Hessian, quantize_matrix
+from coalora.export.quantizers import Hessian, quantize_matrix
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import QuantizedMatrix
 
@@ -40,7 +40,7 @@ class QuantLoRALinear(nn.Module):
         alpha: float,
         *,
         importance: np.ndarray | None = None,
-        method: str = DEFAULT_QUANTIZER,
+        method: str = "search",  # "gptq" needs ``hessian``
         hessian: Hessian | None = None,
     ) -> None:
         super().__init__()

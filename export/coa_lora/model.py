@@ -22,7 +22,7 @@ from coalora.export.coa_lora.config import CoALoRAConfig
 from coalora.export.coa_lora.layer import MODES, Mode, QuantLoRALinear
 from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
 from coalora.export.models import config_space
-from coalora.export.quantizers import DEFAULT_QUANTIZER, Hessian
+from coalora.export.quantizers import Hessian
 from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.options import QuantOption
 from coalora.runtime.theta import matrix_role
@@ -41,7 +41,7 @@ class CoALoRAModel(nn.Module):
         *,
         kind: str = "causal-lm",
         importance: Mapping[str, np.ndarray] | None = None,
-        method: str = DEFAULT_QUANTIZER,
+        method: str = "search",  # needs no Hessian; the export picks its own (ExportOptions)
         vocab: ThetaVocab | None = None,
         hessians: Mapping[str, Hessian] | None = None,
     ) -> None:

@@ -118,37 +118,43 @@ def quantize_gptq(
     hess = hessian if isinstance(hessian, Hessian) else Hessian(hessian)
     if hess.size != k:
         raise ValueError(f"hessian is {hess.size}x{hess.size}, the matrix has {k} inputs")
-    w = w.copy()
     diag = hess.diag
     u = hess.factor()
 
     bs, levels = option.block_size, option.levels
     nb = option.n_blocks(k)
-    codes = np.empty((n, nb * bs), dtype=np.float32)
-    scales = np.empty((n, nb), dtype=np.float32)
-    zeros = np.empty((n, nb), dtype=np.float32)
+    # Transposed ([K, N]): column k of W is a contiguous row, and so is each rank-1 update.
+    wt = np.ascontiguousarray(w.T)
+    codes = np.empty((nb * bs, n), dtype=np.float32)
+    scales = np.empty((nb, n), dtype=np.float32)
+    zeros = np.empty((nb, n), dtype=np.float32)
     for i1 in range(0, k, _LAZY):
         i2 = min(i1 + _LAZY, k)
-        w1 = w[:, i1:i2].copy()
+        w1 = wt[i1:i2].copy()
         err1 = np.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
+            b = col // bs
             if col % bs == 0:
-                b = col // bs
                 end = min(col + bs, k) - i1
-                scales[:, b], zeros[:, b] = _block_params(
-                    w1[:, i:end], option, diag[col : col + end - i], params
+                scales[b], zeros[b] = _block_params(
+                    w1[i:end].T, option, diag[col : col + end - i], params
                 )
-            s, z = scales[:, col // bs], zeros[:, col // bs]
-            x = w1[:, i]
+            s, z = scales[b], zeros[b]
+            x = w1[i]
             q = np.clip(np.rint(x / s) + z, 0, levels)
-            codes[:, col] = q
+            codes[col] = q
             e = (x - (q - z) * s) / u1[i, i]
-            err1[:, i] = e
-            w1[:, i + 1 :] -= np.outer(e, u1[i, i + 1 :])
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            err1[i] = e
+            if i + 1 < i2 - i1:
+                w1[i + 1 :] -= u1[i, i + 1 :, None] * e[None, :]
+        if i2 < k:
+            wt[i2:] -= u[i1:i2, i2:].T @ err1
 
+    codes = np.ascontiguousarray(codes.T)
+    scales = np.ascontiguousarray(scales.T)
+    zeros = np.ascontiguousarray(zeros.T)
     codes = codes.reshape(n, nb, bs)
     if nb * bs > k:  # padded tail codes equal the zero point, so they dequantize to exactly 0
         codes.reshape(n, -1)[:, k:] = zeros[:, -1:]
