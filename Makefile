@@ -54,6 +54,10 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
 
+.PHONY: bench-quantizer-quality
+bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget (about 45 min, 1 thread)
+	$(PYTHON) -m benchmarks.quantizer_quality --threads 1
+
 .PHONY: bench-baselines
 bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (about 1 h each, 2 cores)
 	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2

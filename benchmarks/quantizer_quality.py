@@ -58,7 +58,7 @@ def run(quantizers: tuple[str, ...], threads: int | None, quick: bool) -> dict[s
         torch.set_num_threads(threads)
     values = dict(SETTINGS["smollm2"])
     if quick:
-        values.update(limit=200, options=("2b64", "4b64", "8b64"))
+        values.update(limit=200, options=("2b128", "4b64", "8b64"))
     opts = ExportOptions.for_model("smollm2", out="unused", threads=threads, **values)
     opts.check()
     seconds: dict[str, float] = {}
@@ -168,7 +168,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         target="no-adapter perplexity at 3.5 bits at least 3x lower than 360.78",
         best_quantizer_3_5bits=best,
         target_met=before / ppl[best][key] >= TARGET_FACTOR,
-        shipped_weights="Q4_1 (4-bit blocks of 32, float scale and minimum), as loaded",
+        shipped_weights="Q4_1: 4-bit blocks of 32 with a float scale and minimum, as loaded",
         shipped_weights_perplexity=res["shipped_weights_perplexity"],
     )
     if "gptq" in ppl and "search" in ppl:
@@ -201,7 +201,7 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
         f"{res['held_out']['tokens_per_sequence']} tokens "
         f"({res['held_out']['batches']} batches)"
         + (" -- QUICK RUN, not a result" if quick else ""),
-        f"- the shipped weights (the model as loaded: {s['shipped_weights']}): perplexity "
+        f"- the shipped weights ({s['shipped_weights']}): perplexity "
         f"{s['shipped_weights_perplexity']:.2f}",
         "",
         "| quantizer | " + " | ".join(f"{b:g}" for b in budgets) + " |",

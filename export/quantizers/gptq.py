@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from coalora.kernels.options import QuantOption
-from coalora.kernels.quantize import QuantizedMatrix, quantize
+from coalora.kernels.quantize import QuantizedMatrix, quantize, weight_matrix
 
 BlockParams = Literal["search", "minmax"]
 
@@ -109,11 +109,7 @@ def quantize_gptq(
     params: BlockParams = "search",
 ) -> QuantizedMatrix:
     """Quantize ``w`` [N, K] for ``option`` given its input's ``hessian`` [K, K] (E[x x^T])."""
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight matrix, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight matrix holds NaN or infinite values")
+    w = weight_matrix(w)
     n, k = w.shape
     hess = hessian if isinstance(hessian, Hessian) else Hessian(hessian)
     if hess.size != k:

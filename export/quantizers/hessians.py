@@ -41,8 +41,8 @@ def activation_hessians(
         last[0], last[1] = x, leader[name]
         if leader[name] != name:
             return
-        xd = x.double()
-        xtx = xd.T @ xd
+        xf = x.float()
+        xtx = (xf.T @ xf).double()  # one batch in float32 (fast), the running sum in float64
         sums[name] = xtx if name not in sums else sums[name] + xtx
         counts[name] = counts.get(name, 0) + x.shape[0]
 
