@@ -58,6 +58,14 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval
 	$(PYTHON) -m benchmarks.serve --bundle $(DEMO_BUNDLE)
 
+.PHONY: bench-quantizer-quality
+bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget (about 45 min, 1 thread)
+	$(PYTHON) -m benchmarks.quantizer_quality --threads 1
+
+.PHONY: bench-quality-ablation
+bench-quality-ablation: install  ## each quality lever alone on SmolLM2 at 2.5/3.5/4.5 bits (reduced scale)
+	$(PYTHON) -m benchmarks.quality_ablation --threads 1
+
 .PHONY: bench-baselines
 bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (about 1 h each, 2 cores)
 	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quantizer_error import machine, machine_md
+from benchmarks.common import machine, machine_md
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

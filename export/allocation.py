@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coalora.kernels import ConfigSpace, Configuration, QuantOption, quantize
-from coalora.kernels.quantize import Method, weighted_error
+from coalora.export.quantizers import Hessian, output_error, quantize_matrix
+from coalora.kernels import ConfigSpace, Configuration, QuantOption
 
 # One error for a budget that cannot be read or met, on both sides (the message says which).
 from coalora.runtime.budget import BudgetError
@@ -72,13 +72,16 @@ def cost_table(
     moments: Mapping[str, np.ndarray],
     options: Iterable[QuantOption],
     *,
-    method: Method = "search",
+    method: str = "search",
     progress: bool | None = None,
+    hessians: Mapping[str, Hessian] | None = None,
 ) -> CostTable:
     """Quantize every (matrix, option) once and record its calibration-weighted error.
 
     ``method="rtn"`` gives the round-to-nearest baseline's costs (same weighting, for
-    comparison). ``progress=None`` shows a bar only on a terminal.
+    comparison). With ``hessians`` (required by ``method="gptq"``) the error is the full
+    tr((W-Q) H (W-Q)^T) instead of its diagonal. ``progress=None`` shows a bar only on a
+    terminal.
     """
     from tqdm.auto import tqdm
 
@@ -98,9 +101,10 @@ def cost_table(
     with bar:
         for i, name in enumerate(names):
             w, imp = weights[name], np.asarray(moments[name], dtype=np.float64)
+            hess = None if hessians is None else hessians[name]
             for j, opt in enumerate(opts):
-                qm = quantize(w, opt, method=method, importance=imp if method == "search" else None)
-                costs[i, j] = weighted_error(w, qm, imp)
+                qm = quantize_matrix(w, opt, method, importance=imp, hessian=hess)
+                costs[i, j] = output_error(w - qm.dequantize(), importance=imp, hessian=hess)
                 bar.update(1)
     return CostTable(names, opts, costs)
 

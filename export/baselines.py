@@ -31,6 +31,7 @@ from coalora.export.phases import (
     cached_calibration,
     cached_cost_table,
     held_out_batches,
+    input_hessians,
     torch_threads,
 )
 from coalora.export.workdir import CALIBRATION_FILE, COSTS_FILE, work_dir_for
@@ -126,6 +127,7 @@ def run_baselines(
         moments, _ = cached_calibration(
             loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
         )
+        hessians = input_hessians(opts, loaded, texts)
         coa = CoALoRAModel(
             loaded.model,
             space,
@@ -133,6 +135,7 @@ def run_baselines(
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,
+            hessians=hessians,
         )
         costs, _ = cached_cost_table(coa, moments, work / COSTS_FILE, opts.fresh, opts.progress)
         try:
@@ -150,6 +153,7 @@ def run_baselines(
             kind=loaded.kind,
             importance=moments,
             method=opts.quantizer,
+            hessians=hessians,
         )
         _share_quantized(coa, shared)
         init_state = {k: v.clone() for k, v in shared.trainable_state_dict().items()}
@@ -159,11 +163,14 @@ def run_baselines(
             shared.set_mode(mode)
             return shared
 
+        history: list[dict[str, Any]] = []  # the last fit's step records
+
         def fit(model: Any, train_set: Sequence[Configuration], **kw: Any) -> float:
             t0 = time.perf_counter()
-            train(
+            res = train(
                 model, inp.train_batches, train_set, steps=opts.steps, progress=opts.progress, **kw
             )
+            history[:] = res.history
             return time.perf_counter() - t0
 
         # the configurations CoA-LoRA's steps drew, as the export records them
@@ -188,7 +195,10 @@ def run_baselines(
                     on_epoch_end=coa_sets.hook(search, spe) if spe else None,
                 )
                 curves[method] = curve(coa)
-                seen = coa_sets.seen(opts.steps, opts.configs_per_step, opts.seed)
+                uniform = coa.cfg.sampler == "uniform"
+                seen = coa_sets.seen(
+                    opts.steps, opts.configs_per_step, opts.seed, None if uniform else history
+                )
                 coa_seen = [c in seen for c in configs]
                 # the seen allocations around the budgets: the curve unseen ones are held to
                 lo, hi = min(bits) - 0.5, max(bits) + 0.5
@@ -215,6 +225,9 @@ def run_baselines(
                 curves[method] = curve(model)
             else:  # fp: the configuration is irrelevant, the base runs unquantized
                 model = reset("fp")
+                if model.cfg.lora_init == "residual":  # unquantized, the residual is zero
+                    for layer in model.layers.values():
+                        layer.lora_B.data.zero_()
                 seconds[method] = fit(model, initial[:1])
                 value = evaluate(model, None, held_out)
                 curves[method] = [(b, value) for b in bits]

@@ -11,7 +11,8 @@ Calibration text is BBC News (2,225 articles, 5 topics), read by ``coalora.expor
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,13 +61,16 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base if base is not None else model
 
 
-def activation_second_moments(
-    loaded: LoadedModel, texts: list[str], max_length: int = 256, batch_size: int = 4
-) -> dict[str, np.ndarray]:
-    """E[x_k^2] of every quantizable linear's input column k over the (non-padding) tokens.
-
-    Returns name -> float64 array of length in_features.
-    """
+def run_inputs(
+    loaded: LoadedModel,
+    texts: list[str],
+    on_input: Callable[[str, torch.Tensor], None],
+    max_length: int = 256,
+    batch_size: int = 4,
+) -> dict[str, torch.nn.Linear]:
+    """Run ``texts`` through the model, calling ``on_input(name, x)`` with every quantizable
+    linear's input ``x`` [tokens, in_features] (padding tokens removed), in call order; linears
+    that read the same tensor back to back get the same ``x`` object."""
     import torch
 
     if not texts:
@@ -74,21 +78,23 @@ def activation_second_moments(
     if max_length < 1 or batch_size < 1:
         raise CalibrationError("max_length and batch_size must be positive")
     linears = quantizable_linears(loaded.model)
-    sums = {
-        name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()
-    }
-    counts = dict.fromkeys(linears, 0)
     token_mask: dict[str, torch.Tensor] = {}
+    # Linears called one after another on one tensor (q/k/v, gate/up) get one ``x`` object.
+    prev: list[Any] = [None, None]
 
     def hook_for(name: str):
         def hook(_module, args):
-            x = args[0].detach()
+            raw = args[0]
+            if raw is prev[0]:
+                on_input(name, prev[1])
+                return
+            x = raw.detach()
             x = x.reshape(-1, x.shape[-1])
             keep = token_mask.get("mask")
             if keep is not None and keep.numel() == x.shape[0]:
                 x = x[keep]
-            sums[name] += x.double().pow(2).sum(0)
-            counts[name] += x.shape[0]
+            prev[0], prev[1] = raw, x
+            on_input(name, x)
 
         return hook
 
@@ -117,4 +123,29 @@ def activation_second_moments(
         for h in handles:
             h.remove()
         tok.padding_side = side
-    return {name: (sums[name] / max(counts[name], 1)).numpy() for name in linears}
+        prev[0] = prev[1] = None
+    return linears
+
+
+def activation_second_moments(
+    loaded: LoadedModel, texts: list[str], max_length: int = 256, batch_size: int = 4
+) -> dict[str, np.ndarray]:
+    """E[x_k^2] of every quantizable linear's input column k over the (non-padding) tokens.
+
+    Returns name -> float64 array of length in_features.
+    """
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        s = x.double().pow(2).sum(0)
+        sums[name] = s if name not in sums else sums[name] + s
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    linears = run_inputs(loaded, texts, on_input, max_length, batch_size)
+    return {
+        name: (sums[name] / max(counts[name], 1)).numpy()
+        if name in sums
+        else np.zeros(lin.in_features)
+        for name, lin in linears.items()
+    }

@@ -149,10 +149,7 @@ def _shipped(
     for opt in sorted(pairs):
         out[opt] = {}
         for name in sorted(pairs[opt]):
-            layer = model.layers[name]
-            w = layer.weight.detach().float().cpu().numpy()
-            qm = quantize(w, opt, method=layer.method, importance=layer.importance)
-            out[opt][name] = to_matmulnbits(qm)
+            out[opt][name] = to_matmulnbits(model.layers[name].quantize(opt))
     return out
 
 

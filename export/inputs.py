@@ -46,6 +46,8 @@ def load_data(opts: ExportOptions) -> Inputs:
     if opts.limit is not None and len(ds) > opts.limit:
         keep = np.random.default_rng(opts.seed).permutation(len(ds))[: opts.limit]
         ds = ds.subset(sorted(int(i) for i in keep))
+    if opts.distill_weight > 0 and task == "classify":
+        raise ExportError("--distill-weight needs a causal LM (a classifier head has no teacher)")
     split = train_val_split(ds, opts.val_fraction, opts.seed)
     log.info(
         "data %s: %d examples (%d train, %d held out, seed %d)",

@@ -49,14 +49,27 @@ def cached_calibration(loaded: Any, texts: Sequence[str], max_length: int, path:
     return moments, False
 
 
+def input_hessians(opts: Any, loaded: Any, texts: Sequence[str]) -> dict | None:
+    """E[x x^T] of every matrix input on the calibration texts, when the quantizer needs them
+    (not cached: a pass over the texts costs less than reading 400 MB for SmolLM2)."""
+    from coalora.export.quantizers import needs_hessian
+    from coalora.export.quantizers.hessians import activation_hessians
+
+    if not needs_hessian(opts.quantizer):
+        return None
+    return activation_hessians(loaded, list(texts), max_length=opts.calib_len)
+
+
 def cached_cost_table(
     model: Any, moments: dict[str, np.ndarray], path: Path, fresh: bool, progress: bool
 ):
     """Calibration-weighted error of every (matrix, option), read off the model's own quantized
-    weights: the quantizer runs once per pair for both the costs and training."""
+    weights: the quantizer runs once per pair for both the costs and training. A layer with a
+    Hessian (the gptq quantizer) gets the full tr((W-Q) H (W-Q)^T), else its diagonal."""
     from tqdm.auto import tqdm
 
     from coalora.export.allocation import CostTable
+    from coalora.export.quantizers import output_error
 
     space: ConfigSpace = model.space
     cached = None if fresh else read_json(path)
@@ -74,7 +87,7 @@ def cached_cost_table(
             imp = np.asarray(moments[name], dtype=np.float64)
             for j, opt in enumerate(space.options):
                 d = w - layer.quantized_weight(opt).cpu().numpy()
-                costs[i, j] = float(np.einsum("nk,nk->k", d, d, dtype=np.float64) @ imp)
+                costs[i, j] = output_error(d, importance=imp, hessian=layer.hessian)
                 bar.update(1)
     write_json(path, {"matrices": names, "options": opts, "costs": costs.tolist()})
     return CostTable(tuple(names), tuple(space.options), costs), False
@@ -120,11 +133,21 @@ class TrainingSets:
 
         return on_epoch_end
 
-    def seen(self, steps: int, configs_per_step: int, seed: int) -> set[Configuration]:
-        """Every configuration a training step drew (the trainer's own sampling, replayed)."""
+    def seen(
+        self, steps: int, configs_per_step: int, seed: int, history: Sequence[dict] | None = None
+    ) -> set[Configuration]:
+        """Every configuration a training step drew: the trainer's uniform sampling replayed,
+        or read off the training log's records (``history``: their ``drawn`` positions in the
+        set in force), which a loss-driven sampler needs."""
         from coalora.export.coa_lora.train import sample_configs
 
         out: set[Configuration] = set()
+        if history is not None:
+            for rec in history:
+                step = int(rec["step"]) - 1
+                configs = [cs for start, cs in self.sets if start <= step][-1]
+                out.update(configs[int(i)] for i in rec["drawn"])
+            return out
         for i, (start, configs) in enumerate(self.sets):
             end = self.sets[i + 1][0] if i + 1 < len(self.sets) else steps
             for step in range(start, min(end, steps)):
@@ -207,6 +230,15 @@ def _sweep_from_cache(
         )
         points.append(SweepPoint(entry, p.get("source", "")))
     return deployable(points, kind, device_class), list(cached["points"])
+
+
+def train_log(train_dir: Path) -> list[dict]:
+    """Every step's record from the training log (all of them, also when resumed)."""
+    from coalora.export.coa_lora.train import LOG_FILE as TRAIN_LOG
+
+    path = train_dir / TRAIN_LOG
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def final_loss(train_dir: Path, last: int = 5) -> float | None:

@@ -39,7 +39,9 @@ from coalora.export.phases import (
     cached_sweep,
     final_loss,
     held_out_batches,
+    input_hessians,
     torch_threads,
+    train_log,
 )
 from coalora.export.workdir import (
     CALIBRATION_FILE,
@@ -175,6 +177,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 kind=loaded.kind,
                 importance=moments,
                 method=opts.quantizer,
+                hessians=input_hessians(opts, loaded, texts),
             )
             costs, reused["quantize + costs"] = cached_cost_table(
                 model, moments, work / COSTS_FILE, opts.fresh, opts.progress
@@ -210,7 +213,12 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 checkpoint_every=spe or max(1, opts.steps // 4),
                 progress=opts.progress,
             )
-            seen = sets.seen(opts.steps, opts.configs_per_step, opts.seed)
+            seen = sets.seen(
+                opts.steps,
+                opts.configs_per_step,
+                opts.seed,
+                history=train_log(train_dir) if cfg.sampler != "uniform" else None,
+            )
             losses = [r["loss"] for r in result.history]
             if losses:
                 log.info(

@@ -122,6 +122,16 @@ def _least_squares_step(
     return np.where(good, s2, np.nan).astype(np.float32), z.astype(np.float32)
 
 
+def weight_matrix(w: np.ndarray) -> np.ndarray:
+    """``w`` as a finite float32 2-D matrix, or ValueError."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight matrix, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight matrix holds NaN or infinite values")
+    return w
+
+
 def quantize(
     w: np.ndarray,
     option: QuantOption,
@@ -134,11 +144,7 @@ def quantize(
     ``importance`` (length in_features, non-negative) weights the error of each input column;
     it only steers the search, the stored format is the same.
     """
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight matrix, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight matrix holds NaN or infinite values")
+    w = weight_matrix(w)
     n, k = w.shape
     levels = option.levels
     wb, mask = _blocks(w, option.block_size)

@@ -7,6 +7,9 @@ from typing import Any
 
 from coalora.export.options import default_of
 
+LORA_INITS: tuple[str, ...] = ("zero", "residual")
+SAMPLERS: tuple[str, ...] = ("uniform", "sandwich")
+
 
 @dataclass
 class CoALoRAConfig:
@@ -41,6 +44,16 @@ class CoALoRAConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of ``lr``
     seed: int = default_of("seed")
+    # quality levers (each measured in benchmarks/results/quality_ablation.md when run)
+    # how a step picks its configurations: "uniform" or "sandwich" (``sampling``)
+    sampler: str = default_of("sampler")
+    # LoRA start: "zero" (B = 0) or "residual" (top-r SVD of W - Q(W) at ``lora_init_option``,
+    # default the cheapest option of the space; ``init``)
+    lora_init: str = default_of("lora_init")
+    lora_init_option: str | None = None
+    # loss = (1 - w) * cross-entropy + w * KL(shipped weights' top-k || student) (``distill``)
+    distill_weight: float = default_of("distill_weight")
+    distill_topk: int = 32
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -49,6 +62,16 @@ class CoALoRAConfig:
             raise ValueError(f"configs_per_step must be >= 1, got {self.configs_per_step}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(
+                f"lora_init must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}"
+            )
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_topk < 1:
+            raise ValueError(f"distill_topk must be >= 1, got {self.distill_topk}")
         self.target_modules = tuple(self.target_modules)
         self.trainable_base = tuple(self.trainable_base)
         self.betas = (float(self.betas[0]), float(self.betas[1]))

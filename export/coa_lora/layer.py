@@ -2,7 +2,7 @@
 
     y = x W_q^T + b + s * ((x A^T) (I + U)^T) B^T          ΔW = s B (I + U) A
 
-``W_q`` is the weight after ``coalora.kernels.quantize`` (the same quantizer the bundle
+``W_q`` is the weight after ``coalora.export.quantizers`` (the same quantizer the bundle
 writer uses) and dequantization, i.e. exactly what the device's kernel multiplies by. Each
 option's dequantized weight is computed once and cached, so switching configuration between
 steps costs nothing. ``U`` comes from θ (set by the model); ``None`` means U = 0.
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coalora.export.quantizers import Hessian, quantize_matrix
 from coalora.kernels.options import QuantOption
-from coalora.kernels.quantize import Method, quantize
+from coalora.kernels.quantize import QuantizedMatrix
 
 Mode = Literal["quant", "fp", "no-lora", "fp-no-lora"]
 MODES: tuple[str, ...] = ("quant", "fp", "no-lora", "fp-no-lora")
@@ -39,7 +40,8 @@ class QuantLoRALinear(nn.Module):
         alpha: float,
         *,
         importance: np.ndarray | None = None,
-        method: Method = "search",
+        method: str = "search",  # "gptq" needs ``hessian``
+        hessian: Hessian | None = None,
     ) -> None:
         super().__init__()
         self.in_features = base.in_features
@@ -55,7 +57,8 @@ class QuantLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
         self.importance = None if importance is None else np.asarray(importance, np.float32)
-        self.method: Method = method
+        self.method = method
+        self.hessian = hessian  # E[x x^T] of the input, for the gptq quantizer
         self.option: QuantOption | None = None
         self.mode: Mode = "quant"
         self.U: torch.Tensor | None = None
@@ -69,13 +72,18 @@ class QuantLoRALinear(nn.Module):
         )
 
     # -- quantized weights ----------------------------------------------------------------------
+    def quantize(self, option: QuantOption) -> QuantizedMatrix:
+        """The codes the bundle ships for ``option`` (deterministic: no cache needed)."""
+        w_np = self.weight.detach().float().cpu().numpy()
+        return quantize_matrix(
+            w_np, option, self.method, importance=self.importance, hessian=self.hessian
+        )
+
     def quantized_weight(self, option: QuantOption) -> torch.Tensor:
         """Dequantized fp32 weight for ``option`` (quantized on first use, then cached)."""
         w = self._cache.get(option)
         if w is None:
-            w_np = self.weight.detach().float().cpu().numpy()
-            qm = quantize(w_np, option, method=self.method, importance=self.importance)
-            w = torch.from_numpy(qm.dequantize())
+            w = torch.from_numpy(self.quantize(option).dequantize())
         if w.device != self.weight.device:  # the model moved after quantizing
             w = w.to(self.weight.device)
         self._cache[option] = w

@@ -22,9 +22,9 @@ from coalora.export.coa_lora.config import CoALoRAConfig
 from coalora.export.coa_lora.layer import MODES, Mode, QuantLoRALinear
 from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
 from coalora.export.models import config_space
+from coalora.export.quantizers import Hessian
 from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.options import QuantOption
-from coalora.kernels.quantize import Method
 from coalora.runtime.format.theta import matrix_role
 
 Adapter = dict[str, tuple[np.ndarray, np.ndarray, float]]
@@ -41,8 +41,9 @@ class CoALoRAModel(nn.Module):
         *,
         kind: str = "causal-lm",
         importance: Mapping[str, np.ndarray] | None = None,
-        method: Method = "search",
+        method: str = "search",  # needs no Hessian; the export picks its own (ExportOptions)
         vocab: ThetaVocab | None = None,
+        hessians: Mapping[str, Hessian] | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("causal-lm", "encoder"):
@@ -57,7 +58,11 @@ class CoALoRAModel(nn.Module):
         # A's and θ's initial values depend on the adapter's seed alone, not on global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            self._build(space, importance, method, vocab)
+            self._build(space, importance, method, vocab, hessians)
+            if self.cfg.lora_init == "residual":
+                from coalora.export.coa_lora.init import init_option, residual_init
+
+                residual_init(self, init_option(self, self.cfg.lora_init_option))
         self.configuration: Configuration | None = None
         self.mode: Mode = "quant"
 
@@ -65,8 +70,9 @@ class CoALoRAModel(nn.Module):
         self,
         space: ConfigSpace,
         importance: Mapping[str, np.ndarray] | None,
-        method: Method,
+        method: str,
         vocab: ThetaVocab | None,
+        hessians: Mapping[str, Hessian] | None = None,
     ) -> None:
         linears: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
         for m in space.matrices:
@@ -86,6 +92,7 @@ class CoALoRAModel(nn.Module):
                 self.cfg.alpha,
                 importance=None if importance is None else importance.get(name),
                 method=method,
+                hessian=None if hessians is None else hessians.get(name),
             )
             if self._roles[name][1] not in self.cfg.target_modules:
                 layer.mode = "no-lora"

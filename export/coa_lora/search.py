@@ -522,9 +522,12 @@ class ParetoSearch:
         max_set_size: int = 64,
         allocation_budgets: int = 24,
         mc_samples: int = 128,
+        rescore: int | None = None,
     ) -> None:
         if segments < 1 or proposals_per_epoch < 1 or candidates < 1:
             raise ValueError("segments, proposals_per_epoch and candidates must be >= 1")
+        if rescore is not None and rescore < 2:
+            raise ValueError(f"rescore must be >= 2 (both ends of the set), got {rescore}")
         if max_set_size < segments:
             raise ValueError(f"max_set_size ({max_set_size}) must be >= segments ({segments})")
         self.space = space
@@ -540,6 +543,9 @@ class ParetoSearch:
         self.max_set_size = max_set_size
         self.allocation_budgets = allocation_budgets
         self.mc_samples = mc_samples
+        # None: re-evaluate the whole set every epoch; n: at most n of it (``_losses``)
+        self.rescore = rescore
+        self._last_loss: dict[Configuration, float] = {}
         self.features = ConfigFeatures(space, self.costs)
         self.generator = CandidateGenerator(self.features, self.costs)
         self.lo, self.hi = space.min_bits(), space.max_bits()
@@ -598,8 +604,8 @@ class ParetoSearch:
         notes: list[str] = []
         rng = np.random.default_rng([self.seed, epoch])
         current = list(dict.fromkeys(self.space.validate(c) for c in config_set))
-        losses = self._evaluate(model, current)
         bits = [self.space.bits(c) for c in current]
+        losses, scored = self._losses(model, current, bits, notes)
         self.seen.update(current)
         ref = reference_point(bits, losses, bits_range=(self.lo, self.hi))
         hv_before = hypervolume_2d(np.stack([bits, losses], 1), ref)
@@ -616,6 +622,7 @@ class ParetoSearch:
         new_losses = self._evaluate(model, proposals)
         new_bits = [self.space.bits(c) for c in proposals]
         self.seen.update(proposals)
+        self._last_loss.update(zip(proposals, new_losses, strict=True))
 
         all_configs = current + proposals
         all_bits, all_losses = bits + new_bits, losses + new_losses
@@ -636,7 +643,7 @@ class ParetoSearch:
             set_size=len(current),
             candidates=len(pool),
             proposed=len(proposals),
-            evaluated=len(current) + len(proposals),
+            evaluated=scored + len(proposals),
             new_in_set=sum(c not in before for c in next_set),
             proposals_in_set=len(set(proposals) & set(next_set)),
             next_size=len(next_set),
@@ -658,6 +665,48 @@ class ParetoSearch:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(log.to_dict()) + "\n")
         return next_set
+
+    def _losses(
+        self,
+        model: CoALoRAModel,
+        current: list[Configuration],
+        bits: list[float],
+        notes: list[str],
+    ) -> tuple[list[float], int]:
+        """The set's losses under the current adapter, and how many were measured.
+
+        With ``rescore`` = n and a larger set, only n configurations spread evenly over the
+        set's bit range (both ends included) are measured; the others are estimated: their
+        last measured loss shifted by the mean change the measured ones show since theirs,
+        or, never measured, the measured losses interpolated at their bits. The search's cost
+        then stays bounded as the set grows."""
+        if self.rescore is None or len(current) <= self.rescore:
+            losses = self._evaluate(model, current)
+            self._last_loss.update(zip(current, losses, strict=True))
+            return losses, len(current)
+        order = np.argsort(bits, kind="stable")
+        subset = sorted(int(order[i]) for i in _spread(len(current), self.rescore))
+        measured = self._evaluate(model, [current[i] for i in subset])
+        drift = [
+            m - self._last_loss[current[i]]
+            for i, m in zip(subset, measured, strict=True)
+            if current[i] in self._last_loss
+        ]
+        shift = float(np.mean(drift)) if drift else 0.0
+        xs = np.array([bits[i] for i in subset])
+        ys = np.array(measured)
+        losses = []
+        by_index = dict(zip(subset, measured, strict=True))
+        for i, c in enumerate(current):
+            if i in by_index:
+                losses.append(by_index[i])
+            elif c in self._last_loss:
+                losses.append(self._last_loss[c] + shift)
+            else:
+                losses.append(float(np.interp(bits[i], xs, ys)))
+        self._last_loss.update((current[i], m) for i, m in by_index.items())
+        notes.append(f"measured {len(subset)} of the set's {len(current)}, estimated the rest")
+        return losses, len(subset)
 
     def _propose(
         self,

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from coalora.export.coa_lora.model import CoALoRAModel
+from coalora.export.coa_lora.sampling import ConfigSampler
 from coalora.kernels.config import ConfigSpace, Configuration
 
 Batch = dict[str, torch.Tensor]
@@ -118,12 +119,23 @@ def train_step(
     configs: Sequence[Configuration],
     grad_clip: float = 1.0,
 ) -> list[float]:
-    """Accumulate the losses of ``configs`` on ``batch``, clip, step. Returns each loss."""
+    """Accumulate the losses of ``configs`` on ``batch``, clip, step. Returns each loss.
+
+    With ``cfg.distill_weight`` > 0 the teacher's top-k runs once for the batch and every
+    configuration's loss mixes cross-entropy and the KL to it (``distill``)."""
+    from coalora.export.coa_lora.distill import kl_to_teacher, teacher_topk
+
+    w = model.cfg.distill_weight
+    cache = teacher_topk(model, batch, model.cfg.distill_topk) if w > 0 else None
     optimizer.zero_grad(set_to_none=True)
     losses = []
     for config in configs:
         model.set_configuration(config)
-        loss = model(**batch).loss
+        out = model(**batch)
+        loss = out.loss
+        if cache is not None:
+            kl = kl_to_teacher(out.logits, cache)
+            loss = kl if w == 1.0 else (1 - w) * loss + w * kl
         (loss / len(configs)).backward()  # frees this configuration's graph before the next
         losses.append(loss.item())
     if grad_clip > 0:
@@ -164,6 +176,7 @@ def train(
     if not config_set:
         raise ValueError("the training configuration set is empty")
     optimizer = make_optimizer(model)
+    sampler = ConfigSampler(cfg.sampler, cfg.configs_per_step, cfg.seed, model.space)
     start = 0
     log_path = None
     if out_dir is not None:
@@ -174,6 +187,7 @@ def train(
         if resume and (ckpt / "trainer.json").exists():
             state = load_checkpoint(ckpt, model, optimizer)
             start, config_set = state["step"], state["configs"]
+            sampler.load_state(state.get("sampler", []))
         _truncate_log(log_path, start)
 
     history: list[dict[str, Any]] = []
@@ -185,9 +199,10 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only
-        chosen = sample_configs(config_set, cfg.configs_per_step, cfg.seed, step)
+        chosen = sampler.sample(config_set, step)
         t0 = time.perf_counter()
         losses = train_step(model, optimizer, batches(step), chosen, cfg.grad_clip)
+        sampler.observe(chosen, losses)
         record: dict[str, Any] = {
             "step": step + 1,
             "lr": lr,
@@ -197,6 +212,8 @@ def train(
                 for c, loss in zip(chosen, losses, strict=True)
             ],
             "seconds": round(time.perf_counter() - t0, 4),
+            # positions in the set in force, so which configurations trained is on record
+            "drawn": [config_set.index(c) for c in chosen],
         }
         done = step + 1
         if eval_every and eval_batches is not None and eval_configs and done % eval_every == 0:
@@ -222,7 +239,9 @@ def train(
         if out_dir is not None and (
             done == end or (checkpoint_every and done % checkpoint_every == 0)
         ):
-            save_checkpoint(out_dir / CHECKPOINT_DIR, model, optimizer, done, config_set)
+            save_checkpoint(
+                out_dir / CHECKPOINT_DIR, model, optimizer, done, config_set, sampler.state()
+            )
     bar.close()
     return TrainResult(step=max(start, end), configs=config_set, history=history)
 
@@ -289,6 +308,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     configs: Sequence[Configuration],
+    sampler: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write ``path``/{adapter,optimizer}.safetensors + trainer.json, replacing it whole."""
     path = Path(path)
@@ -305,6 +325,7 @@ def save_checkpoint(
         "optimizer": scalars,
         "configs": [c.to_dict() for c in configs],
         "coalora_config": model.cfg.to_dict(),
+        "sampler": sampler or [],
     }
     (tmp / "trainer.json").write_text(json.dumps(state))
     shutil.rmtree(path, ignore_errors=True)
@@ -328,7 +349,7 @@ def load_checkpoint(
         tensors = load_file(str(path / "optimizer.safetensors"), device=str(model.device))
         optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
     configs = [model.space.config_from_dict(c) for c in state["configs"]]
-    return {"step": int(state["step"]), "configs": configs}
+    return {"step": int(state["step"]), "configs": configs, "sampler": state.get("sampler", [])}
 
 
 def _optimizer_to_flat(

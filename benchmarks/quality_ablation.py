@@ -1,0 +1,171 @@
+"""Each quality lever alone, and a chosen recipe, on SmolLM2 at 2.5 / 3.5 / 4.5 bits.
+
+Every variant is CoA-LoRA trained by ``export.baselines.run_baselines`` (method ``coa-lora``)
+with today's settings except its lever: the quantizer (``gptq``), configuration sampling
+(``sandwich``), LoRA init from the quantization residual (``residual-init``), KL distillation
+from the shipped weights (``distill``, weight 0.5) and the bounded search (``bounded-search``,
+8 configurations re-measured per epoch). Reported: held-out perplexity at the optimal
+allocation of each budget, the fine-tuning seconds (search included) and the variant's whole
+wall time (quantization included). The scale is reduced (``SCALE``) to fit an hour on 2 cores
+and is written into the results.
+
+    python -m benchmarks.quality_ablation [--variants before,gptq,...] [--recipe gptq,sandwich]
+                                          [--threads 1] [--quick]
+
+writes benchmarks/results/quality_ablation.md and .json (``--quick``: a few steps on a subset
+to check the harness; it writes quality_ablation_quick.* instead, not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from benchmarks.baselines import SETTINGS
+from benchmarks.common import RESULTS, machine, machine_md
+
+BUDGETS: tuple[float, ...] = (2.5, 3.5, 4.5)
+LEVERS: dict[str, dict[str, Any]] = {
+    "before": dict(quantizer="search"),
+    "gptq": dict(quantizer="gptq"),
+    "sandwich": dict(quantizer="search", sampler="sandwich"),
+    "residual-init": dict(quantizer="search", lora_init="residual"),
+    "distill": dict(quantizer="search", distill_weight=0.5),
+    "bounded-search": dict(quantizer="search", search_rescore=8),
+}
+# reduced from benchmarks.baselines' 64 steps and 12 measuring batches
+SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)
+EVAL_BATCHES = 6
+QUICK = dict(
+    steps=2,
+    steps_per_epoch=1,
+    limit=160,
+    initial_budgets=4,
+    search_candidates=16,
+    eval_batches=1,
+    calib_texts=4,
+)
+QUICK_OPTIONS = ("2b128", "4b64", "8b64")
+
+
+def recipe(names: list[str]) -> dict[str, Any]:
+    """The levers ``names`` together (later ones win where two set one field)."""
+    out: dict[str, Any] = {}
+    for n in names:
+        out.update(LEVERS[n])
+    return out
+
+
+def run_variant(name: str, fields: dict[str, Any], threads: int, quick: bool) -> dict[str, Any]:
+    from coalora.export.baselines import run_baselines
+    from coalora.export.options import ExportOptions
+
+    values = {**SETTINGS["smollm2"], **SCALE, **fields}
+    if quick:
+        values.update(QUICK, options=QUICK_OPTIONS)
+    opts = ExportOptions.for_model("smollm2", out="unused", threads=threads, **values)
+    t0 = time.perf_counter()
+    res = run_baselines(
+        opts, BUDGETS, methods=("coa-lora",), eval_batches=1 if quick else EVAL_BATCHES
+    )
+    wall = time.perf_counter() - t0
+    return {
+        "variant": name,
+        "fields": fields,
+        "perplexity": {
+            f"{b:g}": m for b, (_, m) in zip(BUDGETS, res.curves["coa-lora"], strict=True)
+        },
+        "bits": res.bits,
+        "train_seconds": res.train_seconds["coa-lora"],
+        "wall_seconds": wall,
+        "eval_examples": res.eval_examples,
+    }
+
+
+def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, threads: int) -> None:
+    info = machine()
+    stem = "quality_ablation_quick" if quick else "quality_ablation"
+    scale = {**SCALE, **(QUICK if quick else {}), "measuring_batches": 1 if quick else EVAL_BATCHES}
+    before = next((r for r in rows if r["variant"] == "before"), None)
+    summary: dict[str, Any] = {
+        "scale": scale,
+        "perplexity": {r["variant"]: r["perplexity"] for r in rows},
+        "train_seconds": {r["variant"]: r["train_seconds"] for r in rows},
+        "wall_seconds": {r["variant"]: r["wall_seconds"] for r in rows},
+    }
+    if before is not None:
+        summary["ratio_to_before"] = {
+            r["variant"]: {b: r["perplexity"][b] / before["perplexity"][b] for b in r["perplexity"]}
+            for r in rows
+        }
+    payload = {
+        "summary": summary,
+        "rows": rows,
+        "command": command,
+        "machine": info,
+        "threads": threads,
+        "wall_s": wall,
+        "quick": quick,
+    }
+    keys = [f"{b:g}" for b in BUDGETS]
+    lines = [
+        "# Quality levers alone, SmolLM2 + BBC News (CoA-LoRA held-out perplexity)",
+        "",
+        f"Reduced scale: {json.dumps(scale)} (benchmarks.baselines runs 64 steps, 12 batches)."
+        + (" QUICK RUN: checks the harness, not a result." if quick else ""),
+        "",
+        *machine_md(info, command, wall),
+        "",
+        "| variant | " + " | ".join(f"{k} bits" for k in keys) + " | fine-tuning s | wall s |",
+        "|---|" + "---:|" * (len(keys) + 2),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['perplexity'][k]:.2f}" for k in keys)
+        lines.append(
+            f"| {r['variant']} | {cells} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        (f"{stem}.json", json.dumps(payload, indent=2)),
+        (f"{stem}.md", "\n".join(lines) + "\n"),
+    ):
+        tmp = RESULTS / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(RESULTS / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(LEVERS), help="comma-separated levers")
+    p.add_argument("--recipe", default="", help="levers combined into one more variant")
+    p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    p.add_argument("--quick", action="store_true", help="a few steps: checks the harness")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    combined = [v.strip() for v in args.recipe.split(",") if v.strip()]
+    bad = [v for v in variants + combined if v not in LEVERS]
+    if bad or args.threads < 1:
+        print(f"error: variants must be some of {', '.join(LEVERS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    todo = [(v, LEVERS[v]) for v in variants]
+    if combined:
+        todo.append(("recipe: " + "+".join(combined), recipe(combined)))
+    t0 = time.perf_counter()
+    rows = []
+    for name, fields in todo:
+        print(f"[quality_ablation] {name}", file=sys.stderr, flush=True)
+        rows.append(run_variant(name, fields, args.threads, args.quick))
+        # written after every variant, so a long run that stops keeps what it measured
+        command = "python -m benchmarks.quality_ablation " + " ".join(argv or sys.argv[1:])
+        write(rows, time.perf_counter() - t0, command.strip(), args.quick, args.threads)
+    print(f"[quality_ablation] done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

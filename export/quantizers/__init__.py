@@ -1,0 +1,79 @@
+"""The exporter's quantizers, one entry point for every place that quantizes a matrix (the
+adapter model's layers, the cost table, the bundle writer), so the codes trained against, the
+allocator's error estimates and the shipped codes come from the same quantizer.
+
+- ``rtn``     round-to-nearest, min/max scale and zero point (``coalora.kernels.quantize``)
+- ``search``  per-block clipping search + least squares, weighted by E[x_k^2] (kernels)
+- ``gptq``    column-by-column with error feedback through the inverse Hessian E[x x^T]
+              (``gptq``); needs the matrix input's full Hessian (``hessians``)
+
+All three emit the same MatMulNBits layout (codes, fp32 scales, integer zero points).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from coalora.export.quantizers.gptq import Hessian, hessian_error, quadratic_error, quantize_gptq
+from coalora.kernels.options import QuantOption
+from coalora.kernels.quantize import QuantizedMatrix, quantize
+
+Quantizer = Literal["gptq", "search", "rtn"]
+QUANTIZERS: tuple[str, ...] = ("gptq", "search", "rtn")
+# The exporter's default, chosen by measurement (benchmarks/results/quantizer_quality.md):
+# SmolLM2 with no adapter, MILP allocations, held-out perplexity at 2.5 / 3 / 3.5 bits
+# 392 / 188 / 137 with gptq against 1164 / 449 / 361 with search.
+DEFAULT_QUANTIZER: Quantizer = "gptq"
+
+
+def needs_hessian(method: str) -> bool:
+    return method == "gptq"
+
+
+def quantize_matrix(
+    w: np.ndarray,
+    option: QuantOption,
+    method: str,
+    *,
+    importance: np.ndarray | None = None,
+    hessian: Hessian | None = None,
+) -> QuantizedMatrix:
+    """``w`` [N, K] quantized for ``option`` by ``method``; ``importance`` (E[x_k^2]) steers
+    ``search``, ``hessian`` (E[x x^T]) is what ``gptq`` runs on."""
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("the gptq quantizer needs the matrix input's Hessian")
+        return quantize_gptq(w, option, hessian)
+    if method == "search":
+        return quantize(w, option, method="search", importance=importance)
+    if method == "rtn":
+        return quantize(w, option, method="rtn")
+    raise ValueError(f"unknown quantizer {method!r}: expected one of {', '.join(QUANTIZERS)}")
+
+
+def output_error(
+    diff: np.ndarray, *, importance: np.ndarray | None = None, hessian: Hessian | None = None
+) -> float:
+    """The layer's output error for ``diff = W - Q(W)``: tr(D H D^T) with a Hessian, else its
+    diagonal approximation sum_k E[x_k^2] ||D[:, k]||^2 (plain squared error without either)."""
+    d = np.asarray(diff, dtype=np.float64)
+    if hessian is not None:
+        return quadratic_error(d, hessian)
+    col = np.einsum("nk,nk->k", d, d)
+    return float(col.sum() if importance is None else col @ np.asarray(importance, np.float64))
+
+
+__all__ = [
+    "DEFAULT_QUANTIZER",
+    "QUANTIZERS",
+    "Hessian",
+    "Quantizer",
+    "hessian_error",
+    "needs_hessian",
+    "output_error",
+    "quadratic_error",
+    "quantize_gptq",
+    "quantize_matrix",
+]

@@ -1,0 +1,213 @@
+"""The training levers: sandwich sampling, residual LoRA init, distillation from the teacher."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, train
+from coalora.export.coa_lora.distill import kl_to_teacher, teacher_topk
+from coalora.export.coa_lora.init import init_option
+from coalora.export.coa_lora.sampling import ConfigSampler
+from coalora.export.coa_lora.train import sample_configs
+from coalora.export.data import Batches
+from coalora.export.models import config_space, tiny_llama
+from coalora.export.options import ExportError, ExportOptions
+from coalora.export.phases import TrainingSets
+from coalora.kernels import Configuration, QuantOption
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+OPTIONS = (QuantOption(2, 64), QuantOption(4, 32), QuantOption(8, 32))
+
+
+def _space():
+    return config_space(tiny_llama(), OPTIONS)
+
+
+def _configs(space, n: int = 6) -> list[Configuration]:
+    """Uniform 2/4/8-bit plus distinct random mixes: cheapest all 2-bit, dearest all 8-bit."""
+    out = [space.uniform(o) for o in OPTIONS]
+    rng = np.random.default_rng(0)
+    while len(out) < n:
+        picks = rng.integers(0, len(OPTIONS), len(space.matrices))
+        picks[:2] = (0, 2)  # never a uniform one
+        mix = Configuration(
+            {m.name: OPTIONS[int(p)] for m, p in zip(space.matrices, picks, strict=True)}
+        )
+        if mix not in out:
+            out.append(mix)
+    return out
+
+
+def _lm_batches(n: int = 32, length: int = 24) -> Batches:
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(4, 68, (n, 1), generator=g)
+    ids = 4 + (start + torch.arange(length)) % 64
+    return Batches({"input_ids": ids, "labels": ids}, batch_size=8, seed=0)
+
+
+# -- sandwich sampling --------------------------------------------------------------------------
+def test_sandwich_takes_both_ends_and_favours_high_loss() -> None:
+    space = _space()
+    configs = _configs(space)
+    bits = [space.bits(c) for c in configs]
+    cheapest, dearest = configs[int(np.argmin(bits))], configs[int(np.argmax(bits))]
+    sampler = ConfigSampler("sandwich", 3, seed=0, space=space)
+    middle = [c for c in configs if c not in (cheapest, dearest)]
+    sampler.observe(middle, [10.0] + [0.1] * (len(middle) - 1))  # one hard configuration
+    counts: Counter = Counter()
+    for step in range(200):
+        chosen = sampler.sample(configs, step)
+        assert chosen[:2] == [cheapest, dearest] and len(set(chosen)) == 3
+        counts[chosen[2]] += 1
+    assert counts[middle[0]] > 150  # drawn ~10/10.3 of the time, not 1/4
+    assert sampler.sample(configs, 7) == sampler.sample(configs, 7)  # a function of the step
+
+
+def test_sandwich_with_two_per_step_alternates_the_ends() -> None:
+    space = _space()
+    configs = _configs(space)
+    bits = [space.bits(c) for c in configs]
+    sampler = ConfigSampler("sandwich", 2, seed=0, space=space)
+    assert sampler.sample(configs, 0)[0] == configs[int(np.argmin(bits))]
+    assert sampler.sample(configs, 1)[0] == configs[int(np.argmax(bits))]
+    uniform = ConfigSampler("uniform", 2, seed=3, space=space)
+    assert uniform.sample(configs, 5) == sample_configs(configs, 2, 3, 5)
+    with pytest.raises(ValueError, match="sampler"):
+        ConfigSampler("greedy", 2, 0, space)
+
+
+def test_sandwich_training_records_what_it_drew(tmp_path) -> None:
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    cfg = CoALoRAConfig(rank=4, lr=2e-3, configs_per_step=3, sampler="sandwich")
+    model = CoALoRAModel(base, space, cfg, kind="causal-lm")
+    configs = _configs(space)
+    res = train(model, _lm_batches(), configs, steps=4, out_dir=tmp_path, progress=False)
+    sets = TrainingSets(None, configs, space)
+    seen = sets.seen(4, 3, 0, history=res.history)
+    drawn = {configs[i] for r in res.history for i in r["drawn"]}
+    assert seen == drawn and len(seen) >= 3
+    # the sampler's losses survive a checkpoint: the resumed step draws what it would have
+    import json
+
+    state = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    assert len(state["sampler"]) == len(drawn)
+
+
+# -- LoRA from the quantization residual ---------------------------------------------------------
+def test_residual_init_is_the_weighted_top_r_svd() -> None:
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    rng = np.random.default_rng(0)
+    importance = {m.name: rng.uniform(0.5, 2.0, m.in_features) for m in space.matrices}
+    cfg = CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual")
+    model = CoALoRAModel(base, space, cfg, kind="causal-lm", importance=importance)
+    opt = init_option(model, None)
+    assert opt == QuantOption(2, 64)
+    name = model.adapted[0]
+    layer = model.layers[name]
+    w = layer.weight.detach().double().numpy()
+    resid = w - layer.quantized_weight(opt).double().numpy()
+    delta = layer.scaling * (layer.lora_B.double() @ layer.lora_A.double()).detach().numpy()
+    d = np.sqrt(importance[name] / importance[name].mean())
+    u, s, vh = np.linalg.svd(resid * d, full_matrices=False)
+    best = (u[:, :4] * s[:4]) @ vh[:4] / d
+    np.testing.assert_allclose(delta, best, atol=1e-4 * np.abs(best).max())
+    # the adapter removes part of the weighted error at that option (and never adds any)
+    before = np.sum((resid * d) ** 2)
+    after = np.sum(((resid - delta) * d) ** 2)
+    assert after < 0.95 * before
+    with pytest.raises(ValueError, match="not one of"):
+        init_option(model, "4b128")
+
+
+# -- distillation ---------------------------------------------------------------------------------
+def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_quantized() -> None:
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    model = CoALoRAModel(base, space, CoALoRAConfig(rank=4), kind="causal-lm")
+    batch = _lm_batches()(0)
+    vocab = base.config.vocab_size
+    cache = teacher_topk(model, batch, vocab)
+    assert model.mode == "quant"  # restored after the teacher pass
+    model.set_configuration(space.uniform(OPTIONS[0]))
+    model.set_mode("fp-no-lora")
+    with torch.no_grad():
+        assert float(kl_to_teacher(model(**batch).logits, cache)) == pytest.approx(0, abs=1e-5)
+        model.set_mode("no-lora")
+        kl2 = float(kl_to_teacher(model(**batch).logits, cache))
+        model.set_mode("quant")
+    assert kl2 > 1e-3
+    small = teacher_topk(model, batch, 5)
+    assert small.index.shape[-1] == 5
+    torch.testing.assert_close(small.logp.exp().sum(-1), torch.ones(small.logp.shape[:-1]))
+
+
+def test_distillation_loss_is_what_training_minimises() -> None:
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    cfg = CoALoRAConfig(rank=4, lr=3e-3, configs_per_step=1, distill_weight=1.0, distill_topk=8)
+    model = CoALoRAModel(base, space, cfg, kind="causal-lm")
+    configs = [space.uniform(OPTIONS[0])]
+    batches = _lm_batches()
+    batch = batches(0)
+    cache = teacher_topk(model, batch, 8)
+    model.set_configuration(configs[0])
+    with torch.no_grad():
+        want = float(kl_to_teacher(model(**batch).logits, cache))
+    res = train(model, batches, configs, steps=6, progress=False)
+    # with weight 1 the step's loss is the KL alone, and training lowers it
+    assert res.history[0]["loss"] == pytest.approx(want, rel=1e-4)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_export_options_check_the_levers() -> None:
+    ExportOptions(
+        "smollm2", "o", sampler="sandwich", lora_init="residual", distill_weight=0.5
+    ).check()
+    for bad, match in (
+        (dict(sampler="greedy"), "sampler"),
+        (dict(lora_init="pissa"), "lora-init"),
+        (dict(distill_weight=1.5), "distill-weight"),
+    ):
+        with pytest.raises(ExportError, match=match):
+            ExportOptions("smollm2", "o", **bad).check()
+    cfg = ExportOptions("smollm2", "o", sampler="sandwich", distill_weight=0.25).adapter_config()
+    assert (cfg.sampler, cfg.distill_weight, cfg.lora_init) == ("sandwich", 0.25, "zero")
+
+
+# -- a bounded search ----------------------------------------------------------------------------
+def test_bounded_rescore_measures_a_fixed_subset_and_estimates_the_rest() -> None:
+    from coalora.export.coa_lora.search import ParetoSearch
+
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    model = CoALoRAModel(base, space, CoALoRAConfig(rank=4), kind="causal-lm")
+    held_out = _lm_batches(16).head(1)
+    configs = sorted(_configs(space, 8), key=space.bits)
+    search = ParetoSearch(
+        space, eval_batches=held_out, candidates=16, proposals_per_epoch=2, segments=2, rescore=3
+    )
+    measured: list[int] = []
+    real = search._evaluate
+
+    def counting(m, cs):
+        measured.append(len(cs))
+        return real(m, cs)
+
+    search._evaluate = counting  # type: ignore[method-assign]
+    search(0, model, configs)
+    log = search.history[-1]
+    assert measured[0] == 3 and log.evaluated == 3 + log.proposed
+    by_config = {c: loss for c, _, loss in search.last_evaluation}
+    truth = real(model, configs)
+    exact = [i for i, c in enumerate(configs) if abs(by_config[c] - truth[i]) < 1e-9]
+    assert {0, len(configs) - 1} <= set(exact) and len(exact) == 3  # both ends measured
+    with pytest.raises(ValueError, match="rescore"):
+        ParetoSearch(space, eval_batches=held_out, rescore=1)
+    with pytest.raises(ExportError, match="search-rescore"):
+        ExportOptions("smollm2", "o", search_rescore=1).check()
