@@ -59,7 +59,11 @@ def test_coalora_config_reads_the_export_defaults() -> None:
     from coalora.export.coa_lora.config import CoALoRAConfig
 
     shared = {f.name for f in fields(CoALoRAConfig)} & {f.name for f in fields(ExportOptions)}
-    assert shared == {"rank", "alpha", "lr", "configs_per_step", "seed"}
+    assert shared == {"rank", "alpha", "lr", "configs_per_step", "seed"} | {
+        "sampler",
+        "lora_init",
+        "distill_weight",
+    }
     cfg = CoALoRAConfig()
     for name in shared:
         assert getattr(cfg, name) == default_of(name), name
@@ -106,7 +110,7 @@ def test_presets_give_the_documented_runs() -> None:
     )
     fast = ExportOptions.for_model("minilm", "-", fast=True)
     assert (fast.steps, fast.batch_size, fast.eval_batches, fast.val_fraction) == (16, 8, 4, 0.2)
-    assert fast.quantizer == "search" and fast.limit == 300
+    assert fast.quantizer == "gptq" and fast.limit == 300  # the measured default
     assert ExportOptions.for_model("smollm2", "-", fast=True).eval_batches == 2
 
 
