@@ -110,7 +110,7 @@ def test_presets_give_the_documented_runs() -> None:
     )
     fast = ExportOptions.for_model("minilm", "-", fast=True)
     assert (fast.steps, fast.batch_size, fast.eval_batches, fast.val_fraction) == (16, 8, 4, 0.2)
-    assert fast.quantizer == "gptq" and fast.limit == 300  # the measured default
+    assert fast.quantizer == "search" and fast.limit == 300
     assert ExportOptions.for_model("smollm2", "-", fast=True).eval_batches == 2
 
 
