@@ -247,7 +247,7 @@ def damaged(tiny_llama_bundle: Path, tmp_path: Path, request) -> Path:
 def _open_and_serve(root: Path) -> None:
     from coalora.runtime.engine import Runtime
 
-    rt = Runtime.open(root, budget="32bits", threads=1, context_length=32)
+    rt = Runtime.open(root, budget="32bits", threads=1, context_length=128)
     rt.generate("hi", max_new_tokens=2)
     for entry in rt.pareto.entries:  # every stored configuration, so every file is read
         rt.switch(budget=f"{entry.bits + 1e-9:.12f}bits")
@@ -304,7 +304,7 @@ def test_a_file_changed_while_served_stops_the_next_switch(
     from coalora.runtime.engine import Runtime
 
     root = Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))
-    rt = Runtime.open(root, budget="32bits", threads=1, context_length=32)
+    rt = Runtime.open(root, budget="32bits", threads=1, context_length=128)
     assert rt.bundle.changed_files() == []
     path = root / "quant" / "2b64.safetensors"
     path.write_bytes(path.read_bytes())  # same bytes, new mtime: cannot be trusted as verified
