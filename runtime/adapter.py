@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coalora.kernels import Configuration
+from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.spec import THETA_FILE
+from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.graphs.weights import Adapter
 
 
@@ -135,3 +139,32 @@ def generate_adapters(
     adapters = fold(names, u, lora_a, lora_b, scale)
     t2 = time.perf_counter()
     return adapters, AdapterTimings(theta_s=t1 - t0, fold_s=t2 - t1)
+
+
+def open_theta(bundle: Bundle) -> ThetaRunner:
+    """The bundle's θ, checked (``ThetaRunner``); a bad one is a ``BundleError``."""
+    try:
+        return ThetaRunner(
+            str(bundle.theta_path()), bundle.theta_inputs, threads=1, rank=bundle.lora_rank
+        )
+    except ThetaError as exc:
+        raise BundleError(f"{bundle.root}: {THETA_FILE}: {exc}") from None
+
+
+def bundle_adapters(
+    bundle: Bundle,
+    theta: ThetaRunner,
+    lora: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+    config: Configuration,
+) -> tuple[dict[str, Adapter], AdapterTimings]:
+    """``config``'s adapter from the bundle's θ and shared LoRA (A, B per matrix); a damaged
+    θ vocabulary or a non-finite adjustment is a ``BundleError``."""
+    try:
+        arrays = ThetaVocab.from_dict(bundle.theta_vocab).encode(config, bundle.space)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{bundle.root}: θ vocabulary: {exc}") from None
+    names = [m.name for m in bundle.space.matrices]
+    try:
+        return generate_adapters(theta, arrays, names, *lora, bundle.lora_scale)
+    except ThetaError as exc:
+        raise BundleError(f"{bundle.root}: {THETA_FILE}: {exc}") from None

@@ -35,13 +35,12 @@ from coalora.kernels import Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL
 from coalora.runtime import assemble
 from coalora.runtime.adapt import AdaptPolicy, MemoryAdapter
-from coalora.runtime.adapter import ThetaError, ThetaRunner, generate_adapters
+from coalora.runtime.adapter import ThetaRunner, bundle_adapters, open_theta
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.chat import ChatFormat
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError, Verify
 from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
-from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.isa import CpuClass, check_device_class, detect
@@ -375,29 +374,9 @@ class Runtime:
         self._selection = sel
 
     def _adapters(self, config: Configuration) -> tuple[dict, Any]:
-        root = self.bundle.root
-        try:
-            if self._theta is None:
-                self._theta = ThetaRunner(
-                    str(self.bundle.theta_path()),
-                    self.bundle.theta_inputs,
-                    threads=1,
-                    rank=self.bundle.lora_rank,
-                )
-            vocab = ThetaVocab.from_dict(self.bundle.theta_vocab)
-            arrays = vocab.encode(config, self.bundle.space)
-        except ThetaError as exc:
-            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{root}: θ vocabulary: {exc}") from None
-        lora_a, lora_b = self._mapped.lora()
-        names = [m.name for m in self.bundle.space.matrices]
-        try:
-            return generate_adapters(
-                self._theta, arrays, names, lora_a, lora_b, self.bundle.lora_scale
-            )
-        except ThetaError as exc:
-            raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
+        if self._theta is None:
+            self._theta = open_theta(self.bundle)
+        return bundle_adapters(self.bundle, self._theta, self._mapped.lora(), config)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -440,18 +419,9 @@ class Runtime:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            path = self.bundle.tokenizer_path()
-            if path is None:
+            if self.bundle.tokenizer_path() is None:
                 raise BundleError(f"{self.bundle.root}: the bundle has no tokenizer.json")
-            try:
-                tok = Tokenizer.from_file(str(path))
-            except Exception as exc:  # tokenizers raises its own exception type
-                raise BundleError(f"{self.bundle.root}: tokenizer.json: {exc}") from None
-            tok.no_padding()
-            tok.no_truncation()
-            self._tokenizer = tok
+            self._tokenizer = load_tokenizer(self.bundle)
         return self._tokenizer
 
     # -- causal LM ----------------------------------------------------------------------------
@@ -635,6 +605,23 @@ def pareto_of(bundle: Bundle) -> ParetoSet:
         return ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     except ParetoError as exc:
         raise BundleError(f"{bundle.root}: pareto.json: {exc}") from None
+
+
+def load_tokenizer(bundle: Bundle) -> Any:
+    """The bundle's tokenizer (``None`` if it has none), with padding and truncation off; an
+    unreadable one is a ``BundleError``."""
+    from tokenizers import Tokenizer
+
+    path = bundle.tokenizer_path()
+    if path is None:
+        return None
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise BundleError(f"{bundle.root}: tokenizer.json: {exc}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def clamp_threads(threads: int) -> int:

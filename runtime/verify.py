@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from coalora.runtime import assemble
-from coalora.runtime.adapter import ThetaError, ThetaRunner, generate_adapters
+from coalora.runtime.adapter import bundle_adapters, open_theta
+from coalora.runtime.engine import load_tokenizer
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError
-from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
-from coalora.runtime.format.theta import ThetaVocab
+from coalora.runtime.format.spec import BASE_FILE
 
 
 def verify_bundle(path: str | Path) -> Bundle:
@@ -32,29 +32,10 @@ def verify_bundle(path: str | Path) -> Bundle:
     assemble.arch_of(bundle)
     mapped = assemble.MappedBundle(bundle)
     mapped.file(BASE_FILE)
-    lora_a, lora_b = mapped.lora()
-    names = [m.name for m in bundle.space.matrices]
-    try:
-        theta = ThetaRunner(
-            str(bundle.theta_path()), bundle.theta_inputs, threads=1, rank=bundle.lora_rank
-        )
-        vocab = ThetaVocab.from_dict(bundle.theta_vocab)
-        for entry in pareto.entries:
-            mapped.linears(entry.config)
-            arrays = vocab.encode(entry.config, bundle.space)
-            generate_adapters(theta, arrays, names, lora_a, lora_b, bundle.lora_scale)
-    except ThetaError as exc:
-        raise BundleError(f"{root}: {THETA_FILE}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, BundleError):
-            raise
-        raise BundleError(f"{root}: θ vocabulary: {exc}") from None
-    tokenizer = bundle.tokenizer_path()
-    if tokenizer is not None:
-        from tokenizers import Tokenizer
-
-        try:
-            Tokenizer.from_file(str(tokenizer))
-        except Exception as exc:  # tokenizers raises its own exception type
-            raise BundleError(f"{root}: tokenizer.json: {exc}") from None
+    lora = mapped.lora()
+    theta = open_theta(bundle)
+    for entry in pareto.entries:
+        mapped.linears(entry.config)
+        bundle_adapters(bundle, theta, lora, entry.config)
+    load_tokenizer(bundle)
     return bundle

@@ -163,13 +163,6 @@ class Manifest(_Open):
                 raise ValueError(f"manifest lists a path outside the bundle: {rel}")
         return data
 
-    @field_validator("format")
-    @classmethod
-    def _format(cls, value: str) -> str:
-        if value != FORMAT:
-            raise ValueError("not a coalora bundle manifest")
-        return value
-
 
 def _where(error: dict[str, Any]) -> str:
     return ".".join(str(p) for p in error.get("loc", ())) or "manifest"
