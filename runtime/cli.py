@@ -33,6 +33,8 @@ Examples:
 
   coalora-run bundle/ --profile rpi4-4gb --dry-run --json    # plan for another device
 
+  coalora-run bundle/ --min-speed 40 --prompt "Hi"            # best that decodes >= 40 tok/s
+
   echo "Tell me a story" | coalora-run bundle/ --max-tokens 64 --temperature 0.7 --seed 1
 
   coalora-run classifier/ --classify "Shares fell sharply today"
@@ -74,8 +76,52 @@ def _choice_dict(rt: Any) -> dict[str, Any]:
         "reason": sel.reason,
         "cpu": sel.cpu.describe() if sel.cpu else None,
         "slow_options_fallback": sel.slow_fallback,
+        "min_speed": rt.min_speed,
+        "predicted_tok_s": sel.predicted_tok_s,
         "plan": sel.plan.to_dict(),
     }
+
+
+def _speed_rows(rt: Any) -> list[dict[str, Any]]:
+    """Every stored configuration with its plan and predicted decode speed (dry runs)."""
+    if rt.task != "causal-lm":
+        return []
+    chosen = rt.selection.config
+    rows = []
+    for e in sorted(rt.pareto.entries, key=lambda e: e.bits):
+        plan = rt.plan(e.config)
+        rows.append(
+            {
+                "bits": e.bits,
+                "metric": e.metric,
+                "plan_bytes": plan.total,
+                "predicted_tok_s": rt.predicted_tok_s(e.config, rt.profile),
+                "chosen": e.config == chosen,
+            }
+        )
+    return rows
+
+
+def _print_speeds(rt: Any, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    speed = rt.device_speed(rt.profile)
+    table = Table(
+        title=f"stored configurations (decode speed predicted from {speed.source})",
+        title_justify="left",
+    )
+    for name in ("bits", rt.pareto.metric_name, "plan", "predicted tok/s", ""):
+        table.add_column(name, justify="right" if name else "left")
+    for r in rows:
+        table.add_row(
+            f"{r['bits']:.2f}",
+            f"{r['metric']:.4g}",
+            format_bytes(r["plan_bytes"], "MB"),
+            f"{r['predicted_tok_s']:.1f}",
+            "chosen" if r["chosen"] else "",
+        )
+    Console(stderr=True, highlight=False).print(table)
 
 
 def _print_choice(rt: Any) -> None:
@@ -198,6 +244,16 @@ def run(
             "--adapt", help="re-check free memory before answering and switch configuration"
         ),
     ] = False,
+    min_speed: Annotated[
+        float | None,
+        typer.Option(
+            "--min-speed",
+            help="compute budget: the best configuration predicted to decode at least this "
+            "many tok/s on this device (or the profile's), within the memory budget too; "
+            "--dry-run shows the prediction per configuration",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the answer")] = False,
 ) -> None:
     from coalora.runtime.engine import Runtime, RuntimeInputError
@@ -224,13 +280,18 @@ def run(
         build=False,
         adapt=adapt,
         device_class=device_class,
+        min_speed=min_speed,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:
+        rows = _speed_rows(rt)
         if as_json:
-            sys.stdout.write(json.dumps(_choice_dict(rt), indent=1) + "\n")
+            out = {**_choice_dict(rt), "configurations": rows}
+            sys.stdout.write(json.dumps(out, indent=1) + "\n")
         else:
             _print_choice(rt)
+            if rows:
+                _print_speeds(rt, rows)
         return
 
     text = classify if classify is not None else prompt

@@ -52,6 +52,7 @@ from coalora.runtime.report import option_histogram
 from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
 from coalora.runtime.selection import Selection, select
 from coalora.runtime.session import BuiltSession, create_session
+from coalora.runtime.speed import DeviceSpeed, decode_work, device_speed, options_read
 
 __all__ = [
     "BudgetError",
@@ -120,6 +121,19 @@ class Timings:
         }
 
 
+# Speeds are predicted with this many tokens in the KV cache: a short prompt and answer.
+PREDICTION_POSITION = 128
+
+
+def check_min_speed(min_speed: float, arch: Any) -> float:
+    """``--min-speed``: a positive, finite tok/s, for a bundle that decodes."""
+    if not isinstance(arch, LlamaArch):
+        raise RuntimeInputError("--min-speed applies to causal-lm bundles (they decode tokens)")
+    if not (isinstance(min_speed, int | float) and 0 < min_speed < float("inf")):
+        raise RuntimeInputError(f"min-speed must be a positive number of tok/s, got {min_speed}")
+    return float(min_speed)
+
+
 def _budget(budget: str | Budget) -> Budget:
     return budget if isinstance(budget, Budget) else parse_budget(budget)
 
@@ -157,6 +171,8 @@ class Runtime:
         self._theta: ThetaRunner | None = None
         self._tokenizer: Any = None
         self.adapt: MemoryAdapter | None = None  # set by open(adapt=...): see runtime/adapt.py
+        self.min_speed: float | None = None  # decode tok/s a choice must be predicted to meet
+        self._speeds: dict[str, DeviceSpeed] = {}
         self._check_context()
         base = self._mapped.file(BASE_FILE)
         self.accountant = Accountant.for_bundle(
@@ -186,6 +202,7 @@ class Runtime:
         adapt: bool | AdaptPolicy = False,
         all_logits: bool = False,
         device_class: str | None = None,
+        min_speed: float | None = None,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
@@ -200,6 +217,9 @@ class Runtime:
 
         ``device_class`` (``runtime.isa``: "armv8.0", ..., "any") replaces the profile's CPU
         class and this CPU's own for choosing which options to avoid as slow.
+
+        ``min_speed`` (tok/s): choose only among configurations whose predicted decode speed
+        on this device (or ``profile``'s) meets it (``runtime/speed.py``).
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
@@ -222,6 +242,8 @@ class Runtime:
         )
         if device_class is not None:
             rt.device_class = check_device_class(device_class)
+        if min_speed is not None:
+            rt.min_speed = check_min_speed(min_speed, rt.arch)
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
         if build:
@@ -266,10 +288,38 @@ class Runtime:
             held_bytes=self._held_bytes(),
             cpu=self.cpu_class(profile),
             accuracy_level=self.accuracy_level,
+            min_speed=self.min_speed,
+            speed_fn=(lambda c: self.predicted_tok_s(c, profile)) if self.min_speed else None,
         )
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel
+
+    def device_speed(self, profile: DeviceProfile | None = None) -> DeviceSpeed:
+        """The decode costs of this machine (measured once, cached) or of ``profile``'s
+        board (its memory bandwidth)."""
+        key = profile.name if profile is not None else ""
+        if key not in self._speeds:
+            if profile is not None:
+                self._speeds[key] = DeviceSpeed.from_bandwidth(
+                    profile.memory_bandwidth_gbs,
+                    f"profile {profile.name}: {profile.memory_bandwidth_gbs:g} GB/s",
+                )
+            else:
+                self._speeds[key] = device_speed(
+                    options_read(self.accountant), self.threads, self.accuracy_level
+                )
+        return self._speeds[key]
+
+    def predicted_tok_s(
+        self,
+        config: Configuration,
+        profile: DeviceProfile | None = None,
+        position: int = PREDICTION_POSITION,
+    ) -> float:
+        """Predicted decode tokens/s of ``config`` with ``position`` tokens in the cache."""
+        work = decode_work(self.accountant, self.arch, config, min(position, self.context_length))
+        return self.device_speed(profile).tok_s(work)
 
     def cpu_class(self, profile: DeviceProfile | None = None) -> CpuClass:
         """The CPU class the selection avoids slow options for: the override, the profile's,

@@ -9,6 +9,9 @@
 runs through a dequantize-every-call path are skipped unless nothing else fits, and the
 reason says which way it went.
 
+``min_speed`` (``--min-speed``, the compute budget) keeps only entries whose predicted decode
+speed on the device (``runtime/speed.py``) meets it.
+
 ``available_bytes``, when given, is a ceiling on the plan for every kind of budget: a device
 never picks a configuration it cannot hold, whatever the flag says. The stored set itself
 (``ParetoSet``, pareto.json) is part of the bundle format: ``coalora.runtime.format.pareto``.
@@ -44,6 +47,7 @@ class Selection:
     limit_bytes: int | None  # the plan ceiling that applied, if any
     cpu: CpuClass | None = None  # the CPU class the choice was made for
     slow_fallback: bool = False  # every fitting entry uses an option slow on ``cpu``
+    predicted_tok_s: float | None = None  # when chosen under a minimum speed
 
     @property
     def config(self) -> Configuration:
@@ -58,11 +62,16 @@ def select(
     held_bytes: int = 0,
     cpu: CpuClass | None = None,
     accuracy_level: int = 4,
+    min_speed: float | None = None,
+    speed_fn: Callable[[Configuration], float] | None = None,
 ) -> Selection:
     """The best stored configuration within ``budget``; raises ``SelectionError`` if none fits.
 
     An ``auto`` budget without ``available_bytes`` is resolved here, once: what the device
     has free plus ``held_bytes`` (memory the caller will free first, e.g. a running session).
+
+    ``min_speed`` with ``speed_fn`` (a configuration's predicted decode tok/s): only entries
+    predicted to decode at least that fast qualify, within the memory budget too.
     """
     if not pareto.entries:
         raise SelectionError("the Pareto set is empty: nothing to select")
@@ -114,6 +123,20 @@ def select(
             )
         candidates = fitting
 
+    speed_note, predicted = "", None
+    if min_speed is not None and speed_fn is not None:
+        speeds = {e.config: speed_fn(e.config) for e in candidates}
+        fast_enough = [e for e in candidates if speeds[e.config] >= min_speed]
+        if not fast_enough:
+            best_speed = max(speeds.values())
+            raise SelectionError(
+                f"no stored configuration within the {within} is fast enough: --min-speed "
+                f"needs at least {min_speed:g} tok/s; the fastest stored configuration is "
+                f"predicted at {best_speed:.1f} tok/s"
+            )
+        candidates = fast_enough
+        speed_note = f", predicted >= {min_speed:g} tok/s"
+
     cpu_note, fallback = "", False
     slow_bits = cpu.slow_bits(accuracy_level) if cpu is not None else frozenset()
     if slow_bits:
@@ -135,12 +158,16 @@ def select(
 
     best = _best(pareto, candidates)
     plan = plan_of(best)
+    if speed_note:
+        assert speed_fn is not None
+        predicted = speed_fn(best.config)
+        speed_note = f"{speed_note} (this one {predicted:.1f})"
     kind = "seen" if best.seen_in_training else "unseen"
     reason = (
         f"{pareto.metric_name} {best.metric:.4g} at {best.bits:.2f} bits "
         f"({kind} configuration, plan {format_bytes(plan.total, unit, round_up=True)}): "
         f"best of {len(candidates)}/{len(pareto.entries)} stored configurations within the {within}"
-        f"{cpu_note}"
+        f"{speed_note}{cpu_note}"
     )
     return Selection(
         entry=best,
@@ -150,6 +177,7 @@ def select(
         limit_bytes=limit,
         cpu=cpu,
         slow_fallback=fallback,
+        predicted_tok_s=predicted,
     )
 
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _device_speed_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache of measured decode costs (``runtime/speed.py``) for the whole run, shared
+    with the CLI subprocesses the tests start: measured once, not once per dry run, and
+    never in the user's home."""
+    path = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
