@@ -1,0 +1,168 @@
+"""The compute budget's prediction against measured decoding, on a real bundle.
+
+Five stored configurations spread over the bundle's bits are opened side by side; each
+decodes ``NEW_TOKENS`` greedy tokens after the speed benchmark's prompt, in interleaved rounds
+(``benchmarks.common.interleaved``), measured as ``benchmarks.runtime_speed`` measures it.
+The prediction is ``runtime/speed.py``'s, from costs measured afresh in the same process
+(not the cache), at the mean position of the decode.
+
+    python -m benchmarks.speed_prediction [--bundle .cache/demo/smollm2-bbc] [--rounds 4]
+
+writes benchmarks/results/speed_prediction.md and .json; ``summary`` holds
+``predicted_vs_measured_max_error`` (the largest |predicted - measured| / measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    SHARED_MACHINE,
+    interleaved,
+    machine,
+    machine_md,
+    median,
+    read_result,
+    report_only_parser,
+)
+from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, PROMPT, THREADS, _ours
+
+CONFIGURATIONS = 5
+GAP_S = 0.3
+STEM = "speed_prediction"
+
+
+def _spread(entries: list[Any], n: int) -> list[Any]:
+    by_bits = sorted(entries, key=lambda e: e.bits)
+    if len(by_bits) <= n:
+        return by_bits
+    return [by_bits[round(i * (len(by_bits) - 1) / (n - 1))] for i in range(n)]
+
+
+def run(bundle: str, rounds: int) -> dict[str, Any]:
+    from coalora.runtime.engine import Runtime
+    from coalora.runtime.speed import decode_work, measure, options_read
+
+    t_start = time.perf_counter()
+    probe = Runtime.open(
+        bundle, budget="32bits", threads=THREADS, context_length=CONTEXT, build=False
+    )
+    entries = _spread(list(probe.pareto.entries), CONFIGURATIONS)
+    runtimes = {
+        f"{e.bits:.2f} bits": Runtime.open(
+            bundle,
+            budget=f"{e.bits + 1e-9:.9f}bits",
+            threads=THREADS,
+            context_length=CONTEXT,
+        )
+        for e in entries
+    }
+    ids = next(iter(runtimes.values())).encode_prompt(PROMPT)
+    costs = measure(options_read(probe.accountant), THREADS, probe.accuracy_level)
+    position = len(ids) + NEW_TOKENS // 2
+    rows_by_key = {}
+    for key, rt in runtimes.items():
+        work = decode_work(rt.accountant, rt.arch, rt.config, position)
+        rows_by_key[key] = {
+            "configuration": key,
+            "bits": rt.selection.entry.bits,
+            "predicted_tok_s": costs.tok_s(work),
+            "nodes": work.nodes,
+            "weights_read": {o.name: n for o, n in sorted(work.weights.items())},
+            "fp32_values_read": work.fp32_values,
+        }
+    order = list(runtimes)
+    results = interleaved(
+        {k: (lambda rt=rt: _ours(rt, ids)) for k, rt in runtimes.items()}, order, rounds, GAP_S
+    )
+    for key, rs in results.items():
+        row = rows_by_key[key]
+        row["measured_tok_s_rounds"] = [r["decode_tok_s"] for r in rs]
+        row["measured_tok_s"] = median(row["measured_tok_s_rounds"])
+        row["load1"] = [r["load1"] for r in rs]
+        row["error"] = abs(row["predicted_tok_s"] - row["measured_tok_s"]) / row["measured_tok_s"]
+    rows = [rows_by_key[k] for k in order]
+    return {
+        "summary": {
+            "predicted_vs_measured_max_error": max(r["error"] for r in rows),
+            "configurations": len(rows),
+            "threads": THREADS,
+        },
+        "rows": rows,
+        "costs": costs.to_json(),
+        "position": position,
+        "new_tokens": NEW_TOKENS,
+        "rounds": rounds,
+        "bundle": os.path.relpath(bundle, ROOT) if os.path.isabs(bundle) else bundle,
+        "machine": machine(("coalora", "numpy", "onnxruntime")),
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def report(res: dict[str, Any], command: str) -> str:
+    s, c = res["summary"], res["costs"]
+    lines = [
+        "# Predicted against measured decode speed (`--min-speed`)",
+        "",
+        f"Bundle `{res['bundle']}`, {s['threads']} threads, {res['new_tokens']} greedy tokens per "
+        f"round, {res['rounds']} interleaved rounds (medians); predicted at position "
+        f"{res['position']} from costs measured in the same run: "
+        + ", ".join(f"{k} {v * 1e12:.0f} ps/weight" for k, v in c["seconds_per_weight"].items())
+        + f", fp32 {c['fp32_seconds_per_value'] * 1e12:.0f} ps/value, "
+        f"{c['node_seconds'] * 1e6:.1f} us/node (measured in {c['measured_s']:.1f} s).",
+        "",
+        *machine_md(res["machine"], command, res["wall_s"], SHARED_MACHINE),
+        "",
+        f"**Largest error: {100 * s['predicted_vs_measured_max_error']:.1f}%** "
+        "(|predicted - measured| / measured).",
+        "",
+        "| configuration | nodes | predicted tok/s | measured tok/s | error | load (1 min) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        load = "/".join(f"{x:.1f}" for x in r["load1"])
+        lines.append(
+            f"| {r['configuration']} | {r['nodes']} | {r['predicted_tok_s']:.1f} | "
+            f"{r['measured_tok_s']:.1f} | {100 * r['error']:.1f}% | {load} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(res: dict[str, Any], command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        (f"{STEM}.json", json.dumps({**res, "command": command}, indent=2)),
+        (f"{STEM}.md", report(res, command)),
+    ):
+        tmp = RESULTS / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(RESULTS / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = report_only_parser(__doc__)
+    p.add_argument("--bundle", default=str(ROOT / ".cache" / "demo" / "smollm2-bbc"))
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args(argv)
+    if args.report_only:
+        res = read_result(RESULTS / f"{STEM}.json")
+        write(res, res["command"])
+        return 0
+    if not os.path.isdir(args.bundle):
+        raise SystemExit(f"error: no bundle at {args.bundle} (make demo builds one)")
+    command = "python -m benchmarks.speed_prediction" + (
+        f" --rounds {args.rounds}" if args.rounds != 4 else ""
+    )
+    res = run(args.bundle, args.rounds)
+    write(res, command)
+    print(report(res, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
