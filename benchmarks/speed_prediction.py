@@ -4,12 +4,14 @@ Five stored configurations spread over the bundle's bits are opened side by side
 decodes ``NEW_TOKENS`` greedy tokens after the speed benchmark's prompt, in interleaved rounds
 (``benchmarks.common.interleaved``), measured as ``benchmarks.runtime_speed`` measures it.
 The prediction is ``runtime/speed.py``'s, from costs measured afresh in the same process
-(not the cache), at the mean position of the decode.
+(not the cache), at the mean position of the decode. The exact path (``--exact``) of the
+middle configuration runs in the same rounds, for its speed against the fast path.
 
     python -m benchmarks.speed_prediction [--bundle .cache/demo/smollm2-bbc] [--rounds 4]
 
 writes benchmarks/results/speed_prediction.md and .json; ``summary`` holds
-``predicted_vs_measured_max_error`` (the largest |predicted - measured| / measured).
+``predicted_vs_measured_max_error`` (the largest |predicted - measured| / measured) and
+``exact_vs_fast``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ def run(bundle: str, rounds: int) -> dict[str, Any]:
         )
         for e in entries
     }
+    # the exact path (--exact) at the middle configuration, in the same rounds
+    middle = entries[len(entries) // 2]
+    exact_key = f"exact, {middle.bits:.2f} bits"
+    exact = Runtime.open(
+        bundle,
+        budget=f"{middle.bits + 1e-9:.9f}bits",
+        threads=THREADS,
+        context_length=CONTEXT,
+        lora_bits=32,
+        accuracy_level=0,
+    )
     ids = next(iter(runtimes.values())).encode_prompt(PROMPT)
     costs = measure(options_read(probe.accountant), THREADS, probe.accuracy_level)
     position = len(ids) + NEW_TOKENS // 2
@@ -77,9 +90,12 @@ def run(bundle: str, rounds: int) -> dict[str, Any]:
             "fp32_values_read": work.fp32_values,
         }
     order = list(runtimes)
-    results = interleaved(
-        {k: (lambda rt=rt: _ours(rt, ids)) for k, rt in runtimes.items()}, order, rounds, GAP_S
-    )
+    runs = {k: (lambda rt=rt: _ours(rt, ids)) for k, rt in runtimes.items()}
+    runs[exact_key] = lambda: _ours(exact, ids)
+    results = interleaved(runs, [*order, exact_key], rounds, GAP_S)
+    exact_rounds = [r["decode_tok_s"] for r in results.pop(exact_key)]
+    fast_rounds = [r["decode_tok_s"] for r in results[f"{middle.bits:.2f} bits"]]
+    exact_vs_fast = median([e / f for e, f in zip(exact_rounds, fast_rounds, strict=True)])
     for key, rs in results.items():
         row = rows_by_key[key]
         row["measured_tok_s_rounds"] = [r["decode_tok_s"] for r in rs]
@@ -92,6 +108,13 @@ def run(bundle: str, rounds: int) -> dict[str, Any]:
             "predicted_vs_measured_max_error": max(r["error"] for r in rows),
             "configurations": len(rows),
             "threads": THREADS,
+            "exact_vs_fast": exact_vs_fast,
+        },
+        "exact": {
+            "configuration": exact_key,
+            "decode_tok_s_rounds": exact_rounds,
+            "fast_decode_tok_s_rounds": fast_rounds,
+            "plan_bytes": exact.selection.plan.total,
         },
         "rows": rows,
         "costs": costs.to_json(),
@@ -130,6 +153,15 @@ def report(res: dict[str, Any], command: str) -> str:
             f"| {r['configuration']} | {r['nodes']} | {r['predicted_tok_s']:.1f} | "
             f"{r['measured_tok_s']:.1f} | {100 * r['error']:.1f}% | {load} |"
         )
+    e = res["exact"]
+    lines += [
+        "",
+        f"The exact path (`--exact`: fp32 activations, 2- and 8-bit matrices as fp32 MatMul of "
+        f"their dequantized weights) at {e['configuration'].split(', ')[1]}: median "
+        f"{median(e['decode_tok_s_rounds']):.1f} tok/s, **{s['exact_vs_fast']:.2f}x** the fast "
+        f"path in the same rounds (per-round ratio, median); plan "
+        f"{e['plan_bytes'] / 1e6:.0f} MB.",
+    ]
     return "\n".join(lines) + "\n"
 
 

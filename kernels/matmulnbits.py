@@ -29,6 +29,16 @@ from coalora.kernels.quantize import QuantizedMatrix
 
 DOMAIN = "com.microsoft"
 DEFAULT_ACCURACY_LEVEL = 4
+# Widths with an fp32-activation (accuracy_level 0) kernel in onnxruntime 1.32; the others run
+# a path ~100x slower there (measured: 2048x4096 at one token, 2 threads, 1.0 ms at 4 bits
+# against 99-115 ms at 2 and 8 bits), so an exact graph multiplies them dequantized instead.
+FP32_KERNEL_BITS = frozenset({4})
+
+
+def exact_as_fp32(bits: int, accuracy_level: int) -> bool:
+    """Whether a graph at ``accuracy_level`` computes a ``bits``-wide matrix as an fp32
+    MatMul of its dequantized weight (one home for the rule: graphs, plan and speed)."""
+    return accuracy_level == 0 and bits not in FP32_KERNEL_BITS
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:

@@ -183,6 +183,7 @@ class Runtime:
             context_length=self.context_length,
             lora_bits=lora_bits,
             theta_bytes=bundle.file_bytes(THETA_FILE) or 0,
+            accuracy_level=accuracy_level,
         )
 
     # -- opening and switching ------------------------------------------------------------------
@@ -407,7 +408,10 @@ class Runtime:
         # all the session reads.
         try:
             self._built = create_session(
-                proto, threads=self.threads, initializers=arrays, release=self._mapped.release
+                proto,
+                threads=self.threads,
+                initializers=arrays,
+                release=self._mapped.release,
             )
         except Exception as exc:  # onnxruntime's own types: the weights do not fit the graph
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

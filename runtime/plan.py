@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coalora.kernels.config import ConfigSpace
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, exact_as_fp32
 from coalora.kernels.options import QuantOption
 from coalora.runtime.format.reader import Bundle
 from coalora.runtime.format.spec import TOKENIZER_FILE, Family, family_named
@@ -40,6 +41,15 @@ so 64 MiB is that figure rounded up. A bare interpreter with psutil is 13.9 MB o
 Allocator arenas and activations of a real model are not included (the KV cache is planned
 separately).
 """
+
+
+EXACT_FP32_COPIES = 2
+"""Copies of a matrix the exact graph holds dequantized (``kernels.matmulnbits.exact_as_fp32``):
+the fp32 array and onnxruntime's prepacked copy of it. Measured on the demo SmolLM2 bundle
+(2 threads): peak RSS 1314 MB at 2.54 bits and 668 MB at 4.5 bits, against 314 / 340 MB for
+the fast graph plus 2 x the dequantized bytes (537 / 170 MB) and the largest one's
+transient. Turning prepacking off saves the copy but sends 4-bit MatMulNBits at accuracy
+level 0 to a path ~20x slower (measured), so the copy is planned for instead."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +107,12 @@ def plan_memory(
     kv_bytes_per_token: int,
     context_length: int,
     overhead_bytes: int = DEFAULT_OVERHEAD,
+    quantized_bytes: int | None = None,
 ) -> MemoryPlan:
     """The plan for ``config``; the KV cache is sized for the full ``context_length``.
 
-    An encoder (classification) passes ``kv_bytes_per_token=0``.
+    An encoder (classification) passes ``kv_bytes_per_token=0``. ``quantized_bytes``: what
+    the matrices take when not their packed size (an exact graph's dequantized ones).
     """
     for name, value in (
         ("other_weights_bytes", other_weights_bytes),
@@ -112,7 +124,9 @@ def plan_memory(
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     return MemoryPlan(
-        quantized_weights_bytes=space.nbytes(config),
+        quantized_weights_bytes=space.nbytes(config)
+        if quantized_bytes is None
+        else quantized_bytes,
         other_weights_bytes=int(other_weights_bytes),
         lora_bytes=int(lora_bytes),
         kv_cache_bytes=int(kv_bytes_per_token) * int(context_length),
@@ -221,6 +235,7 @@ class Accountant:
     kv_bytes_per_token: int
     overhead_bytes: int  # the runtime + the loaded tokenizer
     biased: frozenset[str] = frozenset()  # quantized matrices with a bias
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # 0: the exact graph (``exact_as_fp32``)
 
     @classmethod
     def for_bundle(
@@ -233,9 +248,15 @@ class Accountant:
         context_length: int,
         lora_bits: int,
         theta_bytes: int,
+        accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     ) -> Accountant:
         """``base_bytes``/``base_names``: the size and tensor names of the base file."""
         names = [m.name for m in bundle.space.matrices]
+        head = bundle.lm_head
+        if head and exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
+            # the exact graph holds the quantized head dequantized next to its codes, twice,
+            # plus the transient of dequantizing it (the graph's largest matrix)
+            base_bytes += (EXACT_FP32_COPIES + 1) * 4 * arch.vocab_size * arch.hidden_size
         return cls(
             bundle=bundle,
             lora_bits=lora_bits,
@@ -244,6 +265,7 @@ class Accountant:
             kv_bytes_per_token=kv_bytes_per_token(arch),
             overhead_bytes=DEFAULT_OVERHEAD + tokenizer_bytes(bundle),
             biased=frozenset(n for n in names if f"{n}.bias" in base_names),
+            accuracy_level=accuracy_level,
         )
 
     def fused_groups(self, config: Mapping[str, QuantOption]) -> list[tuple[str, ...]]:
@@ -261,4 +283,24 @@ class Accountant:
             kv_bytes_per_token=self.kv_bytes_per_token,
             context_length=self.context_length,
             overhead_bytes=self.overhead_bytes,
+            quantized_bytes=self._quantized_bytes(config),
         )
+
+    def _quantized_bytes(self, config: Mapping[str, QuantOption]) -> int | None:
+        """The matrices' bytes where an exact graph holds some dequantized (fp32), else None
+        (their packed size): ``EXACT_FP32_COPIES`` of each, plus the transient of
+        dequantizing the largest."""
+        slow = [
+            m
+            for m in self.bundle.space.matrices
+            if exact_as_fp32(config[m.name].bits, self.accuracy_level)
+        ]
+        if not slow:
+            return None
+        packed = sum(
+            config[m.name].nbytes(m.out_features, m.in_features)
+            for m in self.bundle.space.matrices
+            if m not in slow
+        )
+        fp32 = [4 * m.n_params for m in slow]
+        return packed + EXACT_FP32_COPIES * sum(fp32) + max(fp32)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, exact_as_fp32
 from coalora.kernels.options import QuantOption
 from coalora.runtime.plan import Accountant
 
@@ -102,16 +102,21 @@ def decode_work(
         raise SpeedError("decode speed is predicted for causal-lm bundles only")
     space = accountant.bundle.space
     weights: dict[QuantOption, int] = {}
-    fp32 = 0
+    fp32 = nodes = 0
 
     def add(option: QuantOption, n: int) -> None:
         weights[option] = weights.get(option, 0) + n
 
+    level = accountant.accuracy_level
     for m in space.matrices:
-        add(config[m.name], m.in_features * m.out_features)
+        if exact_as_fp32(config[m.name].bits, level):
+            fp32 += m.in_features * m.out_features
+            nodes += m.name in accountant.biased  # its bias is an Add of its own
+        else:
+            add(config[m.name], m.in_features * m.out_features)
     groups = accountant.fused_groups(config)
     rank = accountant.bundle.lora_rank
-    nodes = _GRAPH_NODES + arch.num_hidden_layers * _LAYER_NODES + len(groups)
+    nodes += _GRAPH_NODES + arch.num_hidden_layers * _LAYER_NODES + len(groups)
     # a fused gate/up output is split in two
     nodes += sum(1 for g in groups if len(g) > 1 and g[0].endswith("gate_proj"))
     if rank:
@@ -119,14 +124,17 @@ def decode_work(
         for g in groups:
             k = space.matrix(g[0]).in_features
             a, b = k * rank * len(g), rank * len(g) * sum(space.matrix(n).out_features for n in g)
-            if accountant.lora_bits == 32:
+            if accountant.lora_bits == 32 or exact_as_fp32(LORA_A_OPTION.bits, level):
                 fp32 += a + b
             else:
                 add(LORA_A_OPTION, a)
                 add(LORA_B_OPTION, b)
     head = arch.vocab_size * arch.hidden_size
     head_option = accountant.bundle.lm_head
-    if head_option:
+    if head_option and exact_as_fp32(QuantOption.parse(head_option).bits, level):
+        fp32 += head
+        nodes += _QUANT_HEAD_NODES
+    elif head_option:
         add(QuantOption.parse(head_option), head)
         nodes += _QUANT_HEAD_NODES
     else:
@@ -147,7 +155,8 @@ def options_read(accountant: Accountant) -> set[QuantOption]:
         out |= {LORA_A_OPTION, LORA_B_OPTION}
     if accountant.bundle.lm_head:
         out.add(QuantOption.parse(accountant.bundle.lm_head))
-    return out
+    # what an exact graph multiplies dequantized is fp32 values, not MatMulNBits
+    return {o for o in out if not exact_as_fp32(o.bits, accountant.accuracy_level)}
 
 
 # -- the device's costs ----------------------------------------------------------------------------

@@ -221,15 +221,22 @@ def test_quantized_embedding_and_head() -> None:
         assert _max_diff(got, want) < 0.03 * scale
 
 
-def test_llama_decoder_accuracy_level0_is_tight() -> None:
+@pytest.mark.parametrize("kind", ["4b32", "mixed"])
+def test_llama_decoder_accuracy_level0_is_tight(kind: str) -> None:
+    """The exact graph: 4-bit matrices on MatMulNBits' fp32 kernel, 2- and 8-bit ones (no such
+    kernel) as fp32 MatMul of the dequantized weight; both as tight as fp32 allows."""
     model = _tiny_llama(hidden=64, tied=False, seed=3)
-    arch, weights, lora = _prepare(model, "4b32", 8)
+    arch, weights, lora = _prepare(model, kind, 8)
     weights.lora = lora
     proto = build_llama_decoder(arch, weights, lora_rank=8, accuracy_level=0, fuse_qkv=False)
+    dequantized = [n for n in proto.graph.node if n.op_type == "MatMul" and "lora" not in n.name]
+    bits = {w.bits for w in weights.linears.values()}
+    assert len(dequantized) == sum(w.bits != 4 for w in weights.linears.values())
+    assert bool(dequantized) == (bits != {4})
     got, got_tokens = _onnx_generate(_session(proto), arch, DECODE_STEPS)
     want, want_tokens = _torch_generate(model, DECODE_STEPS)
     diff = _max_diff(got, want)
-    print(f"accuracy_level=0 4b32: max|diff|={diff:.2e}")
+    print(f"accuracy_level=0 {kind}: max|diff|={diff:.2e}")
     assert got_tokens == want_tokens
     assert diff < 2e-4
 

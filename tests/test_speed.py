@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coalora.kernels.options import QuantOption
@@ -42,18 +43,26 @@ def _costs(per_bit: float = 1e-10, fp32: float = 4e-10, node: float = 1e-7) -> D
     )
 
 
-@pytest.mark.parametrize("head", ["quantized", "fp32"])
+@pytest.mark.parametrize(
+    ("head", "exact"), [("quantized", False), ("fp32", False), ("quantized", True)]
+)
 def test_decode_work_counts_the_nodes_and_weights_the_builder_makes(
-    rt: Runtime, head: str, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_bundle: Path, rt: Runtime, head: str, exact: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """For every stored configuration (uniform ones fuse q/k/v and gate/up, a mixed one only
     partly), the predicted node count is the built graph's and the MatMulNBits weights are
-    its initializers' (the quantized matrices, the 8-bit LoRA branch, a quantized head)."""
+    its initializers' (the quantized matrices, the 8-bit LoRA branch, a quantized head); the
+    exact graph's dequantized matrices and fp32 LoRA are fp32 values read."""
     from coalora.runtime.format.reader import Bundle
 
     assert rt.bundle.lm_head  # the tiny bundle stores a quantized head
     if head == "fp32":
         monkeypatch.setattr(Bundle, "lm_head", property(lambda self: None))
+    graph = {"lora_bits": 32, "accuracy_level": 0} if exact else {}
+    if exact:
+        rt = Runtime.open(
+            tiny_llama_bundle, budget="8bits", threads=1, context_length=64, build=False, **graph
+        )
     for entry in rt.pareto.entries:
         proto, arrays = assemble.build_graph(
             rt._mapped,
@@ -63,6 +72,7 @@ def test_decode_work_counts_the_nodes_and_weights_the_builder_makes(
             fuse=True,
             external=True,
             last_logits=True,
+            **graph,
         )
         work = decode_work(rt.accountant, rt.arch, entry.config, position=0)
         assert work.nodes == len(proto.graph.node)
@@ -73,8 +83,15 @@ def test_decode_work_counts_the_nodes_and_weights_the_builder_makes(
                 opt = QuantOption(a["bits"], a["block_size"])
                 weights[opt] = weights.get(opt, 0) + a["K"] * a["N"]
         assert weights == dict(work.weights)
-        fp32_head = rt.arch.vocab_size * rt.arch.hidden_size if head == "fp32" else 0
-        assert work.fp32_values == fp32_head  # nothing in the KV cache at position 0
+        fp32 = sum(
+            int(np.prod(t.dims))
+            for t in proto.graph.initializer
+            if t.name.endswith(".dequantized") or (exact and t.name.startswith("lora."))
+        )
+        if head == "fp32":
+            fp32 += rt.arch.vocab_size * rt.arch.hidden_size
+        assert work.fp32_values == fp32  # nothing in the KV cache at position 0
+        assert exact == (fp32 > 0 and "8b32" not in {o.name for o in work.weights})
 
 
 def test_the_kv_cache_read_grows_with_the_position(rt: Runtime) -> None:
