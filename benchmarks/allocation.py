@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, machine_md, read_result, report_only_parser
+from benchmarks.common import (
+    RESULTS,
+    machine,
+    machine_md,
+    read_result,
+    report_only_parser,
+    with_summary,
+)
 from benchmarks.quantizer_error import (
     CALIB_TEXTS,
     MAX_LENGTH,
@@ -136,6 +143,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per model: the MILP allocation's output error over the uniform option's at the same
+    bits (median and worst), and whether every allocation kept its budget and was no worse."""
+    out: dict[str, Any] = {}
+    for r in payload["results"]:
+        rows = r["uniform_vs_allocation"]
+        ratios = [row["ratio"] for row in rows]
+        out[r["model"]] = {
+            "allocations": len(rows),
+            "median_error_ratio": float(np.median(ratios)),
+            "worst_error_ratio": max(ratios),
+            "all_within_budget": all(row["within_budget"] for row in rows),
+            "all_not_worse": all(row["not_worse"] for row in rows),
+        }
+    return out
+
+
 def write_md(payload: dict[str, Any], out: Path = RESULTS / "allocation.md") -> None:
     """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
     results, info, command = payload["results"], payload["machine"], payload["command"]
@@ -234,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": {"smollm2": SMOLLM2_NOTE},
         "q4_1_blocks_with_integer_zero": q4_1_fraction,
     }
+    payload = with_summary(payload, summary(payload))
     (RESULTS / "allocation.json").write_text(json.dumps(payload, indent=2))
     plot(results, RESULTS / "allocation.png")
     write_md(payload)

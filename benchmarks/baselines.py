@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, machine_md
+from benchmarks.common import RESULTS, machine, machine_md, with_summary
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 METHOD_LABELS = {
@@ -149,6 +149,23 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------------------
 def fmt(v: float, name: str) -> str:
     return f"{100 * v:.1f}" if name == "accuracy" else f"{v:.2f}"
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The metric of every method per budget, CoA-LoRA over per-configuration LoRA and over
+    Shared-LoRA per budget, and the fine-tuning seconds (search included) of each method."""
+    curves = {m: [p[1] for p in pts] for m, pts in res["curves"].items()}
+    out: dict[str, Any] = {
+        "metric_name": res["metric_name"],
+        "budgets": res["budgets"],
+        "metric": curves,
+        "train_seconds": res["train_seconds"],
+    }
+    coa = curves.get("coa-lora")
+    for m in ("per-config-lora", "shared-lora"):
+        if coa is not None and m in curves:
+            out[f"coa_over_{m}"] = [a / b for a, b in zip(coa, curves[m], strict=True)]
+    return out
 
 
 def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
@@ -303,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         res["machine_note"] = args.machine_note
     command = res.get("command", f"python -m benchmarks.baselines --model {args.model}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res = with_summary(res, summary(res))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     plot(res, stem.with_suffix(".png"))
     write_report(res, command, stem)

@@ -79,6 +79,12 @@ def machine_md(
     ]
 
 
+def with_summary(payload: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with ``summary`` as its first key: the figures a reader looks for first,
+    computed from the payload itself by the benchmark's ``summary`` function."""
+    return {"summary": summary, **{k: v for k, v in payload.items() if k != "summary"}}
+
+
 def read_result(path: Path) -> dict[str, Any]:
     """A committed result JSON, for ``--report-only``."""
     if not path.is_file():

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, read_result
+from benchmarks.common import RESULTS, machine, read_result, with_summary
 from benchmarks.parity_report import write_report
 from benchmarks.parity_sides import (
     N_BBC_PROMPTS,
@@ -375,6 +375,29 @@ def run_minilm(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- report -------------------------------------------------------------------------------------
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """Per model, over its configurations: the device's agreement with torch (top-1 of the
+    logits and identical greedy continuations for SmolLM2, predictions for MiniLM) at its
+    worst, and the exact path's speed against the fast one."""
+    out: dict[str, Any] = {}
+    if "smollm2" in res:
+        s = res["smollm2"]
+        out["smollm2"] = {
+            "configurations": len(s["configs"]),
+            "min_top1_agreement": min(c["logits_q_head"]["top1_agreement"] for c in s["configs"]),
+            "min_identical_continuations": min(c["identical"] for c in s["configs"]),
+            "prompts": len(s["prompts"]),
+            "exact_over_fast": s["exact_speed"]["exact_over_fast_median"],
+        }
+    if "minilm" in res:
+        m = res["minilm"]
+        out["minilm"] = {
+            "configurations": len(m["configs"]),
+            "min_agreement": min(c["agreement"] for c in m["configs"]),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=Path(".cache/demo/smollm2-bbc"))
@@ -417,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         res["minilm"] = run_minilm(args.minilm_bundle, args)
     wall = time.perf_counter() - t0
     res["wall_s"] = round(wall, 1)
+    res = with_summary(res, summary(res))
     args.out.write_text(json.dumps(res, indent=1), encoding="utf-8")
     out_md = args.out.with_suffix(".md")
     write_report(res, command, wall, out_md)

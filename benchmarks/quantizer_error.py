@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, machine_md, read_result, report_only_parser
+from benchmarks.common import (
+    RESULTS,
+    machine,
+    machine_md,
+    read_result,
+    report_only_parser,
+    with_summary,
+)
 
 MODELS: tuple[str, ...] = ("minilm", "smollm2")
 CALIB_TEXTS = 64
@@ -136,6 +143,16 @@ def dominated_options(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per model: the error-searching quantizer's output error over round-to-nearest's, per
+    option, and the worst option."""
+    out: dict[str, Any] = {}
+    for r in payload["results"]:
+        ratios = {o["option"]: o["ratio"] for o in r["options"]}
+        out[r["model"]] = {"search_over_rtn_error": ratios, "worst_ratio": max(ratios.values())}
+    return out
+
+
 def write_md(payload: dict[str, Any], out: Path = RESULTS / "quantizer_error.md") -> None:
     """The report, from the JSON payload alone (``--report-only`` passes the committed one)."""
     results, info, command = payload["results"], payload["machine"], payload["command"]
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": {"smollm2": SMOLLM2_NOTE},
         "q4_1_blocks_with_integer_zero": q4_1_fraction,
     }
+    payload = with_summary(payload, summary(payload))
     (RESULTS / "quantizer_error.json").write_text(json.dumps(payload, indent=2))
     write_md(payload)
     print(f"[quantizer_error] wrote {RESULTS / 'quantizer_error.md'} in {wall:.0f} s")

@@ -59,3 +59,37 @@ def test_baselines_report(model: str, tmp_path: Path) -> None:
     command = res.get("command", f"python -m benchmarks.baselines --model {model}")
     write_report(res, command, tmp_path / name)
     _same(tmp_path / f"{name}.md", name)
+
+
+# The module whose ``summary`` function computes each committed result's summary.
+SUMMARIES = {
+    "quantizer_error": "quantizer_error",
+    "allocation": "allocation",
+    "baselines_minilm": "baselines",
+    "baselines_smollm2": "baselines",
+    "parity": "parity",
+    "runtime_speed": "runtime_speed",
+}
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.stem)
+def test_every_result_has_a_summary(path: Path) -> None:
+    """Every committed result leads with a ``summary`` object; where a benchmark computes it
+    with a ``summary`` function, it is that function of the committed figures (not typed in)."""
+    import importlib
+
+    res = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(res.get("summary"), dict) and res["summary"], path.name
+    assert next(iter(res)) == "summary"
+    if path.stem in SUMMARIES:
+        module = importlib.import_module(f"benchmarks.{SUMMARIES[path.stem]}")
+        assert res["summary"] == json.loads(json.dumps(module.summary(res)))
+
+
+def test_speed_prediction_report(tmp_path: Path) -> None:
+    from benchmarks.speed_prediction import report
+
+    res = _json("speed_prediction")
+    out = tmp_path / "speed_prediction.md"
+    out.write_text(report(res, res["command"]), encoding="utf-8")
+    _same(out, "speed_prediction")
