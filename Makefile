@@ -58,6 +58,14 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval
 	$(PYTHON) -m benchmarks.serve --bundle $(DEMO_BUNDLE)
 
+.PHONY: bench-speed-prediction
+bench-speed-prediction: install  ## --min-speed's predicted decode speed against measured, 5 configurations of the demo bundle; --exact against fast
+	$(PYTHON) -m benchmarks.speed_prediction --bundle $(DEMO_BUNDLE)
+
+.PHONY: bench-contention
+bench-contention: install  ## decode quiet and beside one busy core, threads spinning or not (the --spin auto rule)
+	$(PYTHON) -m benchmarks.contention --bundle $(DEMO_BUNDLE)
+
 .PHONY: bench-quantizer-quality
 bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget (about 45 min, 1 thread)
 	$(PYTHON) -m benchmarks.quantizer_quality --threads 1

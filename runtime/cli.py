@@ -77,6 +77,8 @@ def _choice_dict(rt: Any) -> dict[str, Any]:
         "cpu": sel.cpu.describe() if sel.cpu else None,
         "slow_options_fallback": sel.slow_fallback,
         "min_speed": rt.min_speed,
+        "threads": rt.threads,
+        "spin": rt.spin.spin if rt.spin else None,
         "predicted_tok_s": sel.predicted_tok_s,
         "plan": sel.plan.to_dict(),
     }
@@ -256,6 +258,14 @@ def run(
             show_default=False,
         ),
     ] = None,
+    spin: Annotated[
+        str,
+        typer.Option(
+            help="whether onnxruntime's threads spin between nodes: auto turns it off when "
+            "other processes keep the cores busy (spinning then takes the CPU from the "
+            "decode), on, off"
+        ),
+    ] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the answer")] = False,
 ) -> None:
     from coalora.runtime.engine import Runtime, RuntimeInputError
@@ -283,6 +293,7 @@ def run(
         adapt=adapt,
         device_class=device_class,
         min_speed=min_speed,
+        spin=spin,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:
@@ -318,7 +329,8 @@ def run(
         t = rt.timings
         _err(
             f"adapter: θ {t.theta_s * 1e3:.1f} ms + fold {t.fold_s * 1e3:.1f} ms; "
-            f"graph {t.graph_s * 1e3:.0f} ms, session {t.session_s * 1e3:.0f} ms"
+            f"graph {t.graph_s * 1e3:.0f} ms, session {t.session_s * 1e3:.0f} ms; "
+            f"{rt.threads} threads, {rt.spin.reason if rt.spin else 'spinning not chosen'}"
         )
     if rt.task == "classify":
         result = rt.classify(text)

@@ -38,6 +38,7 @@ from coalora.runtime.adapt import AdaptPolicy, MemoryAdapter
 from coalora.runtime.adapter import ThetaRunner, bundle_adapters, open_theta
 from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.chat import ChatFormat
+from coalora.runtime.contention import SPIN_MODES, SpinChoice, choose_spin
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError, Verify
 from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
@@ -172,6 +173,8 @@ class Runtime:
         self._tokenizer: Any = None
         self.adapt: MemoryAdapter | None = None  # set by open(adapt=...): see runtime/adapt.py
         self.min_speed: float | None = None  # decode tok/s a choice must be predicted to meet
+        self.spin_mode: str = "auto"  # intra-op threads spinning: runtime/contention.py
+        self.spin: SpinChoice | None = None  # what the last build chose
         self._speeds: dict[str, DeviceSpeed] = {}
         self._check_context()
         base = self._mapped.file(BASE_FILE)
@@ -204,6 +207,7 @@ class Runtime:
         all_logits: bool = False,
         device_class: str | None = None,
         min_speed: float | None = None,
+        spin: str = "auto",
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
@@ -221,6 +225,10 @@ class Runtime:
 
         ``min_speed`` (tok/s): choose only among configurations whose predicted decode speed
         on this device (or ``profile``'s) meets it (``runtime/speed.py``).
+
+        ``spin`` ("auto", "on", "off"): whether onnxruntime's threads spin between nodes;
+        ``auto`` turns it off when other processes keep the cores busy (runtime/contention.py),
+        judged at every build.
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
@@ -245,6 +253,9 @@ class Runtime:
             rt.device_class = check_device_class(device_class)
         if min_speed is not None:
             rt.min_speed = check_min_speed(min_speed, rt.arch)
+        if spin not in SPIN_MODES:
+            raise RuntimeInputError(f"spin must be one of {', '.join(SPIN_MODES)}, got {spin!r}")
+        rt.spin_mode = spin
         bundle_s = time.perf_counter() - t0
         sel = rt.choose(parsed, dev)
         if build:
@@ -407,11 +418,13 @@ class Runtime:
         # good after); the scratch pages once the session exists. The prepacked copies are
         # all the session reads.
         try:
+            self.spin = choose_spin(self.spin_mode)
             self._built = create_session(
                 proto,
                 threads=self.threads,
                 initializers=arrays,
                 release=self._mapped.release,
+                config=self.spin.session_config(),
             )
         except Exception as exc:  # onnxruntime's own types: the weights do not fit the graph
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -93,3 +93,12 @@ def test_speed_prediction_report(tmp_path: Path) -> None:
     out = tmp_path / "speed_prediction.md"
     out.write_text(report(res, res["command"]), encoding="utf-8")
     _same(out, "speed_prediction")
+
+
+def test_contention_report(tmp_path: Path) -> None:
+    from benchmarks.contention import report
+
+    res = _json("contention")
+    out = tmp_path / "contention.md"
+    out.write_text(report(res, res["command"]), encoding="utf-8")
+    _same(out, "contention")

@@ -1,0 +1,56 @@
+"""Whether the session's threads may spin: off when other work holds the cores.
+
+onnxruntime's intra-op threads spin between the few hundred nodes of a decode step, which
+saves a wake-up per node on an idle machine. When another process runs on the same cores the
+spinning threads take the CPU from the thread the step waits for: measured on the 2-core
+x86-64 machine with the demo bundle at 4.5 bits and ~4 other runnable processes, 2 threads
+decoded at 15-25 tok/s spinning and 60-90 tok/s without; ``benchmarks/contention.py``
+measures both, quiet and beside one busy core. So ``auto`` looks at the CPUs once, when a
+session is built: if the rest of the machine keeps at least ``BUSY_ELSEWHERE_CORES`` busy,
+spinning is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import psutil
+
+SpinMode = Literal["auto", "on", "off"]
+SPIN_MODES: tuple[str, ...] = ("auto", "on", "off")
+# Half a core busy with other work is enough for spinning to cost more than it saves.
+BUSY_ELSEWHERE_CORES = 0.5
+SAMPLE_S = 0.05
+SPIN_CONFIG_KEY = "session.intra_op.allow_spinning"
+
+
+@dataclass(frozen=True)
+class SpinChoice:
+    spin: bool
+    reason: str  # one line, for the user
+
+    def session_config(self) -> dict[str, str]:
+        return {SPIN_CONFIG_KEY: "1" if self.spin else "0"}
+
+
+def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float:
+    """Cores' worth of CPU time other processes used over ``sample_s`` (this one idle)."""
+    me = psutil.Process()
+    mine0 = sum(me.cpu_times()[:2])
+    total = psutil.cpu_times_percent(interval=sample_s, percpu=False)
+    mine = sum(me.cpu_times()[:2]) - mine0
+    busy = (100.0 - total.idle - getattr(total, "iowait", 0.0)) / 100.0
+    return max(0.0, busy * (psutil.cpu_count() or 1) - mine / sample_s)
+
+
+def choose_spin(mode: str) -> SpinChoice:
+    """``on``/``off`` as given; ``auto``: off when the machine is busy elsewhere."""
+    if mode not in SPIN_MODES:
+        raise ValueError(f"spin must be one of {', '.join(SPIN_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return SpinChoice(mode == "on", f"spinning {mode} (--spin {mode})")
+    busy = busy_cores_elsewhere()
+    if busy >= BUSY_ELSEWHERE_CORES:
+        return SpinChoice(False, f"spinning off: {busy:.1f} cores busy with other work")
+    return SpinChoice(True, f"spinning on: the cores are idle ({busy:.1f} busy elsewhere)")
