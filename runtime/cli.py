@@ -90,14 +90,23 @@ def _speed_rows(rt: Any) -> list[dict[str, Any]]:
         return []
     chosen = rt.selection.config
     rows = []
+    warned = False
     for e in sorted(rt.pareto.entries, key=lambda e: e.bits):
-        plan = rt.plan(e.config)
+        try:
+            predicted = rt.predicted_tok_s(e.config, rt.profile)
+        except Exception as exc:  # onnxruntime's own types, or SpeedError
+            # The plan is still shown where this machine cannot price a decode (a probe
+            # onnxruntime refuses); only the prediction is left out.
+            predicted = None
+            if not warned:
+                _err(f"warning: no decode speed prediction on this machine ({str(exc)[:200]})")
+                warned = True
         rows.append(
             {
                 "bits": e.bits,
                 "metric": e.metric,
-                "plan_bytes": plan.total,
-                "predicted_tok_s": rt.predicted_tok_s(e.config, rt.profile),
+                "plan_bytes": rt.plan(e.config).total,
+                "predicted_tok_s": predicted,
                 "chosen": e.config == chosen,
             }
         )
@@ -108,9 +117,9 @@ def _print_speeds(rt: Any, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    speed = rt.device_speed(rt.profile)
     table = Table(
-        title=f"stored configurations (decode speed predicted from {speed.source})",
+        title="stored configurations (decode speed predicted from "
+        f"{rt.speed_source(rt.profile) or 'nothing: not measured'})",
         title_justify="left",
     )
     for name in ("bits", rt.pareto.metric_name, "plan", "predicted tok/s", ""):
@@ -120,7 +129,7 @@ def _print_speeds(rt: Any, rows: list[dict[str, Any]]) -> None:
             f"{r['bits']:.2f}",
             f"{r['metric']:.4g}",
             format_bytes(r["plan_bytes"], "MB"),
-            f"{r['predicted_tok_s']:.1f}",
+            "-" if r["predicted_tok_s"] is None else f"{r['predicted_tok_s']:.1f}",
             "chosen" if r["chosen"] else "",
         )
     Console(stderr=True, highlight=False).print(table)

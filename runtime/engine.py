@@ -323,6 +323,11 @@ class Runtime:
                 )
         return self._speeds[key]
 
+    def speed_source(self, profile: DeviceProfile | None = None) -> str | None:
+        """Where the decode costs came from, once known (None: not measured yet)."""
+        known = self._speeds.get(profile.name if profile is not None else "")
+        return known.source if known is not None else None
+
     def predicted_tok_s(
         self,
         config: Configuration,

@@ -54,6 +54,9 @@ __all__ = [
 BENCH_DIM = 2048
 BENCH_N = 4096
 BENCH_ROUNDS = 7
+# A slow board (or an emulated one) stops a probe after this long, with at least MIN_ROUNDS.
+PROBE_BUDGET_S = 0.2
+MIN_ROUNDS = 3
 # Written between two timed runs: larger than the last-level caches of the boards we serve.
 FLUSH_BYTES = 32 * 2**20
 TINY_DIM = 64
@@ -324,8 +327,11 @@ def _median_run(built: Any, width: int, flush: np.ndarray) -> float:
     warm-up run. Read, not written: evicting dirty lines would bill the probe for writes."""
     x = {"x": np.ones((1, width), np.float32)}
     built.session.run(None, x)
-    times = []
-    for _ in range(BENCH_ROUNDS):
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < BENCH_ROUNDS and (
+        len(times) < MIN_ROUNDS or time.perf_counter() - start < PROBE_BUDGET_S
+    ):
         int(flush.sum())
         t0 = time.perf_counter()
         built.session.run(None, x)
