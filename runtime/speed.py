@@ -68,6 +68,7 @@ TINY_NODES = 128
 PROFILE_NODE_SECONDS = 10e-6
 CACHE_FILE = "device-speed.json"
 CACHE_VERSION = 1
+MAX_CACHE_BYTES = 2**20  # a few hundred bytes per machine key; anything larger is not ours
 
 
 class SpeedError(ValueError):
@@ -386,8 +387,10 @@ def _machine_key(threads: int, accuracy_level: int) -> str:
 
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}

@@ -137,6 +137,8 @@ def test_measured_costs_are_cached_and_reused(monkeypatch: pytest.MonkeyPatch) -
         '{"version": 1, "machines": {"KEY": {"seconds_per_weight": {"4b32": -1},'
         ' "fp32_seconds_per_value": 1e-9, "node_seconds": 1e-6}}}',
         '{"version": 1, "machines": {"KEY": {"seconds_per_weight": {"4b32": 1e-10}}}}',
+        "[" * 100_000,
+        " " * (2**20 + 1),
     ],
 )
 def test_a_damaged_cache_is_measured_again(content: str, monkeypatch: pytest.MonkeyPatch) -> None:
