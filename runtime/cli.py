@@ -198,6 +198,14 @@ def run(
             "--adapt", help="re-check free memory before answering and switch configuration"
         ),
     ] = False,
+    trusted_key: Annotated[
+        str | None,
+        typer.Option(
+            help="public key (PEM): refuse the bundle unless this key's pair signed it "
+            "(OpenSSF model-signing; needs the sign extra)",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the answer")] = False,
 ) -> None:
     from coalora.runtime.engine import Runtime, RuntimeInputError
@@ -224,6 +232,7 @@ def run(
         build=False,
         adapt=adapt,
         device_class=device_class,
+        trusted_key=trusted_key,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:

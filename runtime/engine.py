@@ -40,6 +40,7 @@ from coalora.runtime.budget import Budget, BudgetError, parse_budget
 from coalora.runtime.chat import ChatFormat
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError, Verify
+from coalora.runtime.format.signing import verify_signature
 from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
@@ -186,6 +187,7 @@ class Runtime:
         adapt: bool | AdaptPolicy = False,
         all_logits: bool = False,
         device_class: str | None = None,
+        trusted_key: str | Path | None = None,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
@@ -200,10 +202,16 @@ class Runtime:
 
         ``device_class`` (``runtime.isa``: "armv8.0", ..., "any") replaces the profile's CPU
         class and this CPU's own for choosing which options to avoid as slow.
+
+        ``trusted_key`` (or the profile's ``trusted_key``): a public key (PEM); the bundle is
+        refused unless that key's pair signed exactly its files (``format/signing.py``).
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
         dev = load_profile(profile) if profile else None
+        key = trusted_key if trusted_key is not None else (dev.trusted_key if dev else None)
+        if key is not None:
+            verify_signature(bundle, key)  # before anything reads the bundle
         b = Bundle.open(bundle, verify=verify)
         pareto = pareto_of(b)
         if threads is not None and threads < 1:
