@@ -101,6 +101,7 @@ def _print_choice(rt: Any) -> None:
         ("LoRA", plan.lora_bytes),
         ("KV cache", plan.kv_cache_bytes),
         ("runtime", plan.runtime_overhead_bytes),
+        ("build scratch", plan.build_scratch_bytes),
         ("total", plan.total),
     ):
         table.add_row(label, format_bytes(value, "MB"))

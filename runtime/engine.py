@@ -47,7 +47,7 @@ from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.isa import CpuClass, check_device_class, detect
 from coalora.runtime.mapped import Scratch
 from coalora.runtime.plan import Accountant, MemoryPlan
-from coalora.runtime.probe import physical_cores, usable_cpus
+from coalora.runtime.probe import available_memory, physical_cores, usable_cpus
 from coalora.runtime.profiles import DeviceProfile, load_profile
 from coalora.runtime.report import option_histogram
 from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
@@ -168,6 +168,7 @@ class Runtime:
             context_length=self.context_length,
             lora_bits=lora_bits,
             theta_bytes=bundle.file_bytes(THETA_FILE) or 0,
+            threads=threads,
         )
 
     # -- opening and switching ------------------------------------------------------------------
@@ -256,25 +257,32 @@ class Runtime:
         return self.accountant.plan(config)
 
     def choose(self, budget: Budget, profile: DeviceProfile | None = None) -> Selection:
-        """The selection for ``budget`` (clamped to ``profile``'s RAM, or what the device has
-        free for ``auto``); builds nothing."""
+        """The selection for ``budget``, clamped to ``profile``'s RAM or, without a profile, to
+        what this device can give (``probe.available_memory``: memory and address space);
+        builds nothing. A clamp that changes the choice of an explicit budget is a warning."""
         t0 = time.perf_counter()
-        available = None
-        if profile is not None:
+        available: int | None = None
+        address_space: int | None = None
+        if profile is not None:  # planning for that board, which may not be this machine
             available = profile.usable_ram_bytes
             if budget.kind == "auto":
                 budget = profile.budget()
-        # ``auto`` without a profile: ``select`` probes the device, counting what the current
-        # session holds (a switch frees it) as available.
+        else:
+            # The whole process may use what is free plus what it holds (a switch frees the
+            # current session, and its pages are counted as held).
+            probe = available_memory()
+            available, address_space = probe.plan_limit_bytes, probe.rlimit_bytes
         sel = select(
             self.pareto,
             budget,
             self.plan,
             available_bytes=available,
-            held_bytes=self._held_bytes(),
+            address_space_bytes=address_space,
             cpu=self.cpu_class(profile),
             accuracy_level=self.accuracy_level,
         )
+        if sel.clamped_from is not None:
+            log.warning("warning: %s: serving %.2f bits", sel.clamp_note, sel.entry.bits)
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel
@@ -288,10 +296,6 @@ class Runtime:
             slow = None if profile.slow_bits is None else frozenset(profile.slow_bits)
             return CpuClass(profile.device_class, f"profile {profile.name}", slow)
         return detect()
-
-    def _held_bytes(self) -> int:
-        """What the current session holds: freed by a switch, so available to it."""
-        return self._selection.plan.total if self._selection is not None else 0
 
     def switch(self, budget: str | Budget = "auto", profile: str | None = None) -> Selection:
         """Re-select for a new budget and rebuild; the same configuration is a no-op."""
