@@ -54,6 +54,10 @@ bench: install  ## benchmarks on the real offline models; results land in benchm
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
 
+.PHONY: bench-robustness
+bench-robustness: install  ## hostile inputs, damaged/signed bundles, memory limits vs the CLIs (root for cgroups)
+	$(PYTHON) -m benchmarks.robustness
+
 .PHONY: bench-serve
 bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval
 	$(PYTHON) -m benchmarks.serve --bundle $(DEMO_BUNDLE)
