@@ -92,8 +92,10 @@ def select(
             within = f"{budget} budget"
     else:
         within = f"{budget} budget"
-        if limit is not None:
-            within += f" and {format_bytes(limit)} available"
+    # What the device can give, named where it decided (a refusal, or entries it ruled out).
+    device = ""
+    if limit is not None and budget.kind == "bits":
+        device += f" and {format_bytes(limit)} available"
 
     candidates: list[ParetoEntry] = list(pareto.entries)
     if budget.kind == "bits":
@@ -115,7 +117,7 @@ def select(
 
     va = address_space_bytes
     if va is not None:
-        within += f" and {format_bytes(va, unit)} of address space (RLIMIT_AS)"
+        device += f" and {format_bytes(va, unit)} of address space (RLIMIT_AS)"
     # What the budget alone allows: a device limit below it is a clamp worth a warning.
     asked = candidates
     if budget.kind == "bytes":
@@ -140,8 +142,8 @@ def select(
                 needs += f" ({format_bytes(need.address_space_bytes, unit, round_up=True)} "
                 needs += "of address space)"
             raise SelectionError(
-                f"no stored configuration fits the {within}: the smallest stored configuration "
-                f"needs {needs}"
+                f"no stored configuration fits the {within}{device}: the smallest stored "
+                f"configuration needs {needs}"
             )
         if budget.kind != "auto" and asked:
             wanted = _best(pareto, asked)
@@ -163,6 +165,8 @@ def select(
                     f"the {budget} budget asks for {wanted.bits:.2f} bits, more than this "
                     f"device can give ({'; '.join(short)})"
                 )
+        if len(fitting) < len(candidates):
+            within += device
         candidates = fitting
 
     cpu_note, fallback = "", False

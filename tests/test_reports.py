@@ -59,3 +59,21 @@ def test_baselines_report(model: str, tmp_path: Path) -> None:
     command = res.get("command", f"python -m benchmarks.baselines --model {model}")
     write_report(res, command, tmp_path / name)
     _same(tmp_path / f"{name}.md", name)
+
+
+def test_robustness_report(tmp_path: Path) -> None:
+    from benchmarks.robustness import render
+
+    res = _json("robustness")
+    out = tmp_path / "robustness.md"
+    out.write_text(render(res), encoding="utf-8")
+    _same(out, "robustness")
+    s = res["summary"]
+    assert set(s) >= {
+        "cases",
+        "handled_right",
+        "tracebacks",
+        "wrong_exit_codes",
+        "auto_budget_peak_vs_cgroup_limit",
+    }
+    assert s["tracebacks"] == 0 and s["wrong_exit_codes"] == 0

@@ -72,7 +72,11 @@ def _one_line(exc: BaseException) -> str:
 def _key_path(key: str | Path, what: str) -> Path:
     path = Path(key).expanduser()
     if not path.is_file():
-        raise SigningError(f"{what} {path}: no such file")
+        raise SigningError(
+            f"{what} {path}: no such file"
+            if not path.exists()
+            else f"{what} {path}: not a regular file"
+        )
     if path.stat().st_size > 64 << 10:
         raise SigningError(f"{what} {path}: too large for a PEM key")
     return path
