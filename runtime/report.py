@@ -85,8 +85,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     else:
         checked = "verified" if signer["verified"] else "not checked (pass --trusted-key)"
         console.print(
-            f"signature: key sha256:{signer['key_fingerprint']} ({signer['method']}), {checked}",
+            f"signature: sha256:{signer['key_fingerprint']} ({signer['method']}), {checked}",
             highlight=False,
+            soft_wrap=True,  # one line, so the fingerprint can be compared or grepped
         )
     arrow = "higher is better" if summary["higher_is_better"] else "lower is better"
     table = Table(title=f"Pareto set: {summary['metric']} ({arrow})")

@@ -42,7 +42,7 @@ class Signer:
     """Who signed a bundle, as its signature file says (not yet checked against any key)."""
 
     key_fingerprint: str  # SHA-256 of the public key's PEM (model-signing's key hint)
-    method: str = "elliptic-curve key (OpenSSF model-signing)"
+    method: str = "EC key, OpenSSF model-signing"
 
     def describe(self) -> str:
         return f"key sha256:{self.key_fingerprint[:16]}… ({self.method})"
