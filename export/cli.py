@@ -294,6 +294,7 @@ def export_train(
     threads: Annotated[int | None, typer.Option(help=_flag_help("threads"))] = None,
     limit: Annotated[int | None, typer.Option(help=_flag_help("limit"))] = None,
     work_dir: Annotated[str | None, typer.Option(help=_flag_help("work_dir"))] = None,
+    sign: Annotated[str | None, typer.Option(help=_flag_help("sign"))] = None,
     fast: Annotated[
         bool, typer.Option("--fast", help="Demo preset: minutes, not quality.")
     ] = False,
@@ -341,6 +342,7 @@ def export_train(
             threads=threads,
             limit=limit,
             work_dir=work_dir,
+            sign=sign,
         )
         if options is not None:
             overrides["options"] = tuple(o.strip() for o in options.split(",") if o.strip())
@@ -380,6 +382,7 @@ def slim_cmd(
         float, typer.Option(help="Keep stored configurations up to this many bits per weight.")
     ],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    sign: Annotated[str | None, typer.Option(help=_flag_help("sign"))] = None,
 ) -> None:
     """Slim a bundle for a device class: keep the configurations up to --max-bits and ship only
     the (matrix, option) pairs they use.
@@ -392,7 +395,7 @@ def slim_cmd(
     if not (max_bits > 0 and max_bits < 64):
         raise fail(f"--max-bits must be a positive number of bits, got {max_bits}")
     try:
-        path = slim_bundle(bundle, out, max_bits, overwrite=overwrite)
+        path = slim_bundle(bundle, out, max_bits, overwrite=overwrite, sign_key=sign)
     except (ValueError, FileExistsError) as exc:
         raise fail(str(exc)) from None
     before = Bundle.open(bundle).size_on_disk()
@@ -419,18 +422,31 @@ def inspect_cmd(
             "hashes, schema, tensor layouts, θ and the folded adapters, the tokenizer."
         ),
     ] = False,
+    trusted_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Also check the bundle's signature against this public key (PEM); an "
+            "unsigned or wrongly signed bundle is refused."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Print a bundle's manifest summary and its Pareto table.
+    """Print a bundle's manifest summary (its signer included) and its Pareto table.
 
     Example: coalora inspect smollm2-bbc/ --plot pareto.png
     """
     from coalora.runtime.format.reader import Bundle
+    from coalora.runtime.format.signing import verify_signature
     from coalora.runtime.report import bundle_summary, print_summary
     from coalora.runtime.verify import verify_bundle
 
     try:
-        summary = bundle_summary(verify_bundle(bundle) if verify else Bundle.open(bundle))
+        if trusted_key is not None:
+            verify_signature(bundle, trusted_key)
+        summary = bundle_summary(
+            verify_bundle(bundle) if verify else Bundle.open(bundle),
+            signature_checked=trusted_key is not None,
+        )
     except ValueError as exc:
         raise fail(str(exc)) from None
     if as_json:

@@ -173,6 +173,7 @@ def export_bundle(
     lm_head: QuantOption | None = DEFAULT_LM_HEAD,
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Write ``model``'s bundle to ``out_dir``; nothing is left behind if anything fails."""
     if not pareto.entries:
@@ -199,4 +200,4 @@ def export_bundle(
             theta_inputs=THETA_INPUTS,
             extra=dict(extra or {}),
         )
-        return write_bundle(out_dir, contents, overwrite=overwrite)
+        return write_bundle(out_dir, contents, overwrite=overwrite, sign_key=sign_key)

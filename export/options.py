@@ -128,6 +128,12 @@ class ExportOptions:
         "files only). Without it, safetensors only.",
     )
     overwrite: bool = _opt(False, "Replace --out if it exists.")
+    sign: str | Path | None = _opt(
+        None,
+        "Sign the bundle with this elliptic-curve private key (PEM), on the OpenSSF "
+        "model-signing format; devices check it with --trusted-key (needs the sign extra).",
+        shown="unsigned",
+    )
     progress: bool = _opt(True, "Progress bars and log.")
 
     @classmethod
@@ -180,6 +186,10 @@ class ExportOptions:
 
     def check(self) -> None:
         """Reject impossible options before any work."""
+        if self.sign is not None:  # an unusable key is refused now, not after training
+            from coalora.runtime.format.signing import check_private_key
+
+            check_private_key(self.sign)
         positive = ("steps", "batch_size", "rank", "configs_per_step", "eval_batches")
         positive += ("initial_budgets", "calib_texts", "calib_len", "proposals_per_epoch")
         positive += ("search_candidates",)
@@ -260,7 +270,7 @@ class ExportOptions:
         Paths of the output, the sweep and how the run is executed do not change what is
         trained, so they stay out: changing them reuses the checkpoint.
         """
-        skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head"}
+        skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head", "sign"}
         # where weights may come from, and which extra front the sweep keeps, neither
         skip |= {"allow_pickle", "device_class"}
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}

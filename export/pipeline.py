@@ -269,6 +269,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 lm_head=opts.lm_head_option(),
                 overwrite=opts.overwrite,
                 extra={Key.TRAINING: record},
+                sign_key=opts.sign,
             )
         res = ExportResult(
             bundle=Path(bundle),

@@ -18,8 +18,15 @@ class SlimError(ValueError):
 
 
 def slim_bundle(
-    src: str | Path, dst: str | Path, max_bits: float, *, overwrite: bool = False
+    src: str | Path,
+    dst: str | Path,
+    max_bits: float,
+    *,
+    overwrite: bool = False,
+    sign_key: str | Path | None = None,
 ) -> Path:
+    """The slimmed copy of ``src`` at ``dst`` (signed with ``sign_key`` when given: the
+    source's signature covers other files and is not carried over)."""
     # Everything a device would check, so a damaged θ or tensor is not copied on silently.
     bundle = verify_bundle(src)
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
@@ -56,4 +63,4 @@ def slim_bundle(
             }
         },
     )
-    return write_bundle(dst, contents, overwrite=overwrite)
+    return write_bundle(dst, contents, overwrite=overwrite, sign_key=sign_key)

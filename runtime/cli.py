@@ -158,6 +158,7 @@ def _print_choice(rt: Any) -> None:
         ("LoRA", plan.lora_bytes),
         ("KV cache", plan.kv_cache_bytes),
         ("runtime", plan.runtime_overhead_bytes),
+        ("build scratch", plan.build_scratch_bytes),
         ("total", plan.total),
     ):
         table.add_row(label, format_bytes(value, "MB"))
@@ -275,6 +276,14 @@ def run(
             "decode), on, off"
         ),
     ] = "auto",
+    trusted_key: Annotated[
+        str | None,
+        typer.Option(
+            help="public key (PEM): refuse the bundle unless this key's pair signed it "
+            "(OpenSSF model-signing; needs the sign extra)",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the answer")] = False,
 ) -> None:
     from coalora.runtime.engine import Runtime, RuntimeInputError
@@ -303,6 +312,7 @@ def run(
         device_class=device_class,
         min_speed=min_speed,
         spin=spin,
+        trusted_key=trusted_key,
         **({"lora_bits": 32, "accuracy_level": 0} if exact else {}),
     )
     if dry_run:

@@ -6,10 +6,11 @@
 
 The graph references its weights instead of holding them, and the pages MatMulNBits has
 prepacked leave the process while the session is built, so building holds about one copy of
-the weights (benchmarks/results/runtime_speed.md, SmolLM2-135M shapes: open() peaks at
-0.76-0.90 of the plan; with the weights embedded in the proto it peaked at 985 MB against a
-303 MB plan). The graph fuses q/k/v and gate/up (with
-one LoRA slot per fused group) and computes logits for the last position only.
+the weights (benchmarks/results/robustness.md, the demo bundle: coalora-run peaks at 0.72-0.76
+of the plan at every stored configuration; benchmarks/results/runtime_speed.md: with the
+weights embedded in the proto it peaked at 985 MB against a 303 MB plan). The graph fuses
+q/k/v and gate/up (with one LoRA slot per fused group) and computes logits for the last
+position only.
 
 ``switch()`` repeats the same steps from selection on in the running process, dropping the
 old session first (and trimming the C heap) so its memory is gone before the new one is
@@ -41,13 +42,14 @@ from coalora.runtime.chat import ChatFormat
 from coalora.runtime.contention import SPIN_MODES, SpinChoice, choose_spin
 from coalora.runtime.format.pareto import ParetoError, ParetoSet
 from coalora.runtime.format.reader import Bundle, BundleError, Verify
+from coalora.runtime.format.signing import verify_signature
 from coalora.runtime.format.spec import BASE_FILE, THETA_FILE
 from coalora.runtime.generate import GenerationStats, IncrementalDetokenizer, KVDecoder
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.isa import CpuClass, check_device_class, detect
 from coalora.runtime.mapped import Scratch
 from coalora.runtime.plan import Accountant, MemoryPlan
-from coalora.runtime.probe import physical_cores, usable_cpus
+from coalora.runtime.probe import available_memory, physical_cores, usable_cpus
 from coalora.runtime.profiles import DeviceProfile, load_profile
 from coalora.runtime.report import option_histogram
 from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
@@ -187,6 +189,7 @@ class Runtime:
             lora_bits=lora_bits,
             theta_bytes=bundle.file_bytes(THETA_FILE) or 0,
             accuracy_level=accuracy_level,
+            threads=threads,
         )
 
     # -- opening and switching ------------------------------------------------------------------
@@ -208,6 +211,7 @@ class Runtime:
         device_class: str | None = None,
         min_speed: float | None = None,
         spin: str = "auto",
+        trusted_key: str | Path | None = None,
     ) -> Runtime:
         """Open ``bundle`` and build a session for the best configuration within ``budget``
         (and ``profile``'s usable RAM when given). ``build=False`` only selects (dry run).
@@ -229,10 +233,16 @@ class Runtime:
         ``spin`` ("auto", "on", "off"): whether onnxruntime's threads spin between nodes;
         ``auto`` turns it off when other processes keep the cores busy (runtime/contention.py),
         judged at every build.
+
+        ``trusted_key`` (or the profile's ``trusted_key``): a public key (PEM); the bundle is
+        refused unless that key's pair signed exactly its files (``format/signing.py``).
         """
         t0 = time.perf_counter()
         parsed = _budget(budget)
         dev = load_profile(profile) if profile else None
+        key = trusted_key if trusted_key is not None else (dev.trusted_key if dev else None)
+        if key is not None:
+            verify_signature(bundle, key)  # before anything reads the bundle
         b = Bundle.open(bundle, verify=verify)
         pareto = pareto_of(b)
         if threads is not None and threads < 1:
@@ -282,27 +292,34 @@ class Runtime:
         return self.accountant.plan(config)
 
     def choose(self, budget: Budget, profile: DeviceProfile | None = None) -> Selection:
-        """The selection for ``budget`` (clamped to ``profile``'s RAM, or what the device has
-        free for ``auto``); builds nothing."""
+        """The selection for ``budget``, clamped to ``profile``'s RAM or, without a profile, to
+        what this device can give (``probe.available_memory``: memory and address space);
+        builds nothing. A clamp that changes the choice of an explicit budget is a warning."""
         t0 = time.perf_counter()
-        available = None
-        if profile is not None:
+        available: int | None = None
+        address_space: int | None = None
+        if profile is not None:  # planning for that board, which may not be this machine
             available = profile.usable_ram_bytes
             if budget.kind == "auto":
                 budget = profile.budget()
-        # ``auto`` without a profile: ``select`` probes the device, counting what the current
-        # session holds (a switch frees it) as available.
+        else:
+            # The whole process may use what is free plus what it holds (a switch frees the
+            # current session, and its pages are counted as held).
+            probe = available_memory()
+            available, address_space = probe.plan_limit_bytes, probe.rlimit_bytes
         sel = select(
             self.pareto,
             budget,
             self.plan,
             available_bytes=available,
-            held_bytes=self._held_bytes(),
+            address_space_bytes=address_space,
             cpu=self.cpu_class(profile),
             accuracy_level=self.accuracy_level,
             min_speed=self.min_speed,
             speed_fn=(lambda c: self.predicted_tok_s(c, profile)) if self.min_speed else None,
         )
+        if sel.clamped_from is not None:
+            log.warning("warning: %s: serving %.2f bits", sel.clamp_note, sel.entry.bits)
         self.timings.select_s = time.perf_counter() - t0
         self.profile = profile
         return sel
@@ -347,10 +364,6 @@ class Runtime:
             slow = None if profile.slow_bits is None else frozenset(profile.slow_bits)
             return CpuClass(profile.device_class, f"profile {profile.name}", slow)
         return detect()
-
-    def _held_bytes(self) -> int:
-        """What the current session holds: freed by a switch, so available to it."""
-        return self._selection.plan.total if self._selection is not None else 0
 
     def switch(self, budget: str | Budget = "auto", profile: str | None = None) -> Selection:
         """Re-select for a new budget and rebuild; the same configuration is a no-op."""

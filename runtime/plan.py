@@ -8,6 +8,11 @@ these do (see the design's "Quantization configuration"):
 - the LoRA side branch: one A'/B slot per matrix, or per fused group (``fused_groups``)
 - the KV cache at the full context length
 - the runtime itself (``DEFAULT_OVERHEAD``) and the loaded tokenizer
+- while the session is built, the fused copies of q/k/v and gate/up: they sit in scratch
+  pages next to their prepacked copies until the session exists (the process's peak)
+
+Address space is planned apart (``address_space_bytes``, for ``RLIMIT_AS``): the whole of
+every mapped option file, allocator arenas and stacks per thread, none of them resident.
 
 ``Accountant`` holds these for one bundle; ``Runtime`` plans every configuration with it. The
 rule that decides which projections share one fused MatMulNBits (and so one LoRA slot) is
@@ -17,29 +22,28 @@ rule that decides which projections share one fused MatMulNBits (and so one LoRA
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from coalora.kernels.config import ConfigSpace
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, exact_as_fp32
 from coalora.kernels.options import QuantOption
 from coalora.runtime.format.reader import Bundle
-from coalora.runtime.format.spec import TOKENIZER_FILE, Family, family_named
+from coalora.runtime.format.spec import TOKENIZER_FILE, Family, family_named, quant_file
 
 # The graph modules (the slot layout, the architectures) come with onnx: imported where used,
 # so planning alone (selection, a dry run) loads no onnx.
 
-DEFAULT_OVERHEAD = 64 * 2**20
-"""Resident memory of the runtime before any model weights: 64 MiB (67.1 MB).
+DEFAULT_OVERHEAD = 120 * 2**20
+"""Resident memory of the runtime around a model's weights: 120 MiB (125.8 MB).
 
-Measured on the 2-core x86-64 machine (Python 3.11, numpy, onnxruntime 1.32, psutil 7.2) as
-``psutil.Process().memory_info().rss`` in a fresh interpreter after ``import numpy,
-onnxruntime``, creating an ``InferenceSession`` for a one-node (Relu) model with
-``intra_op_num_threads=2`` and running it once: 60.0 MB (57.2 MiB), the same over five runs.
-With the CLI's other imports (tokenizers, safetensors, typer, rich) it is 66.9 MB (63.8 MiB),
-so 64 MiB is that figure rounded up. A bare interpreter with psutil is 13.9 MB of it.
-Allocator arenas and activations of a real model are not included (the KV cache is planned
-separately).
+Measured on the 2-core x86-64 machine (Python 3.11, numpy, onnxruntime 1.32, onnx 1.23,
+tokenizers 0.23, psutil 7.2) in a fresh interpreter: the runtime's imports (engine, CLI,
+typer, rich) take 102.7 MB of RSS (47 MB anonymous, 56 MB of shared libraries); serving the
+tiny test bundle (0.4 MB of weights, context 64) peaks at 122.4 MB on one intra-op thread and
+122.6 MB on two (VmHWM). So 120 MiB is the runtime with its session, thread pool and
+allocator arenas; the KV cache and a real tokenizer are planned separately. (It was 64 MiB,
+measured before the runtime imported onnx; a tiny bundle then peaked at 1.8x its plan.)
 """
 
 
@@ -61,6 +65,9 @@ class MemoryPlan:
     lora_bytes: int
     kv_cache_bytes: int
     runtime_overhead_bytes: int
+    build_scratch_bytes: int = 0  # fused copies held only while the session is built
+    # virtual size the process reaches (not part of ``total``); 0: not planned
+    address_space_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -70,6 +77,7 @@ class MemoryPlan:
             + self.lora_bytes
             + self.kv_cache_bytes
             + self.runtime_overhead_bytes
+            + self.build_scratch_bytes
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +87,9 @@ class MemoryPlan:
             "lora_bytes": self.lora_bytes,
             "kv_cache_bytes": self.kv_cache_bytes,
             "runtime_overhead_bytes": self.runtime_overhead_bytes,
+            "build_scratch_bytes": self.build_scratch_bytes,
             "total": self.total,
+            "address_space_bytes": self.address_space_bytes,
         }
 
 
@@ -108,6 +118,8 @@ def plan_memory(
     context_length: int,
     overhead_bytes: int = DEFAULT_OVERHEAD,
     quantized_bytes: int | None = None,
+    build_scratch_bytes: int = 0,
+    address_space_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan for ``config``; the KV cache is sized for the full ``context_length``.
 
@@ -120,6 +132,8 @@ def plan_memory(
         ("kv_bytes_per_token", kv_bytes_per_token),
         ("context_length", context_length),
         ("overhead_bytes", overhead_bytes),
+        ("build_scratch_bytes", build_scratch_bytes),
+        ("address_space_bytes", address_space_bytes),
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -131,6 +145,8 @@ def plan_memory(
         lora_bytes=int(lora_bytes),
         kv_cache_bytes=int(kv_bytes_per_token) * int(context_length),
         runtime_overhead_bytes=int(overhead_bytes),
+        build_scratch_bytes=int(build_scratch_bytes),
+        address_space_bytes=int(address_space_bytes),
     )
 
 
@@ -223,6 +239,18 @@ def lora_bytes(
     return sum(slot_bytes(bundle.space, g, bundle.lora_rank, lora_bits) for g in groups)
 
 
+# -- address space ----------------------------------------------------------------------------
+# Virtual size beyond the resident plan, for RLIMIT_AS (``ulimit -v``). Measured on the demo
+# bundle (SmolLM2-135M, x86-64, glibc): from the selection to the end of a generation the
+# virtual size grew by 275-505 MB on 1 intra-op thread and 350-581 MB on 2, against resident
+# plans of 235-409 MB without the runtime (already mapped when the probe reads the size): each
+# thread reserves a glibc arena (64 MiB) and a stack (8 MiB), and the prepacked MatMulNBits
+# weights reserve up to a quarter of their codes again. The figures below bound every one of
+# those measurements.
+THREAD_ADDRESS_SPACE = 80 * 2**20
+PREPACK_ADDRESS_FRACTION = 0.25
+
+
 # -- the accountant of one served bundle ----------------------------------------------------------
 @dataclass(frozen=True)
 class Accountant:
@@ -236,6 +264,7 @@ class Accountant:
     overhead_bytes: int  # the runtime + the loaded tokenizer
     biased: frozenset[str] = frozenset()  # quantized matrices with a bias
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # 0: the exact graph (``exact_as_fp32``)
+    threads: int = 1  # intra-op threads: each reserves address space
 
     @classmethod
     def for_bundle(
@@ -249,6 +278,7 @@ class Accountant:
         lora_bits: int,
         theta_bytes: int,
         accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+        threads: int = 1,
     ) -> Accountant:
         """``base_bytes``/``base_names``: the size and tensor names of the base file."""
         names = [m.name for m in bundle.space.matrices]
@@ -266,6 +296,7 @@ class Accountant:
             overhead_bytes=DEFAULT_OVERHEAD + tokenizer_bytes(bundle),
             biased=frozenset(n for n in names if f"{n}.bias" in base_names),
             accuracy_level=accuracy_level,
+            threads=threads,
         )
 
     def fused_groups(self, config: Mapping[str, QuantOption]) -> list[tuple[str, ...]]:
@@ -273,9 +304,24 @@ class Accountant:
             self.bundle.space, config, family_named(self.bundle.family), self.biased
         )
 
+    def fused_copy_bytes(self, config: Mapping[str, QuantOption]) -> int:
+        """Bytes of the fused q/k/v and gate/up weights the build writes to scratch pages:
+        they are resident, next to their prepacked copies, until the session exists."""
+        space = self.bundle.space
+        return sum(
+            config[n].nbytes(space.matrix(n).out_features, space.matrix(n).in_features)
+            for group in self.fused_groups(config)
+            if len(group) > 1
+            for n in group
+        )
+
+    def mapped_file_bytes(self, config: Mapping[str, QuantOption]) -> int:
+        """Bytes of the option files ``config`` maps, whole (matrices it does not use too)."""
+        return sum(self.bundle.file_bytes(quant_file(o)) or 0 for o in set(config.values()))
+
     def plan(self, config: Mapping[str, QuantOption]) -> MemoryPlan:
         """The memory plan of serving ``config``."""
-        return plan_memory(
+        plan = plan_memory(
             self.bundle.space,
             config,
             other_weights_bytes=self.other_weights_bytes,
@@ -284,7 +330,17 @@ class Accountant:
             context_length=self.context_length,
             overhead_bytes=self.overhead_bytes,
             quantized_bytes=self._quantized_bytes(config),
+            build_scratch_bytes=self.fused_copy_bytes(config),
         )
+        # The runtime is mapped before any probe reads the virtual size: not counted again.
+        address = (
+            plan.total
+            - DEFAULT_OVERHEAD
+            + max(0, self.mapped_file_bytes(config) - plan.quantized_weights_bytes)
+            + int(PREPACK_ADDRESS_FRACTION * plan.quantized_weights_bytes)
+            + self.threads * THREAD_ADDRESS_SPACE
+        )
+        return replace(plan, address_space_bytes=max(0, address))
 
     def _quantized_bytes(self, config: Mapping[str, QuantOption]) -> int | None:
         """The matrices' bytes where an exact graph holds some dequantized (fp32), else None

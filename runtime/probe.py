@@ -1,19 +1,26 @@
 """How much memory this process may still use, and how many cores it should run on.
 
-``available_memory()`` is what ``--budget auto`` means. psutil's "available" is the machine's
-view; a container or a shell limit can be far tighter, and the process is killed at the
-tightest one. So the headroom is the minimum of:
+``available_memory()`` is what ``--budget auto`` means, and the ceiling on every other kind
+of budget. psutil's "available" is the machine's view; a container can be far tighter, and
+the process is killed at the tightest limit. So the free memory (``headroom_bytes``) is the
+minimum of:
 
-- ``psutil.virtual_memory().available``
-- cgroup v2: ``memory.max - memory.current`` for the process's cgroup and each ancestor
-  ("max" means no limit)
-- cgroup v1: ``memory.limit_in_bytes - memory.usage_in_bytes``, same walk (the kernel writes
-  a huge number, ~2^63, for "no limit")
-- ``RLIMIT_AS`` (soft) minus the process's current virtual size
+- ``psutil.virtual_memory().available`` (the kernel's estimate: free plus reclaimable cache)
+- cgroup v2: ``memory.max - (memory.current - reclaimable)`` for the process's cgroup and
+  each ancestor ("max" means no limit), reclaimable being ``memory.stat``'s ``file`` minus
+  ``shmem``: page cache (of files just hashed, say) is dropped before the limit is enforced
+- cgroup v1: ``memory.limit_in_bytes - (memory.usage_in_bytes - reclaimable)``, same walk
+  (the kernel writes a huge number, ~2^63, for "no limit"), reclaimable being
+  ``total_cache - total_shmem``
 
-and the budget is that headroom minus a reserve, by default ``max(256 MiB, 10% of the
-headroom)``: room for the page cache of memory-mapped weights, allocator slack, and whatever
-else the device runs next to us.
+``available_bytes`` is that headroom minus a small reserve (``default_reserve``).
+
+A memory plan (``plan.py``) counts the whole process, so it is compared with
+``plan_limit_bytes``: the available bytes plus what this process already holds and the
+headroom counted as used (its anonymous pages; its file pages are page cache, counted free
+already). ``RLIMIT_AS`` (``ulimit -v``) limits address space, not memory: its headroom (soft
+limit minus the current virtual size) is ``rlimit_bytes``, and the plan's
+``address_space_bytes`` must fit it.
 """
 
 from __future__ import annotations
@@ -26,8 +33,12 @@ from pathlib import Path, PurePosixPath
 
 import psutil
 
-MIN_RESERVE_BYTES = 256 * 2**20
-RESERVE_FRACTION = 0.10
+# What the plan does not count and the device may still take while we start. The plan itself
+# is the upper bound: on the demo bundle (benchmarks/results/robustness.md) a fresh process
+# peaked at 0.72-0.76 of its plan at every stored configuration, and two runs of one
+# configuration differed by up to 13 MB. So a small reserve, not the 256 MiB this once was.
+MIN_RESERVE_BYTES = 16 * 2**20
+RESERVE_FRACTION = 0.02
 # cgroup v1 reports "unlimited" as PAGE_COUNTER_MAX * page size (~2^63); anything this large
 # is no limit on any real machine.
 CGROUP_V1_UNLIMITED = 2**60
@@ -40,7 +51,8 @@ DEFAULT_PROC_ROOT = Path("/proc")
 
 @dataclass(frozen=True)
 class MemoryProbe:
-    """The numbers behind an ``auto`` budget; ``available_bytes`` is the one to plan with."""
+    """The numbers behind an ``auto`` budget. ``available_bytes``: what may still be
+    allocated; ``plan_limit_bytes``: what a whole-process plan may total."""
 
     available_bytes: int
     headroom_bytes: int
@@ -48,15 +60,24 @@ class MemoryProbe:
     system_available_bytes: int
     cgroup_v2_bytes: int | None
     cgroup_v1_bytes: int | None
-    rlimit_bytes: int | None
-    limited_by: str  # "system", "cgroup v2", "cgroup v1" or "rlimit"
+    rlimit_bytes: int | None  # address space left under RLIMIT_AS, if one is set
+    limited_by: str  # "system", "cgroup v2" or "cgroup v1"
+    process_bytes: int = 0  # this process's anonymous RSS, counted as used in the headroom
+
+    @property
+    def plan_limit_bytes(self) -> int:
+        """The most a whole-process memory plan may total here."""
+        return self.available_bytes + self.process_bytes
 
     def describe(self) -> str:
         mb = 1e6
-        return (
+        text = (
             f"{self.available_bytes / mb:.1f} MB usable: {self.headroom_bytes / mb:.1f} MB free "
             f"(limited by {self.limited_by}) minus a {self.reserve_bytes / mb:.1f} MB reserve"
         )
+        if self.rlimit_bytes is not None:
+            text += f"; {self.rlimit_bytes / mb:.1f} MB of address space left (RLIMIT_AS)"
+        return text
 
 
 def default_reserve(headroom_bytes: int) -> int:
@@ -80,7 +101,7 @@ def available_memory(
     v1 = _cgroup_v1_headroom(cgroup_root, memberships.get("memory"))
     rlimit = _rlimit_headroom()
 
-    candidates = [("system", system), ("cgroup v2", v2), ("cgroup v1", v1), ("rlimit", rlimit)]
+    candidates = [("system", system), ("cgroup v2", v2), ("cgroup v1", v1)]
     limited_by, headroom = min(
         ((name, value) for name, value in candidates if value is not None),
         key=lambda item: item[1],
@@ -96,6 +117,7 @@ def available_memory(
         cgroup_v1_bytes=v1,
         rlimit_bytes=rlimit,
         limited_by=limited_by,
+        process_bytes=_anonymous_rss(),
     )
 
 
@@ -177,6 +199,28 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
+def _stat_fields(path: Path) -> dict[str, int]:
+    """``memory.stat`` as {field: value}; empty when unreadable."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _reclaimable(stat: dict[str, int], cache: tuple[str, ...], shmem: tuple[str, ...]) -> int:
+    """Page cache the kernel drops before enforcing the limit: file pages, less shared memory
+    (tmpfs, which has nowhere to go without swap). The first field present of each tuple."""
+    file_bytes = next((stat[k] for k in cache if k in stat), 0)
+    shmem_bytes = next((stat[k] for k in shmem if k in stat), 0)
+    return max(0, file_bytes - shmem_bytes)
+
+
 def _cgroup_v2_headroom(root: Path, cgroup_path: str | None) -> int | None:
     if cgroup_path is None:
         return None
@@ -197,7 +241,8 @@ def _cgroup_v2_headroom(root: Path, cgroup_path: str | None) -> int | None:
                 continue
             if current is None:
                 continue
-            headroom = max(0, limit - current)
+            cache = _reclaimable(_stat_fields(d / "memory.stat"), ("file",), ("shmem",))
+            headroom = max(0, limit - max(0, current - cache))
             best = headroom if best is None else min(best, headroom)
     return best
 
@@ -213,9 +258,21 @@ def _cgroup_v1_headroom(root: Path, cgroup_path: str | None) -> int | None:
         usage = _read_int(d / "memory.usage_in_bytes")
         if usage is None:
             continue
-        headroom = max(0, limit - usage)
+        stat = _stat_fields(d / "memory.stat")
+        cache = _reclaimable(stat, ("total_cache", "cache"), ("total_shmem", "shmem"))
+        headroom = max(0, limit - max(0, usage - cache))
         best = headroom if best is None else min(best, headroom)
     return best
+
+
+def _anonymous_rss() -> int:
+    """This process's anonymous resident pages (RSS less file-backed pages): what a cgroup or
+    the system counts as used by us and a whole-process plan counts again."""
+    try:
+        info = psutil.Process().memory_info()
+    except (psutil.Error, OSError):
+        return 0
+    return max(0, int(info.rss) - int(getattr(info, "shared", 0)))
 
 
 # -- address-space limit ------------------------------------------------------------------------

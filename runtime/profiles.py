@@ -43,6 +43,9 @@ class DeviceProfile:
     # bit-widths this board runs slowly at accuracy level 4, measured on it; None: the
     # device class's row of runtime.isa.SLOW_BITS
     slow_bits: tuple[int, ...] | None = None
+    # a public key (PEM) every bundle served on this device must be signed with (a path;
+    # relative paths are read from the profile file's folder); None: unsigned bundles serve
+    trusted_key: str | None = None
 
     @property
     def has_dotprod(self) -> bool:
@@ -53,7 +56,9 @@ class DeviceProfile:
         return Budget.nbytes(self.usable_ram_bytes, "MB")
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "profile") -> DeviceProfile:
+    def from_dict(
+        cls, data: Any, source: str = "profile", base_dir: Path | None = None
+    ) -> DeviceProfile:
         if not isinstance(data, dict):
             raise ProfileError(f"{source}: a profile must be a JSON object")
 
@@ -95,6 +100,14 @@ class DeviceProfile:
                     f"{source}: 'slow_bits' must list bit-widths from {list(SUPPORTED_BITS)}"
                 )
             object.__setattr__(profile, "slow_bits", tuple(sorted(set(slow))))
+        key = data.get("trusted_key")
+        if key is not None:
+            if not isinstance(key, str) or not key.strip() or "\x00" in key:
+                raise ProfileError(f"{source}: 'trusted_key' must be the path of a public key")
+            path = Path(key).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            object.__setattr__(profile, "trusted_key", str(path))
         if not 0 < profile.usable_ram_bytes <= profile.ram_bytes:
             raise ProfileError(f"{source}: usable_ram_bytes must be in (0, ram_bytes]")
         if profile.cores <= 0 or profile.threads <= 0:
@@ -127,7 +140,7 @@ def load_profile(name: str) -> DeviceProfile:
             raise ProfileError(f"{path} is not UTF-8 text (byte {exc.start})") from None
         except OSError as exc:
             raise ProfileError(f"cannot read {path}: {exc.strerror or exc}") from None
-        return _parse(text, str(path), expect_name=None)
+        return _parse(text, str(path), expect_name=None, base_dir=path.resolve().parent)
     known = list_profiles()
     if name not in known:
         raise ProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(known)}")
@@ -135,12 +148,14 @@ def load_profile(name: str) -> DeviceProfile:
     return _parse(text, f"profile {name!r}", expect_name=name)
 
 
-def _parse(text: str, source: str, expect_name: str | None) -> DeviceProfile:
+def _parse(
+    text: str, source: str, expect_name: str | None, base_dir: Path | None = None
+) -> DeviceProfile:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{source} is not valid JSON: {exc}") from None
-    profile = DeviceProfile.from_dict(data, source)
+    profile = DeviceProfile.from_dict(data, source, base_dir)
     if expect_name is not None and profile.name != expect_name:
         raise ProfileError(f"{source}: file names itself {profile.name!r}")
     return profile

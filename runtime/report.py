@@ -7,6 +7,7 @@ from typing import Any
 
 from coalora.runtime.format.pareto import ParetoSet
 from coalora.runtime.format.reader import Bundle
+from coalora.runtime.format.signing import signer_of
 from coalora.runtime.format.spec import Arch, Key
 
 
@@ -16,8 +17,10 @@ def option_histogram(config: Any) -> str:
     return ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
-def bundle_summary(bundle: Bundle) -> dict[str, Any]:
+def bundle_summary(bundle: Bundle, *, signature_checked: bool = False) -> dict[str, Any]:
+    """``signature_checked``: the caller verified the signature against a trusted key."""
     arch = bundle.architecture
+    signer = signer_of(bundle.root)
     pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     cfg = arch.get(Arch.CONFIG, {})
     return {
@@ -36,6 +39,13 @@ def bundle_summary(bundle: Bundle) -> dict[str, Any]:
         "options_shipped": [o.name for o in bundle.space.options],
         "lora": bundle.manifest[Key.LORA],
         "size_on_disk_bytes": bundle.size_on_disk(),
+        "signed_by": None
+        if signer is None
+        else {
+            "key_fingerprint": signer.key_fingerprint,
+            "method": signer.method,
+            "verified": signature_checked,
+        },
         "metric": pareto.metric_name,
         "higher_is_better": pareto.higher_is_better,
         "pareto": [
@@ -69,6 +79,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{', '.join(summary['options_shipped'])}; LoRA rank {lora['rank']}, alpha {lora['alpha']}"
         + (f"; LM head {summary['lm_head']}" if summary.get("lm_head") else "")
     )
+    signer = summary.get("signed_by")
+    if signer is None:
+        console.print("signature: unsigned")
+    else:
+        checked = "verified" if signer["verified"] else "not checked (pass --trusted-key)"
+        console.print(
+            f"signature: sha256:{signer['key_fingerprint']} ({signer['method']}), {checked}",
+            highlight=False,
+            soft_wrap=True,  # one line, so the fingerprint can be compared or grepped
+        )
     arrow = "higher is better" if summary["higher_is_better"] else "lower is better"
     table = Table(title=f"Pareto set: {summary['metric']} ({arrow})")
     for col in ("bits", "weights MB", summary["metric"], "seen in training", "options"):

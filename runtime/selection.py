@@ -12,8 +12,10 @@ reason says which way it went.
 ``min_speed`` (``--min-speed``, the compute budget) keeps only entries whose predicted decode
 speed on the device (``runtime/speed.py``) meets it.
 
-``available_bytes``, when given, is a ceiling on the plan for every kind of budget: a device
-never picks a configuration it cannot hold, whatever the flag says. The stored set itself
+``available_bytes``, when given, is a ceiling on the plan for every kind of budget (and
+``address_space_bytes`` on the plan's virtual size): a device never picks a configuration it
+cannot hold, whatever the flag says. When that ceiling, not the budget, decides, the
+selection says so (``clamped_from``: what the budget alone would have picked). The stored set itself
 (``ParetoSet``, pareto.json) is part of the bundle format: ``coalora.runtime.format.pareto``.
 """
 
@@ -48,6 +50,9 @@ class Selection:
     cpu: CpuClass | None = None  # the CPU class the choice was made for
     slow_fallback: bool = False  # every fitting entry uses an option slow on ``cpu``
     predicted_tok_s: float | None = None  # when chosen under a minimum speed
+    # what an explicit budget alone would have picked, when the device's memory ruled it out
+    clamped_from: ParetoEntry | None = None
+    clamp_note: str = ""  # one line: what the device can give
 
     @property
     def config(self) -> Configuration:
@@ -59,16 +64,17 @@ def select(
     budget: Budget,
     plan_fn: Callable[[Configuration], MemoryPlan],
     available_bytes: int | None = None,
-    held_bytes: int = 0,
     cpu: CpuClass | None = None,
     accuracy_level: int = 4,
+    address_space_bytes: int | None = None,
     min_speed: float | None = None,
     speed_fn: Callable[[Configuration], float] | None = None,
 ) -> Selection:
     """The best stored configuration within ``budget``; raises ``SelectionError`` if none fits.
 
-    An ``auto`` budget without ``available_bytes`` is resolved here, once: what the device
-    has free plus ``held_bytes`` (memory the caller will free first, e.g. a running session).
+    An ``auto`` budget without ``available_bytes`` is resolved here, once: what a
+    whole-process plan may total on this device (``probe.MemoryProbe.plan_limit_bytes``, which
+    counts what this process already holds, a running session included, as available).
 
     ``min_speed`` with ``speed_fn`` (a configuration's predicted decode tok/s): only entries
     predicted to decode at least that fast qualify, within the memory budget too.
@@ -80,7 +86,10 @@ def select(
     limit: int | None = available_bytes
     if budget.kind == "auto":
         if limit is None:
-            limit = available_memory().available_bytes + held_bytes
+            probe = available_memory()
+            limit = probe.plan_limit_bytes
+            if address_space_bytes is None:
+                address_space_bytes = probe.rlimit_bytes
         within = f"auto budget ({format_bytes(limit)} available)"
     elif budget.kind == "bytes":
         assert isinstance(budget.value, int)
@@ -92,8 +101,10 @@ def select(
             within = f"{budget} budget"
     else:
         within = f"{budget} budget"
-        if limit is not None:
-            within += f" and {format_bytes(limit)} available"
+    # What the device can give, named where it decided (a refusal, or entries it ruled out).
+    device = ""
+    if limit is not None and budget.kind == "bits":
+        device += f" and {format_bytes(limit)} available"
 
     candidates: list[ParetoEntry] = list(pareto.entries)
     if budget.kind == "bits":
@@ -113,14 +124,58 @@ def select(
             plans[entry.config] = plan_fn(entry.config)
         return plans[entry.config]
 
-    if limit is not None:
-        fitting = [e for e in candidates if plan_of(e).total <= limit]
+    va = address_space_bytes
+    if va is not None:
+        device += f" and {format_bytes(va, unit)} of address space (RLIMIT_AS)"
+    # What the budget alone allows: a device limit below it is a clamp worth a warning.
+    asked = candidates
+    if budget.kind == "bytes":
+        assert isinstance(budget.value, int)
+        asked = [e for e in candidates if plan_of(e).total <= budget.value]
+
+    def fits(e: ParetoEntry) -> bool:
+        plan = plan_of(e)
+        return (limit is None or plan.total <= limit) and (
+            va is None or plan.address_space_bytes <= va
+        )
+
+    clamped_from: ParetoEntry | None = None
+    clamp_note = ""
+    if limit is not None or va is not None:
+        fitting = [e for e in candidates if fits(e)]
         if not fitting:
-            need_bytes = min(plan_of(e).total for e in candidates)
+            smallest = min(candidates, key=lambda e: plan_of(e).total)
+            need = plan_of(smallest)
+            needs = format_bytes(need.total, unit, round_up=True)
+            if va is not None and need.address_space_bytes > va:
+                needs += f" ({format_bytes(need.address_space_bytes, unit, round_up=True)} "
+                needs += "of address space)"
             raise SelectionError(
-                f"no stored configuration fits the {within}: the smallest stored configuration "
-                f"needs {format_bytes(need_bytes, unit, round_up=True)}"
+                f"no stored configuration fits the {within}{device}: the smallest stored "
+                f"configuration needs {needs}"
             )
+        if budget.kind != "auto" and asked:
+            wanted = _best(pareto, asked)
+            if not fits(wanted):
+                clamped_from = wanted
+                need = plan_of(wanted)
+                short = []  # what this device cannot give, in words
+                if limit is not None and need.total > limit:
+                    short.append(
+                        f"plan {format_bytes(need.total, unit, round_up=True)}, "
+                        f"{format_bytes(limit, unit)} available"
+                    )
+                if va is not None and need.address_space_bytes > va:
+                    short.append(
+                        f"{format_bytes(need.address_space_bytes, unit, round_up=True)} of "
+                        f"address space, {format_bytes(va, unit)} left under RLIMIT_AS"
+                    )
+                clamp_note = (
+                    f"the {budget} budget asks for {wanted.bits:.2f} bits, more than this "
+                    f"device can give ({'; '.join(short)})"
+                )
+        if len(fitting) < len(candidates):
+            within += device
         candidates = fitting
 
     speed_note, predicted = "", None
@@ -178,6 +233,8 @@ def select(
         cpu=cpu,
         slow_fallback=fallback,
         predicted_tok_s=predicted,
+        clamped_from=clamped_from,
+        clamp_note=clamp_note,
     )
 
 

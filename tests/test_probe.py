@@ -1,4 +1,6 @@
-"""The memory probe: psutil clamped by cgroup v2, cgroup v1 and RLIMIT_AS, minus a reserve."""
+"""The memory probe: psutil clamped by cgroup v2 and v1 (page cache counted reclaimable),
+minus a small reserve; RLIMIT_AS apart, as address space; the process's own anonymous pages
+given back to a whole-process plan."""
 
 from __future__ import annotations
 
@@ -9,7 +11,13 @@ from types import SimpleNamespace
 import pytest
 
 from coalora.runtime import probe
-from coalora.runtime.probe import MIN_RESERVE_BYTES, available_memory, physical_cores
+from coalora.runtime.probe import (
+    MIN_RESERVE_BYTES,
+    RESERVE_FRACTION,
+    available_memory,
+    default_reserve,
+    physical_cores,
+)
 
 GB = 10**9
 MiB = 2**20
@@ -41,7 +49,7 @@ def test_no_cgroup_files_means_psutil_minus_reserve(tmp_path: Path) -> None:
     got = available_memory(cgroup_root=tmp_path / "nope", proc_root=tmp_path / "nope")
     assert got.limited_by == "system"
     assert got.headroom_bytes == 8 * GB
-    assert got.reserve_bytes == int(0.1 * 8 * GB)
+    assert got.reserve_bytes == int(RESERVE_FRACTION * 8 * GB)
     assert got.available_bytes == 8 * GB - got.reserve_bytes
     assert got.cgroup_v1_bytes is None and got.cgroup_v2_bytes is None
     assert "limited by system" in got.describe()
@@ -57,8 +65,8 @@ def test_cgroup_v2_limit_below_psutil_clamps(tmp_path: Path) -> None:
     assert got.limited_by == "cgroup v2"
     assert got.cgroup_v2_bytes == 2 * GB - 500 * 10**6
     assert got.headroom_bytes == 1_500_000_000
-    assert got.reserve_bytes == 256 * MiB  # 10% of 1.5 GB is below the 256 MiB floor
-    assert got.available_bytes == 1_500_000_000 - 256 * MiB
+    assert got.reserve_bytes == default_reserve(1_500_000_000)
+    assert got.available_bytes == 1_500_000_000 - got.reserve_bytes
 
 
 def test_cgroup_v2_max_means_unlimited_but_a_parent_limit_counts(tmp_path: Path) -> None:
@@ -108,7 +116,7 @@ def test_cgroup_v1_limit_clamps(tmp_path: Path) -> None:
     assert got.limited_by == "cgroup v1"
     assert got.cgroup_v1_bytes == 800 * 10**6
     assert got.cgroup_v2_bytes is None
-    assert got.available_bytes == 800 * 10**6 - 256 * MiB
+    assert got.available_bytes == 800 * 10**6 - default_reserve(800 * 10**6)
 
 
 def test_cgroup_v1_huge_limit_means_unlimited(tmp_path: Path) -> None:
@@ -131,7 +139,7 @@ def test_usage_above_limit_gives_zero_not_negative(tmp_path: Path) -> None:
     assert got.available_bytes == 0
 
 
-def test_rlimit_as_clamps_by_what_is_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rlimit_as_is_address_space_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
     def getrlimit(which: int) -> tuple[int, int]:
@@ -139,14 +147,16 @@ def test_rlimit_as_clamps_by_what_is_left(tmp_path: Path, monkeypatch: pytest.Mo
         return (3 * GB, resource.RLIM_INFINITY)
 
     monkeypatch.setattr(probe.resource, "getrlimit", getrlimit)
-    fake_process = SimpleNamespace(memory_info=lambda: SimpleNamespace(vms=1 * GB))
+    fake_process = SimpleNamespace(memory_info=lambda: SimpleNamespace(vms=1 * GB, rss=0))
     monkeypatch.setattr(probe.psutil, "Process", lambda: fake_process)
     got = available_memory(cgroup_root=tmp_path, proc_root=tmp_path)
     assert calls == [resource.RLIMIT_AS]
-    assert got.limited_by == "rlimit"
+    # Address space is not memory: it does not clamp the headroom, the plan's virtual size
+    # is checked against it apart.
+    assert got.limited_by == "system"
     assert got.rlimit_bytes == 2 * GB
-    assert got.headroom_bytes == 2 * GB
-    assert got.reserve_bytes == 256 * MiB
+    assert got.headroom_bytes == 8 * GB
+    assert "address space" in got.describe()
 
 
 def test_explicit_reserve(tmp_path: Path) -> None:
@@ -159,7 +169,46 @@ def test_explicit_reserve(tmp_path: Path) -> None:
 
 def test_reserve_floor() -> None:
     assert probe.default_reserve(0) == MIN_RESERVE_BYTES
-    assert probe.default_reserve(10 * GB) == GB
+    assert probe.default_reserve(10 * GB) == int(RESERVE_FRACTION * 10 * GB)
+    assert 32 * MiB >= MIN_RESERVE_BYTES  # a small margin: the plan is the upper bound
+
+
+def test_cgroup_v1_page_cache_is_reclaimable(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    leaf = root / "memory" / "job"
+    _write(leaf / "memory.limit_in_bytes", f"{700 * 10**6}")
+    # 600 MB charged, 450 MB of it page cache (a bundle just hashed), 10 MB of it tmpfs
+    _write(leaf / "memory.usage_in_bytes", f"{600 * 10**6}")
+    _write(
+        leaf / "memory.stat",
+        f"cache 1\nrss 2\ntotal_cache {450 * 10**6}\ntotal_shmem {10 * 10**6}\n"
+        f"total_inactive_file {300 * 10**6}\n",
+    )
+    proc = _proc(tmp_path, "4:memory:/job\n")
+    got = available_memory(cgroup_root=root, proc_root=proc, reserve_bytes=0)
+    assert got.cgroup_v1_bytes == 700 * 10**6 - (600 - 440) * 10**6
+
+
+def test_cgroup_v2_page_cache_is_reclaimable(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    _write(root / "app" / "memory.max", f"{700 * 10**6}")
+    _write(root / "app" / "memory.current", f"{600 * 10**6}")
+    _write(root / "app" / "memory.stat", f"anon 1\nfile {500 * 10**6}\nshmem 0\n")
+    got = available_memory(
+        cgroup_root=root, proc_root=_proc(tmp_path, "0::/app\n"), reserve_bytes=0
+    )
+    assert got.cgroup_v2_bytes == 600 * 10**6
+
+
+def test_plan_limit_gives_the_process_its_own_pages_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The headroom counts our anonymous pages as used; a whole-process plan counts them too.
+    info = SimpleNamespace(rss=300 * 10**6, shared=100 * 10**6, vms=GB)
+    monkeypatch.setattr(probe.psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: info))
+    got = available_memory(cgroup_root=tmp_path, proc_root=tmp_path, reserve_bytes=0)
+    assert got.process_bytes == 200 * 10**6
+    assert got.plan_limit_bytes == 8 * GB + 200 * 10**6
 
 
 def test_real_machine_probe_is_sane() -> None:

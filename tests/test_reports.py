@@ -102,3 +102,21 @@ def test_contention_report(tmp_path: Path) -> None:
     out = tmp_path / "contention.md"
     out.write_text(report(res, res["command"]), encoding="utf-8")
     _same(out, "contention")
+
+
+def test_robustness_report(tmp_path: Path) -> None:
+    from benchmarks.robustness import render
+
+    res = _json("robustness")
+    out = tmp_path / "robustness.md"
+    out.write_text(render(res), encoding="utf-8")
+    _same(out, "robustness")
+    s = res["summary"]
+    assert set(s) >= {
+        "cases",
+        "handled_right",
+        "tracebacks",
+        "wrong_exit_codes",
+        "auto_budget_peak_vs_cgroup_limit",
+    }
+    assert s["tracebacks"] == 0 and s["wrong_exit_codes"] == 0

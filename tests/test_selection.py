@@ -231,7 +231,8 @@ def test_auto_probes_when_not_told(
     small = min(plan_fn(e.config).total for e in pareto.entries)
 
     class FakeProbe:
-        available_bytes = small
+        plan_limit_bytes = small
+        rlimit_bytes = None
 
     monkeypatch.setattr(select_module, "available_memory", lambda: FakeProbe())
     assert select(pareto, parse_budget("auto"), plan_fn).plan.total == small

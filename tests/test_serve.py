@@ -351,6 +351,28 @@ def test_api_key_is_required_when_set(tiny_llama_bundle: Path) -> None:
     rt.close()
 
 
+def test_health_is_unhealthy_once_a_bundle_file_changes(
+    tiny_llama_bundle: Path, tmp_path: Path
+) -> None:
+    import os
+    import shutil
+
+    from coalora.runtime.format.spec import PARETO_FILE
+
+    bundle = shutil.copytree(tiny_llama_bundle, tmp_path / "b")
+    rt = Runtime.open(bundle, threads=1, context_length=64)
+    with running(Server(rt, model_id="tiny")) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        path = bundle / PARETO_FILE
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["status"] == "bundle changed" and body["changed_files"] == [PARETO_FILE]
+    rt.close()
+
+
 def test_classify_endpoint(tiny_bert_bundle: Path) -> None:
     rt = Runtime.open(tiny_bert_bundle, budget="10bits", threads=1)
     with running(Server(rt, model_id="bert")) as url:

@@ -25,6 +25,9 @@ PARETO_FILE = "pareto.json"
 TOKENIZER_FILE = "tokenizer.json"
 QUANT_DIR = "quant"
 REQUIRED_FILES = (BASE_FILE, LORA_FILE, THETA_FILE, PARETO_FILE)
+# The OpenSSF model-signing signature over every other file (``format/signing.py``); optional,
+# and not listed in the manifest (it signs the manifest). The name is model-signing's default.
+SIGNATURE_FILE = "model.sig"
 
 
 def quant_file(option: QuantOption) -> str:

@@ -1,7 +1,8 @@
 """Write a coalora bundle (names: ``spec``; prose: docs/bundle-format.md; reader: ``reader``).
 
 The writer builds the bundle in a temporary sibling directory and renames it into place only
-when every file is written and hashed, so a failed export leaves nothing half-written.
+when every file is written, hashed and (with ``sign_key``) signed, so a failed export leaves
+nothing half-written and a signed bundle never appears unsigned.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import coalora
 from coalora.kernels import ConfigSpace, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
 from coalora.runtime.format.reader import sha256_file
+from coalora.runtime.format.signing import check_private_key, sign_bundle
 from coalora.runtime.format.spec import (
     BASE_FILE,
     FORMAT,
@@ -94,9 +96,18 @@ def _check(contents: BundleContents) -> None:
             raise ValueError(f"LoRA of {name} has shapes {a.shape}/{b.shape}, expected rank {r}")
 
 
-def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bool = False) -> Path:
-    """Write ``contents`` as a bundle at ``out_dir``; returns the path."""
+def write_bundle(
+    out_dir: str | Path,
+    contents: BundleContents,
+    *,
+    overwrite: bool = False,
+    sign_key: str | Path | None = None,
+) -> Path:
+    """Write ``contents`` as a bundle at ``out_dir``; returns the path. ``sign_key``: an
+    elliptic-curve private key (PEM) to sign it with (``format.signing``)."""
     _check(contents)
+    if sign_key is not None:
+        check_private_key(sign_key)  # before any byte is written
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
@@ -155,6 +166,8 @@ def write_bundle(out_dir: str | Path, contents: BundleContents, *, overwrite: bo
             **contents.extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if sign_key is not None:
+            sign_bundle(tmp, sign_key)  # the signature names files, not the directory
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -367,6 +367,21 @@ class Server:
         self._check_key(request)
         rt, sched = self.rt, self.scheduler
         adapt = rt.adapt
+        # The session reads mapped pages of the bundle's files: one changed on disk since it
+        # was opened changes (or, truncated, kills) what is served, so the server is unhealthy.
+        changed = rt.bundle.changed_files()
+        if changed:
+            return JSONResponse(
+                {
+                    "status": "bundle changed",
+                    "model": self.model_id,
+                    "bundle": str(rt.bundle.root),
+                    "changed_files": changed,
+                    "message": f"{len(changed)} bundle file(s) changed on disk since the "
+                    "bundle was opened; restart the server on an unchanged bundle",
+                },
+                status_code=503,
+            )
         return JSONResponse(
             {
                 "status": "ok",

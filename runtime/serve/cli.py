@@ -95,6 +95,13 @@ def serve_command(
     model_name: Annotated[
         str | None, typer.Option(help="model id in /v1/models (default: the bundle's folder)")
     ] = None,
+    trusted_key: Annotated[
+        str | None,
+        typer.Option(
+            help="public key (PEM): refuse the bundle unless this key's pair signed it "
+            "(needs the sign extra)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="log warnings only")] = False,
 ) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -143,6 +150,7 @@ def serve_command(
             context_length=context,
             threads=threads,
             adapt=policy or False,
+            trusted_key=trusted_key,
         )
     except (BudgetError, BundleError, SelectionError, ProfileError, RuntimeInputError) as exc:
         sock.close()
