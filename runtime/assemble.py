@@ -40,6 +40,7 @@ from coalora.runtime.graphs.weights import (
     decoder_weights_from_arrays,
 )
 from coalora.runtime.mapped import MappedFileError, MappedSafetensors, Scratch
+from coalora.runtime.plan import embedding_from_head
 
 # 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
 # (benchmarks/results/decode_speed_graph.md), at ~0.2% relative error on the delta.
@@ -192,6 +193,8 @@ def build_graph(
                 external=held,
                 scratch=scratch,
                 last_logits=last_logits,
+                embedding_from_head=head is not None
+                and embedding_from_head(bundle, arch, accuracy_level) is not None,
             )
         else:
             prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""

@@ -178,6 +178,32 @@ def rope_cache_bytes(arch: Any, context_length: int) -> int:
     return 0 if isinstance(arch, BertArch) else 4 * context_length * arch.head_dim
 
 
+# -- the embedding table --------------------------------------------------------------------------
+# GatherBlockQuantized (onnxruntime 1.32) reads 4- and 8-bit codes.
+GATHER_BITS = frozenset({4, 8})
+
+
+def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> QuantOption | None:
+    """The option whose codes serve the token embedding as well as the LM head, or None.
+
+    A tied model's quantized head is its embedding table quantized, so the fast graph gathers
+    the rows from the head's codes (GatherBlockQuantized on the same arrays) and never reads
+    the bundle's fp32 table: 8-bit codes are a quarter of it. Only where the layouts agree
+    (whole blocks per row, a width the gather reads); the exact graph keeps the fp32 table,
+    as torch has it.
+    """
+    from coalora.runtime.graphs.llama import LlamaArch
+
+    if not isinstance(arch, LlamaArch) or not arch.tie_word_embeddings or accuracy_level == 0:
+        return None
+    if not bundle.lm_head:
+        return None
+    option = QuantOption.parse(bundle.lm_head)
+    if option.bits not in GATHER_BITS or arch.hidden_size % option.block_size:
+        return None
+    return option
+
+
 # -- fused groups and LoRA slots ------------------------------------------------------------------
 def can_fuse(options: Sequence[QuantOption], biased: Sequence[bool] = ()) -> bool:
     """Whether projections that read one input share one fused MatMulNBits (and one LoRA slot):
@@ -282,6 +308,12 @@ class Accountant:
     ) -> Accountant:
         """``base_bytes``/``base_names``: the size and tensor names of the base file."""
         names = [m.name for m in bundle.space.matrices]
+        shared = embedding_from_head(bundle, arch, accuracy_level)
+        if shared is not None:
+            # the fp32 table is never read; the gather faults the head's mapped codes back in
+            # (MatMulNBits reads its prepacked copy), so they count a second time
+            base_bytes += shared.nbytes(arch.vocab_size, arch.hidden_size)
+            base_bytes -= 4 * arch.vocab_size * arch.hidden_size
         head = bundle.lm_head
         if head and exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
             # the exact graph holds the quantized head dequantized next to its codes, twice,

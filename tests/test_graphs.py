@@ -221,6 +221,42 @@ def test_quantized_embedding_and_head() -> None:
         assert _max_diff(got, want) < 0.03 * scale
 
 
+def test_the_embedding_gathers_from_the_quantized_heads_codes() -> None:
+    """A tied model with a quantized head: the rows come from the head's own arrays (one
+    set of codes, no fp32 table in the graph) and decode as torch with that table."""
+    from coalora.kernels.matmulnbits import to_matmulnbits
+    from coalora.kernels.quantize import quantize_rtn
+
+    model = _tiny_llama(tied=True, seed=5)
+    arch, weights, lora = _prepare(model, "mixed", 4)
+    weights.lora = lora
+    table = model.model.embed_tokens.weight.detach().numpy().copy()
+    weights.lm_head = to_matmulnbits(quantize_rtn(table, QuantOption(8, 32)))
+    external: dict[str, np.ndarray] = {}
+    proto = build_llama_decoder(
+        arch, weights, lora_rank=4, embedding_from_head=True, external=external
+    )
+    ops = [n.op_type for n in proto.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gemm" not in ops
+    names = {t.name for t in proto.graph.initializer}
+    assert "model.embed_tokens.weight" not in names
+    # the gather's codes are the head's array itself (a view, not a copy)
+    assert np.shares_memory(external["model.embed_tokens.qweight"], weights.lm_head.b)
+    from coalora.runtime.session import create_session
+
+    built = create_session(proto, threads=1, initializers=external)
+    got, got_tokens = _onnx_generate(built.session, arch, DECODE_STEPS)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.from_numpy(dequantize(weights.lm_head)))
+    want, want_tokens = _torch_generate(model, DECODE_STEPS)
+    scale = max(float(np.abs(w).max()) for w in want)
+    assert got_tokens == want_tokens
+    assert _max_diff(got, want) < 0.03 * scale
+    weights.lm_head = None
+    with pytest.raises(ValueError, match="tied model with a quantized head"):
+        build_llama_decoder(arch, weights, lora_rank=4, embedding_from_head=True)
+
+
 @pytest.mark.parametrize("kind", ["4b32", "mixed"])
 def test_llama_decoder_accuracy_level0_is_tight(kind: str) -> None:
     """The exact graph: 4-bit matrices on MatMulNBits' fp32 kernel, 2- and 8-bit ones (no such

@@ -266,3 +266,38 @@ def test_the_plan_counts_the_lora_slots_the_graph_builds(high: Runtime) -> None:
         assert sum(s.nbytes() for s in slots) == high.plan(entry.config).lora_bytes
         mixed += any(len(g) == 1 for g in groups if g[0].endswith("q_proj"))
     assert mixed  # a configuration where the rule said no
+
+
+def test_a_tied_head_serves_the_embedding_and_the_plan_drops_the_fp32_table(
+    tiny_llama_bundle: Path, high: Runtime
+) -> None:
+    """The fast graph gathers rows from the quantized head's codes: no fp32 table in the
+    graph, and the plan counts the head's codes twice (prepacked, and mapped for the gather)
+    instead of the fp32 table; the exact graph keeps the fp32 table (torch's)."""
+    from coalora.kernels import QuantOption
+    from coalora.runtime.plan import embedding_from_head
+
+    option = embedding_from_head(high.bundle, high.arch, high.accuracy_level)
+    assert option == QuantOption.parse(high.bundle.lm_head)
+    proto, _ = assemble.build_graph(
+        high._mapped, high.arch, high.config, context_length=16, fuse=True, external=True
+    )
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GatherBlockQuantized" in ops
+    assert "model.embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
+    exact = Runtime.open(
+        tiny_llama_bundle,
+        budget=HIGH,
+        threads=1,
+        context_length=high.context_length,
+        build=False,
+        lora_bits=32,
+        accuracy_level=0,
+    )
+    assert embedding_from_head(exact.bundle, exact.arch, 0) is None
+    v, h = high.arch.vocab_size, high.arch.hidden_size
+    fast_other = high.accountant.other_weights_bytes
+    exact_other = exact.accountant.other_weights_bytes
+    # the exact graph also holds its dequantized head (3 x fp32): take that out first
+    exact_base = exact_other - 3 * 4 * v * h
+    assert exact_base - fast_other == 4 * v * h - option.nbytes(v, h)

@@ -188,6 +188,7 @@ class _DecoderBuilder:
         fuse_gate_up: bool,
         max_seq_len: int,
         last_logits: bool = False,
+        embedding_from_head: bool = False,
     ) -> ModelProto:
         a, w, g = self.arch, self.w, self.g
         n_layers, kv, hd = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
@@ -213,7 +214,14 @@ class _DecoderBuilder:
         cos_name = g.initializer("cos_cache", cos)
         sin_name = g.initializer("sin_cache", sin)
 
-        if quantize_embedding is None:
+        if embedding_from_head:
+            head = w.lm_head
+            if not isinstance(head, MatMulNBitsWeights) or not a.tie_word_embeddings:
+                raise ValueError("embedding_from_head needs a tied model with a quantized head")
+            self._embed_q[head.option] = head  # the gather reads the head's own codes
+            hidden = self._quantized_embedding(ids, head.option, quant_method)
+            embed = ""
+        elif quantize_embedding is None:
             embed = g.initializer("model.embed_tokens.weight", w.embed_tokens)
             hidden = g.op("Gather", [embed, ids], "/model/embed_tokens/Gather", axis=0)
         else:
@@ -411,6 +419,7 @@ def build_llama_decoder(
     external: dict[str, np.ndarray] | None = None,
     scratch: Any = None,
     last_logits: bool = False,
+    embedding_from_head: bool = False,
 ) -> ModelProto:
     """The decoder graph for ``arch`` with ``weights``'s quantized linears.
 
@@ -436,6 +445,10 @@ def build_llama_decoder(
                       prepacking MatMulNBits reads them (see ``_onnx.GraphBuilder``).
     last_logits       logits of the last position only ([batch, 1, vocab]): what decoding
                       needs; the head then runs once per prefill instead of once per token.
+    embedding_from_head
+                      a tied model whose head is given quantized: gather the token rows from
+                      the head's own codes (GatherBlockQuantized), the fp32 table unused
+                      (``plan.embedding_from_head`` decides; the plan counts it so).
     """
     if weights.embed_tokens.shape != (arch.vocab_size, arch.hidden_size):
         raise ValueError(
@@ -467,4 +480,5 @@ def build_llama_decoder(
         fuse_gate_up=fuse_gate_up,
         max_seq_len=max_seq_len or arch.max_position_embeddings,
         last_logits=last_logits,
+        embedding_from_head=embedding_from_head,
     )
