@@ -46,7 +46,8 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A model ready for calibration and export: float32, eval mode, with its tokenizer.
+    """A model ready for calibration and export: eval mode, with its tokenizer (float32 unless
+    loaded with another ``dtype``).
 
     ``kind`` is the architecture family ("causal-lm" for decoders, "encoder" for BERT-like);
     ``task`` is what its head does ("classify" or ``None`` for the checkpoint's own head).
@@ -153,8 +154,9 @@ def _load_gguf(path: Path, task: str | None, num_labels: int | None):
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _load_folder(path: Path, task: str | None, num_labels: int | None, allow_pickle: bool):
-    import torch
+def _load_folder(
+    path: Path, task: str | None, num_labels: int | None, allow_pickle: bool, dtype: torch.dtype
+):
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -170,7 +172,7 @@ def _load_folder(path: Path, task: str | None, num_labels: int | None, allow_pic
         )
     model = _auto_class(kind, task).from_pretrained(
         str(path),
-        dtype=torch.float32,
+        dtype=dtype,
         local_files_only=True,
         use_safetensors=has_safetensors,
         **kwargs,
@@ -185,12 +187,19 @@ def load_model(
     task: str | None = None,
     num_labels: int | None = None,
     allow_pickle: bool = False,
+    dtype: str = "float32",
 ) -> LoadedModel:
-    """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, float32, eval mode.
+    """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, eval mode, in
+    ``dtype`` (float32, bfloat16 or float16; a folder's weights load in it directly).
 
     ``task="classify"`` puts a fresh sequence-classification head with ``num_labels`` outputs
     on the encoder (e.g. MiniLM -> BertForSequenceClassification).
     """
+    import torch
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: expected float32, bfloat16 or float16")
     if task is not None and task not in TASKS:
         raise ModelLoadError(f"unknown task {task!r}: expected one of {list(TASKS)} or none")
     if task == "classify" and (num_labels is None or num_labels < 2):
@@ -205,7 +214,7 @@ def load_model(
         if path.suffix == ".gguf":
             model, tokenizer, kind = _load_gguf(path, task, num_labels)
         else:
-            model, tokenizer, kind = _load_folder(path, task, num_labels, allow_pickle)
+            model, tokenizer, kind = _load_folder(path, task, num_labels, allow_pickle, torch_dtype)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
@@ -213,7 +222,7 @@ def load_model(
     if tokenizer.pad_token is None:
         # Calibration batches pad; an LM without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.float().eval()
+    model.to(torch_dtype).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=str(path), task=task)
 
 
