@@ -57,6 +57,7 @@ BIG = dict(
 BIG_EXPORT = [
     "--dtype", "bfloat16", "--layerwise", "on", "--quantizer", "rtn",
     "--options", "2b64,4b64,8b64", "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+    "--configs-per-step", "1",
     "--steps-per-epoch", "0", "--calib-texts", "4", "--eval-batches", "1",
     "--budgets", "2.5:8:2.75", "--random-configs", "0", "--limit", "200", "--lm-head", "none",
     "--threads", "2", "--fresh", "--overwrite", "-q",

@@ -13,16 +13,17 @@ Ray is imported here only: the default install and path never load it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from coalora.export.options import ExportError, ExportOptions
 
-RAY_EXTRA = "pip install 'coalora[ray]' (ray==2.60.0)"
+RAY_EXTRA = "pip install 'coalora[ray]' (ray[train]==2.60.0)"
 
 
 @dataclass
 class RayExportResult:
-    """What the driver gets back: worker 0's summary lines."""
+    """What the driver gets back: worker 0's summary lines (``ExportResult.summary``)."""
 
     lines: list[str]
 
@@ -36,7 +37,7 @@ def _import_ray() -> Any:
         from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
     except ImportError:
-        raise ExportError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+        raise ExportError(f"--ray needs Ray Train, which is not installed: {RAY_EXTRA}") from None
     return ray, ScalingConfig, TorchTrainer
 
 
@@ -49,8 +50,15 @@ def _worker(config: dict[str, Any]) -> None:
 
     opts: ExportOptions = config["options"]
     res = run_export(opts)
-    lines = res.summary() if distributed.is_main() else []
-    ray.train.report({"summary": lines})
+    if distributed.is_main():  # beside --out, which every worker must see anyway
+        Path(config["summary"]).write_text("\n".join(res.summary()), encoding="utf-8")
+    ray.train.report({"step": opts.steps})
+
+
+def _absolute(name_or_path: str) -> str:
+    """A path that exists here, made absolute; a name (``smollm2``, ``bbc``) as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def run_on_ray(opts: ExportOptions) -> RayExportResult:
@@ -62,15 +70,30 @@ def run_on_ray(opts: ExportOptions) -> RayExportResult:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=opts.progress)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ExportError(f"--ray {opts.ray}: cannot reach the cluster ({exc})") from None
-    # The workers run the plain job: no second hop to Ray, one torch thread each unless set.
-    worker_opts = replace(opts, ray=None, threads=opts.threads or 1)
+    # The workers run the plain job: no second hop to Ray, one torch thread each unless set,
+    # and absolute paths (a worker starts in a directory of Ray's).
+    worker_opts = replace(
+        opts,
+        ray=None,
+        threads=opts.threads or 1,
+        model=_absolute(opts.model),
+        data=_absolute(opts.data),
+        out=Path(opts.out).expanduser().resolve(),
+        work_dir=None if opts.work_dir is None else Path(opts.work_dir).expanduser().resolve(),
+    )
+    out = Path(worker_opts.out)
+    summary = out.with_name(f".{out.name}.ray-summary")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"options": worker_opts},  # sent in memory (cloudpickle), never saved
+        # sent in memory (cloudpickle), never saved
+        train_loop_config={"options": worker_opts, "summary": str(summary)},
         scaling_config=ScalingConfig(num_workers=opts.ray_workers, use_gpu=use_gpu),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
+        lines = summary.read_text(encoding="utf-8").splitlines()
     except Exception as exc:  # a worker's failure arrives wrapped; its message is the news
         raise ExportError(f"the Ray job failed: {str(exc).strip().splitlines()[-1]}") from None
-    return RayExportResult(list((result.metrics or {}).get("summary", [])))
+    finally:
+        summary.unlink(missing_ok=True)
+    return RayExportResult(lines)

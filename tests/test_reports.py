@@ -59,3 +59,14 @@ def test_baselines_report(model: str, tmp_path: Path) -> None:
     command = res.get("command", f"python -m benchmarks.baselines --model {model}")
     write_report(res, command, tmp_path / name)
     _same(tmp_path / f"{name}.md", name)
+
+
+def test_scaleout_report(tmp_path: Path) -> None:
+    from benchmarks.scaleout import write_md
+
+    out = tmp_path / "scaleout.md"
+    write_md(_json("scaleout"), out=out)
+    _same(out, "scaleout")
+    summary = _json("scaleout")["summary"]
+    assert {"step_seconds_1proc", "step_seconds_2proc", "speedup_2proc"} <= set(summary)
+    assert summary["gpu_ratio"] is not None or summary["gpu_reason"]
