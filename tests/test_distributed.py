@@ -1,7 +1,8 @@
 """Data-parallel training over torch.distributed (gloo, 2 processes on this CPU) against one
 process with the same global batch: the same configurations drawn and the same loss per step
-(within 1e-5 relative), a run resumed with another world size continuing exactly, and the
-sweep's scoring shared out over the ranks."""
+(within 1e-5 relative), for a 2-process run stopped at a checkpoint and resumed by 2
+processes and for one resumed by a single process, and the sweep's scoring shared out over
+the ranks."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def one_rank(tmp_path_factory) -> tuple[Path, list[float]]:
     return root / "train", sweep_metrics(model)
 
 
-def test_two_processes_train_as_one(two_ranks: Path, one_rank) -> None:
+def test_two_processes_train_and_resume_as_one(two_ranks: Path, one_rank) -> None:
     one, two = log(one_rank[0]), log(two_ranks / "full")
     assert len(one) == STEPS
     assert any("config_set_size" in r for r in one)  # the search ran between epochs
