@@ -127,7 +127,7 @@ class ExportOptions:
     # memory for models that do not fit otherwise (the codes are then those of bf16 weights).
     dtype: str = _opt(
         "float32",
-        "The frozen base's dtype: float32, bfloat16 or float16 (the LoRA, θ and task head "
+        "The frozen base's dtype: float32, bfloat16 or float16 (causal LMs; the LoRA and θ "
         "train in float32).",
     )
     layerwise: str = _opt(
