@@ -169,6 +169,7 @@ def big_export(root: Path) -> dict[str, Any]:
         # what the caches alone would take without layer-at-a-time: 3 options, bf16
         "all_options_cache_gb": round(3 * 2 * shape["quantized_params"] / 1e9, 3),
         "bundle_gb": round(size / 1e9, 3),
+        "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "build_s": round(built, 1),
         "export_s": round(time.perf_counter() - t1, 1),
     }
@@ -235,7 +236,9 @@ def write_md(res: dict[str, Any], out: Path = RESULTS / f"{NAME}.md") -> None:
         f"| the bundle on disk | {big['bundle_gb']:.2f} |",
         "",
         f"Peak RSS / model size: {big['peak_over_model']:.2f}. The export took "
-        f"{big['export_s']:.0f} s (building the random folder {big['build_s']:.0f} s more).",
+        f"{big['export_s']:.0f} s (building the random folder {big['build_s']:.0f} s more); "
+        f"measured {big.get('measured_utc', '?')} UTC, the step times "
+        f"{res.get('steps_measured_utc', '?')} UTC.",
         "",
         "## GPU",
         "",
@@ -278,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
             return
     steps = step_rounds(args.rounds, args.steps)
     res = {
-        "command": "python -m benchmarks.scaleout",
+        "command": "python -m benchmarks.scaleout"
+        + (" --big-from <the row of an earlier --big-only run>" if args.big_from else ""),
+        "steps_measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": machine(),
         "wall_s": round(time.perf_counter() - t0, 1),
         "load_start": load_start,
