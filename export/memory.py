@@ -47,6 +47,25 @@ def use_layerwise(setting: str, model: Any, device: torch.device) -> bool:
     return cache_bytes(model) > FIT_FRACTION * free_bytes(device)
 
 
+def release_freed() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Dropped fp weights and dequantized options are freed into the heap, where glibc keeps
+    them for reuse: without this the process's RSS never falls as layers give up their
+    weights, and every step's options come on top."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def peak_rss_bytes(children: bool = False) -> int:
     """This process's peak resident set (or its waited-for children's largest), in bytes."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF

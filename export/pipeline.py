@@ -150,7 +150,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
     from coalora.export import distributed
     from coalora.export.coa_lora import CoALoRAModel, train
     from coalora.export.exporter import export_bundle
-    from coalora.export.memory import use_layerwise
+    from coalora.export.memory import release_freed, use_layerwise
     from coalora.export.sweep import metric_direction, sweep_budgets
 
     t_start = time.perf_counter()
@@ -299,6 +299,9 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
         }
         with phase("export"):
             record[Training.SECONDS] = {k: round(v, 2) for k, v in phase.seconds.items()}
+            # the bundle ships codes: the last evaluation's dequantized weights can go first
+            model.drop_cache()
+            release_freed()
             if main:
                 export_bundle(
                     model,

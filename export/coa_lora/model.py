@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from coalora.export.coa_lora.config import CoALoRAConfig
 from coalora.export.coa_lora.layer import MODES, Mode, QuantLoRALinear
 from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
+from coalora.export.memory import release_freed
 from coalora.export.models import config_space
 from coalora.export.quantizers import Hessian
 from coalora.kernels.config import ConfigSpace, Configuration
@@ -225,6 +226,7 @@ class CoALoRAModel(nn.Module):
                     bar.update()
                 if layerwise:
                     layer.drop_weight()
+                    release_freed()
         self.layerwise = self.layerwise or layerwise
 
     def retain(self, configs: Iterable[Mapping[str, QuantOption]]) -> None:
@@ -235,6 +237,7 @@ class CoALoRAModel(nn.Module):
         configs = list(configs)
         for name, layer in self.layers.items():
             layer.drop_cache({c[name] for c in configs})
+        release_freed()
 
     def drop_cache(self, keep: Iterable[QuantOption] | None = None) -> None:
         keep_set = None if keep is None else set(keep)
