@@ -78,6 +78,10 @@ bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, 
 bench-quality-ablation: install  ## each quality lever alone on SmolLM2 at 2.5/3.5/4.5 bits (reduced scale)
 	$(PYTHON) -m benchmarks.quality_ablation --threads 1
 
+.PHONY: bench-scaleout
+bench-scaleout: install  ## step time at 1 and 2 processes (torchrun), peak RSS of a 1.5B export (~25 min)
+	$(PYTHON) -m benchmarks.scaleout
+
 .PHONY: bench-baselines
 bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (about 1 h each, 2 cores)
 	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2

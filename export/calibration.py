@@ -104,6 +104,7 @@ def run_inputs(
     tok.padding_side = "right"
     handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in linears.items()]
     base = _base_model(loaded.model)
+    device = next(loaded.model.parameters()).device
     try:
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
@@ -117,7 +118,8 @@ def run_inputs(
                 inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
                 if loaded.kind == "encoder" and "token_type_ids" in enc:
                     inputs["token_type_ids"] = enc["token_type_ids"]
-                token_mask["mask"] = enc["attention_mask"].reshape(-1).bool()
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                token_mask["mask"] = inputs["attention_mask"].reshape(-1).bool()
                 base(**inputs)
     finally:
         for h in handles:
@@ -144,7 +146,7 @@ def activation_second_moments(
 
     linears = run_inputs(loaded, texts, on_input, max_length, batch_size)
     return {
-        name: (sums[name] / max(counts[name], 1)).numpy()
+        name: (sums[name] / max(counts[name], 1)).cpu().numpy()
         if name in sums
         else np.zeros(lin.in_features)
         for name, lin in linears.items()

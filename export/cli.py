@@ -291,6 +291,11 @@ def export_train(
     random_configs: Annotated[int | None, typer.Option(help=_flag_help("sweep_random"))] = None,
     lm_head: Annotated[str | None, typer.Option(help=_flag_help("lm_head"))] = None,
     device_class: Annotated[str | None, typer.Option(help=_flag_help("device_class"))] = None,
+    device: Annotated[str | None, typer.Option(help=_flag_help("device"))] = None,
+    dtype: Annotated[str | None, typer.Option(help=_flag_help("dtype"))] = None,
+    layerwise: Annotated[str | None, typer.Option(help=_flag_help("layerwise"))] = None,
+    ray: Annotated[str | None, typer.Option(help=_flag_help("ray"))] = None,
+    ray_workers: Annotated[int | None, typer.Option(help=_flag_help("ray_workers"))] = None,
     threads: Annotated[int | None, typer.Option(help=_flag_help("threads"))] = None,
     limit: Annotated[int | None, typer.Option(help=_flag_help("limit"))] = None,
     work_dir: Annotated[str | None, typer.Option(help=_flag_help("work_dir"))] = None,
@@ -312,6 +317,7 @@ def export_train(
 ) -> None:
     import logging
 
+    from coalora.export import distributed
     from coalora.export.pipeline import run_export
 
     try:
@@ -339,6 +345,11 @@ def export_train(
             sweep_random=random_configs,
             lm_head=lm_head,
             device_class=device_class,
+            device=device,
+            dtype=dtype,
+            layerwise=layerwise,
+            ray=ray,
+            ray_workers=ray_workers,
             threads=threads,
             limit=limit,
             work_dir=work_dir,
@@ -364,14 +375,16 @@ def export_train(
             if epochs < 0:
                 raise ValueError(f"--epochs must be >= 0, got {epochs}")
             opts.steps_per_epoch = max(1, opts.steps // epochs) if epochs else 0
-        if not quiet:
+        speaks = distributed.launched_rank() == 0  # under torchrun, rank 0 speaks for all
+        if not quiet and speaks:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             logging.getLogger("coalora.export.pipeline").setLevel(logging.INFO)
         result = run_export(opts)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    for line in result.summary():
-        typer.echo(line)
+    if speaks:
+        for line in result.summary():
+            typer.echo(line)
 
 
 @export_app.command("slim")

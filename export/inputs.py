@@ -48,6 +48,9 @@ def load_data(opts: ExportOptions) -> Inputs:
         ds = ds.subset(sorted(int(i) for i in keep))
     if opts.distill_weight > 0 and task == "classify":
         raise ExportError("--distill-weight needs a causal LM (a classifier head has no teacher)")
+    if opts.dtype != "float32" and task == "classify":
+        # the task head trains in the base's dtype: AdamW in bf16 loses the updates
+        raise ExportError(f"--dtype {opts.dtype} needs a causal LM (a classifier's head trains)")
     split = train_val_split(ds, opts.val_fraction, opts.seed)
     log.info(
         "data %s: %d examples (%d train, %d held out, seed %d)",
@@ -73,6 +76,7 @@ def load_for_training(opts: ExportOptions, inp: Inputs) -> Inputs:
         task="classify" if classify else None,
         num_labels=ds.num_labels if classify else None,
         allow_pickle=opts.allow_pickle,
+        dtype=opts.dtype,
     )
     if classify and ds.label_names:  # the bundle names its classes
         loaded.model.config.id2label = dict(enumerate(ds.label_names))

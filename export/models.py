@@ -46,7 +46,8 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A model ready for calibration and export: float32, eval mode, with its tokenizer.
+    """A model ready for calibration and export: eval mode, with its tokenizer (float32 unless
+    loaded with another ``dtype``).
 
     ``kind`` is the architecture family ("causal-lm" for decoders, "encoder" for BERT-like);
     ``task`` is what its head does ("classify" or ``None`` for the checkpoint's own head).
@@ -153,8 +154,9 @@ def _load_gguf(path: Path, task: str | None, num_labels: int | None):
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _load_folder(path: Path, task: str | None, num_labels: int | None, allow_pickle: bool):
-    import torch
+def _load_folder(
+    path: Path, task: str | None, num_labels: int | None, allow_pickle: bool, dtype: torch.dtype
+):
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -170,13 +172,28 @@ def _load_folder(path: Path, task: str | None, num_labels: int | None, allow_pic
         )
     model = _auto_class(kind, task).from_pretrained(
         str(path),
-        dtype=torch.float32,
+        dtype=dtype,
         local_files_only=True,
         use_safetensors=has_safetensors,
         **kwargs,
     )
+    _own_memory(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer, kind
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy weights that live in the memory-mapped checkpoint into memory of their own.
+
+    The file stays mapped while any tensor points into it, so a model that drops its fp
+    weights after quantizing them (layer at a time) would keep every page of the file resident;
+    measured on a 1.5 B bf16 folder, 2.8 GB of file pages stayed for the whole export. Copied
+    tensor by tensor, the mapping goes when the last original does."""
+    import torch
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
 
 
 def load_model(
@@ -185,12 +202,19 @@ def load_model(
     task: str | None = None,
     num_labels: int | None = None,
     allow_pickle: bool = False,
+    dtype: str = "float32",
 ) -> LoadedModel:
-    """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, float32, eval mode.
+    """Load ``"smollm2"``, ``"minilm"``, a .gguf file or a local HF folder, eval mode, in
+    ``dtype`` (float32, bfloat16 or float16; a folder's weights load in it directly).
 
     ``task="classify"`` puts a fresh sequence-classification head with ``num_labels`` outputs
     on the encoder (e.g. MiniLM -> BertForSequenceClassification).
     """
+    import torch
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: expected float32, bfloat16 or float16")
     if task is not None and task not in TASKS:
         raise ModelLoadError(f"unknown task {task!r}: expected one of {list(TASKS)} or none")
     if task == "classify" and (num_labels is None or num_labels < 2):
@@ -205,7 +229,7 @@ def load_model(
         if path.suffix == ".gguf":
             model, tokenizer, kind = _load_gguf(path, task, num_labels)
         else:
-            model, tokenizer, kind = _load_folder(path, task, num_labels, allow_pickle)
+            model, tokenizer, kind = _load_folder(path, task, num_labels, allow_pickle, torch_dtype)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
@@ -213,7 +237,7 @@ def load_model(
     if tokenizer.pad_token is None:
         # Calibration batches pad; an LM without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.float().eval()
+    model.to(torch_dtype).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=str(path), task=task)
 
 

@@ -18,6 +18,9 @@ from coalora.export.quantizers import DEFAULT_QUANTIZER, QUANTIZERS
 from coalora.kernels import DEFAULT_OPTIONS, QuantOption
 
 TASKS = ("auto", "causal-lm", "classify")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+LAYERWISE = ("auto", "on", "off")
 
 
 class ExportError(ValueError):
@@ -118,7 +121,27 @@ class ExportOptions:
         "4: 2/8-bit run slowly there); see benchmarks/results/arm_paths.md.",
         shown="one front over every option",
     )
-    # the run
+    # the run: where and how it is computed, none of which changes the bundle
+    device: str = _opt("auto", "cpu, cuda or auto (CUDA where torch sees one).")
+    # float32 keeps the codes exactly those of the fp32 weights; bfloat16 halves the base's
+    # memory for models that do not fit otherwise (the codes are then those of bf16 weights).
+    dtype: str = _opt(
+        "float32",
+        "The frozen base's dtype: float32, bfloat16 or float16 (causal LMs; the LoRA and θ "
+        "train in float32).",
+    )
+    layerwise: str = _opt(
+        "auto",
+        "Quantize one layer at a time and keep only codes plus the options a step needs: on, "
+        "off, or auto (on where every option's dequantized weights would not fit in memory).",
+    )
+    ray: str | None = _opt(
+        None,
+        "Run the job on the Ray cluster at this address ('local': a local one), one Ray Train "
+        "worker per process; needs the ray extra.",
+        shown="no Ray: one process, or torchrun's",
+    )
+    ray_workers: int = _opt(2, "Ray Train workers (processes) for --ray.")
     threads: int | None = _opt(None, "torch threads.", shown="torch's")
     limit: int | None = _opt(None, "Use at most this many examples.", shown="all")
     fresh: bool = _opt(False, "Ignore cached work.")
@@ -237,6 +260,13 @@ class ExportOptions:
             raise ExportError(f"limit must be >= 2 examples, got {self.limit}")
         if self.threads is not None and self.threads < 1:
             raise ExportError(f"threads must be >= 1, got {self.threads}")
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("layerwise", LAYERWISE)):
+            if getattr(self, name) not in allowed:
+                raise ExportError(
+                    f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}"
+                )
+        if self.ray_workers < 1:
+            raise ExportError(f"ray-workers must be >= 1, got {self.ray_workers}")
         self.quant_options()
         self.lm_head_option()
         if self.device_class is not None:
@@ -271,6 +301,8 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head", "sign"}
+        # where it runs and how memory is managed: the same codes and steps either way
+        skip |= {"device", "layerwise", "ray", "ray_workers"}
         # where weights may come from, and which extra front the sweep keeps, neither
         skip |= {"allow_pickle", "device_class"}
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}

@@ -61,13 +61,21 @@ def input_hessians(opts: Any, loaded: Any, texts: Sequence[str]) -> dict | None:
 
 
 def cached_cost_table(
-    model: Any, moments: dict[str, np.ndarray], path: Path, fresh: bool, progress: bool
+    model: Any,
+    moments: dict[str, np.ndarray],
+    path: Path,
+    fresh: bool,
+    progress: bool,
+    layerwise: bool = False,
+    write: bool = True,
 ):
     """Calibration-weighted error of every (matrix, option), read off the model's own quantized
     weights: the quantizer runs once per pair for both the costs and training. A layer with a
-    Hessian (the gptq quantizer) gets the full tr((W-Q) H (W-Q)^T), else its diagonal."""
-    from tqdm.auto import tqdm
+    Hessian (the gptq quantizer) gets the full tr((W-Q) H (W-Q)^T), else its diagonal.
 
+    One pass over the layers quantizes for training and, unless reused, measures the costs;
+    ``layerwise`` keeps only the codes of a layer once it is measured (``quantize_layers``).
+    ``write``: whether this process writes the cache (rank 0 of a distributed run)."""
     from coalora.export.allocation import CostTable
     from coalora.export.quantizers import output_error
 
@@ -77,19 +85,26 @@ def cached_cost_table(
     opts = [o.name for o in space.options]
     if cached and cached.get("matrices") == names and cached.get("options") == opts:
         log.info("reusing cost table from %s", path)
+        if layerwise:  # the codes are still needed; without it training quantizes lazily
+            model.quantize_layers(layerwise=True, progress=progress)
         return CostTable(tuple(names), tuple(space.options), np.array(cached["costs"])), True
     costs = np.zeros((len(names), len(opts)))
-    bar = tqdm(total=costs.size, desc="quantize", unit="q", disable=not progress, leave=False)
-    with bar:
-        for i, name in enumerate(names):
-            layer = model.layers[name]
-            w = layer.weight.detach().float().cpu().numpy()
-            imp = np.asarray(moments[name], dtype=np.float64)
-            for j, opt in enumerate(space.options):
-                d = w - layer.quantized_weight(opt).cpu().numpy()
-                costs[i, j] = output_error(d, importance=imp, hessian=layer.hessian)
-                bar.update(1)
-    write_json(path, {"matrices": names, "options": opts, "costs": costs.tolist()})
+    row = {n: i for i, n in enumerate(names)}
+    col = {o: j for j, o in enumerate(space.options)}
+    fp: dict[str, np.ndarray] = {}  # the current layer's fp32 weight, one at a time
+
+    def measure(name: str, opt: Any, q: Any) -> None:
+        layer = model.layers[name]
+        if name not in fp:
+            fp.clear()
+            fp[name] = layer.weight.detach().float().cpu().numpy()
+        imp = np.asarray(moments[name], dtype=np.float64)
+        d = fp[name] - q.dequantize()
+        costs[row[name], col[opt]] = output_error(d, importance=imp, hessian=layer.hessian)
+
+    model.quantize_layers(layerwise=layerwise, visit=measure, progress=progress)
+    if write:
+        write_json(path, {"matrices": names, "options": opts, "costs": costs.tolist()})
     return CostTable(tuple(names), tuple(space.options), costs), False
 
 
@@ -99,10 +114,15 @@ class TrainingSets:
     (``seen``)."""
 
     def __init__(
-        self, path: Path | None, initial: Sequence[Configuration], space: ConfigSpace
+        self,
+        path: Path | None,
+        initial: Sequence[Configuration],
+        space: ConfigSpace,
+        write: bool = True,
     ) -> None:
         self.path = path
         self.space = space
+        self.write = write  # rank 0 of a distributed run writes; every rank reads
         stored = read_json(path) if path is not None else None
         if stored:
             self.sets = [
@@ -114,7 +134,7 @@ class TrainingSets:
             self._save()
 
     def _save(self) -> None:
-        if self.path is None:
+        if self.path is None or not self.write:
             return
         write_json(
             self.path,
@@ -175,10 +195,11 @@ def cached_sweep(
     seen: set[Configuration],
     work: Path,
     adapter: Path,
+    write: bool = True,
 ) -> tuple[Any, list[dict[str, Any]], bool]:
     """(the Pareto front, every evaluated point, reused?): the dense sweep measured on
     ``held_out`` with the trained adapter, from ``work`` when the same adapter, budgets and
-    batches were swept before."""
+    batches were swept before. ``write``: whether this process writes the cache."""
     from coalora.export.sweep import dense_sweep
 
     sweep_key = {
@@ -209,7 +230,8 @@ def cached_sweep(
         device_class=opts.device_class,
     )
     evaluated = [{**p.entry.to_dict(), "source": p.source} for p in points]
-    write_json(work / SWEEP_FILE, {"key": sweep_key, "points": evaluated})
+    if write:
+        write_json(work / SWEEP_FILE, {"key": sweep_key, "points": evaluated})
     return front, evaluated, False
 
 

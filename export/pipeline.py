@@ -16,15 +16,21 @@ project) keyed by a hash of the options that shape the result and of the data it
 run with the same options reuses the calibration, the cost table, the checkpoint and the sweep;
 ``fresh=True`` starts over. Bad input raises ``ExportError`` before anything is written.
 
+Where it runs: ``opts.device`` (``devices``); under torchrun (or Ray Train, ``ray_backend``)
+every rank runs this same job, data-parallel, and rank 0 alone writes (``distributed``).
+Big models: ``opts.dtype`` loads the frozen base in bf16/fp16 and ``opts.layerwise`` keeps
+only codes (``memory``).
+
 Where the rest lives: the options and presets in ``options``, steps 1-2 in ``inputs``, the
 work directory in ``workdir``, the cached phases (3, 4, 5-6's training sets, 7) in ``phases``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,7 @@ from coalora.export.workdir import (
     checkpoint_step,
     log_to,
     open_work_dir,
+    work_dir_for,
 )
 from coalora.kernels import ConfigError
 from coalora.runtime.format.spec import Key, Training
@@ -110,9 +117,20 @@ def run_export(opts: ExportOptions) -> ExportResult:
     out = Path(opts.out).expanduser()
     if out.exists() and not opts.overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    if opts.ray is not None:
+        from coalora.export.ray_backend import run_on_ray
+
+        return run_on_ray(opts)
+    from coalora.export import distributed
+    from coalora.export.devices import check_dtype, resolve_device
+
+    device = resolve_device(opts.device)
+    check_dtype(opts.dtype, device)
     try:
-        with torch_threads(opts.threads):
-            return _run(opts, out)
+        with torch_threads(opts.threads), distributed.process_group(device):
+            if not distributed.is_main():  # one progress display and log: rank 0's
+                opts = replace(opts, progress=False)
+            return _run(opts, out, device)
     except (
         ModelLoadError,
         DataError,
@@ -128,9 +146,11 @@ def run_export(opts: ExportOptions) -> ExportResult:
         raise ExportError(f"{exc} (pass --overwrite to replace it)") from exc
 
 
-def _run(opts: ExportOptions, out: Path) -> ExportResult:
+def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
+    from coalora.export import distributed
     from coalora.export.coa_lora import CoALoRAModel, train
     from coalora.export.exporter import export_bundle
+    from coalora.export.memory import release_freed, use_layerwise
     from coalora.export.sweep import metric_direction, sweep_budgets
 
     t_start = time.perf_counter()
@@ -146,15 +166,21 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
     with phase("load model"):
         load_for_training(opts, inp)
         loaded, space = inp.loaded, inp.space
+        loaded.model.to(device)  # the one move: layers, caches and LoRA follow the base
         budgets = sweep_budgets(space, opts.sweep_lo, opts.sweep_hi, opts.sweep_step)
         search_batches, sweep_held_out, disjoint = held_out_batches(
             inp.val_batches, opts.eval_batches, opts.sweep_batches
         )
 
     # The work directory: keyed by the options that shape training and by the data itself.
-    work = open_work_dir(opts, inp)
+    # Rank 0 opens (and with --fresh clears) it; the other ranks then read what it holds.
+    main = distributed.is_main()
+    work = distributed.main_first(lambda: open_work_dir(opts, inp) if main else None)
+    work = work_dir_for(opts, inp) if work is None else work
+    if not main:
+        opts = replace(opts, fresh=False)  # rank 0 has cleared what --fresh clears
 
-    with log_to(work / LOG_FILE):
+    with log_to(work / LOG_FILE) if main else contextlib.nullcontext():
         log.info("work dir %s (%s)", work, "fresh" if opts.fresh else "reused when present")
 
         # 3. calibration on a few training texts
@@ -162,8 +188,10 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
             rng = np.random.default_rng(opts.seed)
             pick = rng.permutation(len(split.train))[: opts.calib_texts]
             texts = [split.train.texts[int(i)] for i in pick]
-            moments, reused["calibration"] = cached_calibration(
-                loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
+            moments, reused["calibration"] = distributed.main_first(
+                lambda: cached_calibration(
+                    loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
+                )
             )
 
         # 4. the adapter model (quantizing with that importance, as the bundle will) and the
@@ -179,9 +207,18 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 method=opts.quantizer,
                 hessians=input_hessians(opts, loaded, texts),
             )
+            layerwise = use_layerwise(opts.layerwise, model, device)
+            log.info("quantizing %s", "one layer at a time" if layerwise else "all layers")
             costs, reused["quantize + costs"] = cached_cost_table(
-                model, moments, work / COSTS_FILE, opts.fresh, opts.progress
+                model,
+                moments,
+                work / COSTS_FILE,
+                opts.fresh,
+                opts.progress,
+                layerwise=layerwise,
+                write=main,
             )
+            costs = distributed.broadcast(costs)  # one table: the MILP starts must agree
 
         # 5. the starting training set: optimal allocations over the whole bit range
         with phase("initial set"):
@@ -189,7 +226,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 space, search_batches, costs, log_path=work / SEARCH_LOG_FILE
             )
             initial = search.initial_set(opts.initial_budgets)
-            sets = TrainingSets(work / TRAINING_SETS_FILE, initial, space)
+            sets = TrainingSets(work / TRAINING_SETS_FILE, initial, space, write=main)
             log.info("initial training set: %d configurations", len(initial))
 
         # 6. train, the Pareto search refreshing the set every epoch
@@ -241,6 +278,7 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
                 seen=seen,
                 work=work,
                 adapter=train_dir / "checkpoint" / "adapter.safetensors",
+                write=main,
             )
             name, _ = metric_direction(loaded.kind)
             log.info(
@@ -261,16 +299,22 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
         }
         with phase("export"):
             record[Training.SECONDS] = {k: round(v, 2) for k, v in phase.seconds.items()}
-            bundle = export_bundle(
-                model,
-                loaded,
-                pareto,
-                out,
-                lm_head=opts.lm_head_option(),
-                overwrite=opts.overwrite,
-                extra={Key.TRAINING: record},
-                sign_key=opts.sign,
-            )
+            # the bundle ships codes: the last evaluation's dequantized weights can go first
+            model.drop_cache()
+            release_freed()
+            if main:
+                export_bundle(
+                    model,
+                    loaded,
+                    pareto,
+                    out,
+                    lm_head=opts.lm_head_option(),
+                    overwrite=opts.overwrite,
+                    extra={Key.TRAINING: record},
+                    sign_key=opts.sign,
+                )
+            distributed.barrier()
+            bundle = out
         res = ExportResult(
             bundle=Path(bundle),
             work_dir=work,
@@ -281,7 +325,8 @@ def _run(opts: ExportOptions, out: Path) -> ExportResult:
             record=record,
             seconds=time.perf_counter() - t_start,
         )
-        (work / SUMMARY_FILE).write_text("\n".join(res.summary()) + "\n", encoding="utf-8")
+        if main:
+            (work / SUMMARY_FILE).write_text("\n".join(res.summary()) + "\n", encoding="utf-8")
         return res
 
 

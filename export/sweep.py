@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from coalora.export import distributed
 from coalora.export.allocation import CostTable, allocate
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.train import Batch, evaluate, random_configurations
@@ -169,15 +170,22 @@ def evaluate_sweep(
     seen: Iterable[Configuration] = (),
     progress: bool = True,
 ) -> list[SweepPoint]:
-    """Evaluate each candidate with the current adapter on ``batches`` (metric "auto")."""
+    """Evaluate each candidate with the current adapter on ``batches`` (metric "auto"); under
+    a process group every rank calls it and gets every point."""
     space = model.space
     seen_set = set(seen)
     held_out = list(batches)
     if not held_out:
         raise SweepError("the sweep needs held-out evaluation batches")
+    # shared out over the ranks of a distributed run, every rank getting every metric
+    bar = lambda mine: tqdm(  # noqa: E731
+        mine, desc="sweep", disable=not (progress and distributed.is_main()), leave=False
+    )
+    metrics = distributed.shared_map(
+        lambda cs: evaluate(model, cs[0], held_out, "auto"), candidates, progress=bar
+    )
     points: list[SweepPoint] = []
-    for config, source in tqdm(candidates, desc="sweep", disable=not progress, leave=False):
-        metric = evaluate(model, config, held_out, "auto")
+    for (config, source), metric in zip(candidates, metrics, strict=True):
         entry = ParetoEntry(
             config=config,
             bits=space.bits(config),

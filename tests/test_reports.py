@@ -120,3 +120,14 @@ def test_robustness_report(tmp_path: Path) -> None:
         "auto_budget_peak_vs_cgroup_limit",
     }
     assert s["tracebacks"] == 0 and s["wrong_exit_codes"] == 0
+
+
+def test_scaleout_report(tmp_path: Path) -> None:
+    from benchmarks.scaleout import write_md
+
+    out = tmp_path / "scaleout.md"
+    write_md(_json("scaleout"), out=out)
+    _same(out, "scaleout")
+    summary = _json("scaleout")["summary"]
+    assert {"step_seconds_1proc", "step_seconds_2proc", "speedup_2proc"} <= set(summary)
+    assert summary["gpu_ratio"] is not None or summary["gpu_reason"]

@@ -4,8 +4,14 @@
 
 ``W_q`` is the weight after ``coalora.export.quantizers`` (the same quantizer the bundle
 writer uses) and dequantization, i.e. exactly what the device's kernel multiplies by. Each
-option's dequantized weight is computed once and cached, so switching configuration between
-steps costs nothing. ``U`` comes from θ (set by the model); ``None`` means U = 0.
+option's dequantized weight is computed once and cached (in the base's dtype, on its device),
+so switching configuration between steps costs nothing. ``U`` comes from θ (set by the model);
+``None`` means U = 0.
+
+For models whose dequantized weights do not all fit, ``remember(..., packed=True)`` keeps
+every option's packed codes and ``drop_weight`` frees the full-precision weight: a dequantized
+weight is then rebuilt from the codes when a configuration needs it, and the model drops the
+ones no step needs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalora.export.quantizers import Hessian, quantize_matrix
+from coalora.kernels.matmulnbits import MatMulNBitsWeights, from_matmulnbits, to_matmulnbits
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import QuantizedMatrix
 
@@ -48,7 +55,8 @@ class QuantLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.rank = rank
         self.scaling = alpha / rank
-        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.base_dtype = base.weight.dtype
         self.bias = (
             None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         )
@@ -64,6 +72,7 @@ class QuantLoRALinear(nn.Module):
         self.U: torch.Tensor | None = None
         # Not buffers: they are derived from ``weight`` and never belong in a checkpoint.
         self._cache: dict[QuantOption, torch.Tensor] = {}
+        self._codes: dict[QuantOption, MatMulNBitsWeights] = {}  # with ``keep_codes``
 
     def extra_repr(self) -> str:
         return (
@@ -72,20 +81,47 @@ class QuantLoRALinear(nn.Module):
         )
 
     # -- quantized weights ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lora_A.device  # the LoRA stays when the fp weight is dropped
+
     def quantize(self, option: QuantOption) -> QuantizedMatrix:
-        """The codes the bundle ships for ``option`` (deterministic: no cache needed)."""
+        """The codes the bundle ships for ``option`` (deterministic: kept only once the
+        fp weight is to be dropped, ``remember``)."""
+        codes = self._codes.get(option)
+        if codes is not None:
+            return from_matmulnbits(codes)
+        if self.weight is None:
+            raise RuntimeError(f"option {option} was not kept when the fp weight was dropped")
         w_np = self.weight.detach().float().cpu().numpy()
         return quantize_matrix(
             w_np, option, self.method, importance=self.importance, hessian=self.hessian
         )
 
+    def remember(self, option: QuantOption, q: QuantizedMatrix, *, packed: bool) -> None:
+        """Keep ``q`` (``option``'s codes) for training: ``packed`` codes, about (bits +
+        scales) / 8 bytes a weight, when the fp weight is to go; else the dequantized weight."""
+        if packed:
+            self._codes[option] = to_matmulnbits(q)
+        else:
+            self._cache[option] = self._on_device(torch.from_numpy(q.dequantize()))
+
+    def drop_weight(self) -> None:
+        """Free the fp weight and the dequantized cache; the kept codes stay."""
+        self._cache.clear()
+        self.weight = None
+
+    def _on_device(self, w: torch.Tensor) -> torch.Tensor:
+        # the forward multiplies in the base's dtype anyway; caching in it halves bf16 caches
+        return w.to(device=self.device, dtype=self.base_dtype)
+
     def quantized_weight(self, option: QuantOption) -> torch.Tensor:
-        """Dequantized fp32 weight for ``option`` (quantized on first use, then cached)."""
+        """Dequantized weight for ``option`` in the base's dtype, on the layer's device
+        (quantized, or unpacked from the kept codes, on first use, then cached)."""
         w = self._cache.get(option)
         if w is None:
             w = torch.from_numpy(self.quantize(option).dequantize())
-        if w.device != self.weight.device:  # the model moved after quantizing
-            w = w.to(self.weight.device)
+        w = self._on_device(w)  # no copy unless the model moved after quantizing
         self._cache[option] = w
         return w
 
@@ -102,6 +138,11 @@ class QuantLoRALinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         if self.mode in ("fp", "fp-no-lora"):
+            if self.weight is None:
+                raise RuntimeError(
+                    "full-precision modes need the fp weights, dropped by layer-at-a-time "
+                    "quantization (--layerwise off keeps them)"
+                )
             return self.weight
         if self.option is None:
             raise RuntimeError("no quantization option set: call set_configuration first")

@@ -8,7 +8,7 @@ all of them in one call per configuration. The base model stays frozen except it
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from coalora.export.coa_lora.config import CoALoRAConfig
 from coalora.export.coa_lora.layer import MODES, Mode, QuantLoRALinear
 from coalora.export.coa_lora.theta import ConfigTheta, ThetaVocab
+from coalora.export.memory import release_freed
 from coalora.export.models import config_space
 from coalora.export.quantizers import Hessian
 from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.options import QuantOption
+from coalora.kernels.quantize import QuantizedMatrix
 from coalora.runtime.format.theta import matrix_role
 
 Adapter = dict[str, tuple[np.ndarray, np.ndarray, float]]
@@ -65,6 +67,9 @@ class CoALoRAModel(nn.Module):
                 residual_init(self, init_option(self, self.cfg.lora_init_option))
         self.configuration: Configuration | None = None
         self.mode: Mode = "quant"
+        # True once ``quantize_layers(layerwise=True)`` dropped the fp weights: the dequantized
+        # cache then holds only what the current configurations use (``retain``).
+        self.layerwise = False
 
     def _build(
         self,
@@ -195,6 +200,45 @@ class CoALoRAModel(nn.Module):
                     layer.quantized_weight(opt)
                     bar.update()
 
+    def quantize_layers(
+        self,
+        options: Iterable[QuantOption] | None = None,
+        *,
+        layerwise: bool = False,
+        visit: Callable[[str, QuantOption, QuantizedMatrix], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Quantize every matrix for ``options`` (default: the space's), one layer at a time,
+        calling ``visit(name, option, codes)`` while the layer's fp weight is still there.
+
+        ``layerwise``: keep only each option's packed codes and drop the layer's fp weight
+        before the next one, so the fp weights and every option's dequantized weights are
+        never all in memory; training then rebuilds the options its configurations use."""
+        options = tuple(options or self.space.options)
+        total = len(self.layers) * len(options)
+        with tqdm(total=total, desc="quantize", unit="q", disable=not progress, leave=False) as bar:
+            for name, layer in self.layers.items():
+                for opt in options:
+                    q = layer.quantize(opt)
+                    if visit is not None:
+                        visit(name, opt, q)
+                    layer.remember(opt, q, packed=layerwise)
+                    bar.update()
+                if layerwise:
+                    layer.drop_weight()
+                    release_freed()
+        self.layerwise = self.layerwise or layerwise
+
+    def retain(self, configs: Iterable[Mapping[str, QuantOption]]) -> None:
+        """With layer-at-a-time quantization, free every dequantized weight ``configs`` do not
+        use (the next step's or evaluation's configurations); a no-op otherwise."""
+        if not self.layerwise:
+            return
+        configs = list(configs)
+        for name, layer in self.layers.items():
+            layer.drop_cache({c[name] for c in configs})
+        release_freed()
+
     def drop_cache(self, keep: Iterable[QuantOption] | None = None) -> None:
         keep_set = None if keep is None else set(keep)
         for layer in self.layers.values():
@@ -282,7 +326,8 @@ class CoALoRAModel(nn.Module):
 
     def save_adapter(self, path: str | Path) -> None:
         """LoRA A/B, θ and head in one safetensors file; configs as JSON metadata."""
-        save_file(self.trainable_state_dict(), str(path), metadata=self.metadata())
+        cpu = {k: v.cpu() for k, v in self.trainable_state_dict().items()}  # from any device
+        save_file(cpu, str(path), metadata=self.metadata())
 
     def load_adapter(self, path: str | Path) -> None:
         self.load_trainable_state_dict(load_file(str(path), device=str(self.device)))

@@ -23,6 +23,10 @@ Every epoch (``ParetoSearch.__call__``, the ``train(..., on_epoch_end=)`` hook):
 The reference point is always strictly worse than every observed point (max + 10% of range in
 each objective); a reference point that dominates the observations makes every hypervolume
 improvement zero and the acquisition meaningless.
+
+Under a process group every rank runs the epoch: the evaluations (steps 1 and 5) are shared
+out over the ranks (``evaluate_configs``), rank 0 alone fits the GP and picks (step 4, sent to
+the others) and writes the log, so every rank returns the same next set.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coalora.export import distributed
 from coalora.export.allocation import CostTable, allocate
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.train import (
@@ -616,7 +621,12 @@ class ParetoSearch:
             bases, self.n_candidates, self.seen, rng, include=self._allocation_bases()
         )
         t_fit = time.perf_counter()
-        picks, method = self._propose(current, bits, losses, pool, ref, epoch, notes)
+        # rank 0's picks: a GP fitted in two processes need not agree to the last bit
+        picks, method = distributed.broadcast(
+            self._propose(current, bits, losses, pool, ref, epoch, notes)
+            if distributed.is_main()
+            else None
+        )
         fit_seconds = time.perf_counter() - t_fit
         proposals = [pool[i] for i in picks]
         new_losses = self._evaluate(model, proposals)
@@ -660,7 +670,7 @@ class ParetoSearch:
         self.history.append(log)
         self.last_evaluation = list(zip(all_configs, all_bits, all_losses, strict=True))
         self.last_proposals = proposals
-        if self.log_path is not None:
+        if self.log_path is not None and distributed.is_main():
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("a") as f:
                 f.write(json.dumps(log.to_dict()) + "\n")

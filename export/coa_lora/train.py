@@ -7,6 +7,14 @@ their losses, clip, and take one AdamW step over A, B, θ (and the task head).
 Everything a step draws is a function of (seed, step): the batch (``batches(step)``), the
 configurations and the dropout masks. A resumed run therefore repeats exactly what an
 uninterrupted one would have done. Checkpoints are safetensors + JSON, never pickle.
+
+Under a torch.distributed process group (``export.distributed``) every rank runs this loop:
+each takes its rows of the step's global batch, the gradients and losses are summed over the
+ranks weighted by each rank's share of the counted targets, so the step is that of one
+process on the whole batch (the loss is the global batch's mean). Every rank draws the same
+configurations and takes the same optimizer step; rank 0 alone writes the log and the
+checkpoints, which hold nothing that depends on the number of processes: a run resumed with
+another world size continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from coalora.export import distributed
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.sampling import ConfigSampler
 from coalora.kernels.config import ConfigSpace, Configuration
@@ -112,6 +121,18 @@ def make_optimizer(model: CoALoRAModel) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def counted_targets(model: CoALoRAModel, batch: Batch) -> int:
+    """What the loss averages over: next-token targets (causal LM) or rows (classifier)."""
+    labels = batch["labels"]
+    if model.kind == "causal-lm":
+        return int((labels[..., 1:] != -100).sum())
+    return int(labels.shape[0])
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def train_step(
     model: CoALoRAModel,
     optimizer: torch.optim.Optimizer,
@@ -122,9 +143,18 @@ def train_step(
     """Accumulate the losses of ``configs`` on ``batch``, clip, step. Returns each loss.
 
     With ``cfg.distill_weight`` > 0 the teacher's top-k runs once for the batch and every
-    configuration's loss mixes cross-entropy and the KL to it (``distill``)."""
+    configuration's loss mixes cross-entropy and the KL to it (``distill``). Under a process
+    group ``batch`` is the global batch: this rank computes on its rows, and the gradients and
+    returned losses are those of the whole batch."""
     from coalora.export.coa_lora.distill import kl_to_teacher, teacher_topk
 
+    batch = to_device(distributed.batch_shard(batch), model.device)
+    # This rank's weight in the global mean: 1.0 in one process (x * 1.0 is exact).
+    n_local = counted_targets(model, batch)
+    n_global = n_local
+    if distributed.world_size() > 1:
+        n_global = int(distributed.all_reduce_sum(torch.tensor([float(n_local)])).item())
+    share = n_local / max(n_global, 1)
     w = model.cfg.distill_weight
     cache = teacher_topk(model, batch, model.cfg.distill_topk) if w > 0 else None
     optimizer.zero_grad(set_to_none=True)
@@ -136,13 +166,30 @@ def train_step(
         if cache is not None:
             kl = kl_to_teacher(out.logits, cache)
             loss = kl if w == 1.0 else (1 - w) * loss + w * kl
+        loss = loss * share
         (loss / len(configs)).backward()  # frees this configuration's graph before the next
-        losses.append(loss.item())
+        losses.append(loss.detach().float().reshape(1))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if distributed.world_size() > 1:
+        _all_reduce_grads(params, losses)
     if grad_clip > 0:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    return losses
+    return [float(v) for v in torch.cat(losses).tolist()]
+
+
+def _all_reduce_grads(params: list[torch.Tensor], losses: list[torch.Tensor]) -> None:
+    """Sum every gradient and the per-configuration losses over the ranks in one collective.
+    Parameters without a gradient stay without one (AdamW skips them), as in one process."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [t.to(grads[0].device) for t in losses])
+    distributed.all_reduce_sum(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    for t, v in zip(losses, flat[offset:].split(1), strict=True):
+        t.copy_(v)
 
 
 def train(
@@ -179,6 +226,7 @@ def train(
     sampler = ConfigSampler(cfg.sampler, cfg.configs_per_step, cfg.seed, model.space)
     start = 0
     log_path = None
+    main = distributed.is_main()
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,18 +236,22 @@ def train(
             state = load_checkpoint(ckpt, model, optimizer)
             start, config_set = state["step"], state["configs"]
             sampler.load_state(state.get("sampler", []))
-        _truncate_log(log_path, start)
+        if main:
+            _truncate_log(log_path, start)
 
     history: list[dict[str, Any]] = []
     model.train()
     end = steps if stop_after is None else min(steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=steps, disable=not progress, desc="train")
+    bar = tqdm(
+        range(start, end), initial=start, total=steps, disable=not (progress and main), desc="train"
+    )
     for step in bar:
         lr = get_lr(step, cfg.lr, steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only
         chosen = sampler.sample(config_set, step)
+        model.retain(chosen)  # layer-at-a-time: only this step's options stay dequantized
         t0 = time.perf_counter()
         losses = train_step(model, optimizer, batches(step), chosen, cfg.grad_clip)
         sampler.observe(chosen, losses)
@@ -233,16 +285,19 @@ def train(
                 record["config_set_size"] = len(config_set)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if log_path is not None:
+        if log_path is not None and main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if out_dir is not None and (
-            done == end or (checkpoint_every and done % checkpoint_every == 0)
+        if (
+            out_dir is not None
+            and main
+            and (done == end or (checkpoint_every and done % checkpoint_every == 0))
         ):
             save_checkpoint(
                 out_dir / CHECKPOINT_DIR, model, optimizer, done, config_set, sampler.state()
             )
     bar.close()
+    distributed.barrier()  # the last checkpoint is on disk before any rank reads it
     return TrainResult(step=max(start, end), configs=config_set, history=history)
 
 
@@ -267,9 +322,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     if config is not None:
+        model.retain([config])
         model.set_configuration(config)
     total, count, correct = 0.0, 0, 0
     for batch in batches:
+        batch = to_device(batch, model.device)
         out = model(**batch)
         labels = batch["labels"]
         if model.kind == "causal-lm":
@@ -296,9 +353,12 @@ def evaluate_configs(
     batches: Iterable[Batch],
     metric: str = "auto",
 ) -> list[float]:
-    """``evaluate`` for each configuration with the current adapter (re-iterates ``batches``)."""
+    """``evaluate`` for each configuration with the current adapter (re-iterates ``batches``).
+
+    Under a process group every rank calls it: the configurations are shared out over the
+    ranks and every rank gets all the results."""
     batches = list(batches)
-    return [evaluate(model, c, batches, metric) for c in configs]
+    return distributed.shared_map(lambda c: evaluate(model, c, batches, metric), configs)
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -360,7 +420,7 @@ def _optimizer_to_flat(
     for idx, pstate in sd["state"].items():
         for key, value in pstate.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{idx}.{key}"] = t.detach().contiguous().clone()
+            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous().clone()
     return tensors, {"param_groups": sd["param_groups"]}
 
 

@@ -54,7 +54,7 @@ def activation_hessians(
         lead = leader.get(name, name)
         if lead not in shared:
             if lead in sums:
-                h = (sums[lead] / max(counts[lead], 1)).numpy()
+                h = (sums[lead] / max(counts[lead], 1)).cpu().numpy()
             else:
                 h = np.zeros((lin.in_features, lin.in_features))
             shared[lead] = Hessian(h, damp)
