@@ -238,9 +238,9 @@ def run(
             "--exact",
             help="fp32 activations and LoRA branch: matches the exporter's torch model token "
             "for token; 2- and 8-bit matrices run as fp32 MatMul of their dequantized weights "
-            "(onnxruntime has no fp32-activation kernel for them), so it decodes at about 0.4x "
-            "the fast path and plans 2-3x the memory (a check, not a serving mode; default: "
-            "int8 activations, the fast CPU path)",
+            "(onnxruntime has no fp32-activation kernel for them), so it decodes at about 0.6x "
+            "the fast path (0.4x on a loaded machine) and plans 2-3x the memory (a check, not "
+            "a serving mode; default: int8 activations, the fast CPU path)",
         ),
     ] = False,
     dry_run: Annotated[

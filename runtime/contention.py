@@ -12,6 +12,7 @@ spinning is off.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,13 +36,23 @@ class SpinChoice:
 
 
 def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float:
-    """Cores' worth of CPU time other processes used over ``sample_s`` (this one idle)."""
+    """Cores' worth of CPU time other processes used over ``sample_s`` (this one idle).
+
+    The busy share is busy ticks over all ticks counted, not ``100 - idle``: some kernels
+    (the x86-64 test VM among them) account only part of each interval, so the percentages
+    need not sum to 100. Steal (time the host gave to other machines) is not counted.
+    """
     me = psutil.Process()
-    mine0 = sum(me.cpu_times()[:2])
-    total = psutil.cpu_times_percent(interval=sample_s, percpu=False)
-    mine = sum(me.cpu_times()[:2]) - mine0
-    busy = (100.0 - total.idle - getattr(total, "iowait", 0.0)) / 100.0
-    return max(0.0, busy * (psutil.cpu_count() or 1) - mine / sample_s)
+    mine0, t0 = sum(me.cpu_times()[:2]), psutil.cpu_times()
+    time.sleep(sample_s)
+    mine, t1 = sum(me.cpu_times()[:2]) - mine0, psutil.cpu_times()
+    delta = {f: getattr(t1, f) - getattr(t0, f) for f in t0._fields}
+    busy = sum(delta.get(f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
+    counted = busy + delta.get("idle", 0.0) + delta.get("iowait", 0.0)
+    if counted <= 0:
+        return 0.0
+    cores = psutil.cpu_count() or 1
+    return max(0.0, busy / counted * cores - mine / sample_s)
 
 
 def choose_spin(mode: str) -> SpinChoice:

@@ -26,7 +26,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,15 @@ from coalora.runtime.report import option_histogram
 from coalora.runtime.sampling import NonFiniteLogitsError, SamplingParams
 from coalora.runtime.selection import Selection, select
 from coalora.runtime.session import BuiltSession, create_session
-from coalora.runtime.speed import DeviceSpeed, decode_work, device_speed, options_read
+from coalora.runtime.speed import (
+    CALIBRATION_TOKENS,
+    DeviceSpeed,
+    cached_speed,
+    decode_work,
+    device_speed,
+    options_read,
+    record_decode,
+)
 
 __all__ = [
     "BudgetError",
@@ -599,6 +607,21 @@ class Runtime:
         rest = detok.flush()
         if rest:
             yield rest
+        self._calibrate(stats)
+
+    def _calibrate(self, stats: GenerationStats) -> None:
+        """The first decode on this machine long enough calibrates its predicted speeds,
+        once, where its costs are already measured (``speed.record_decode``)."""
+        if stats.new_tokens < CALIBRATION_TOKENS or not isinstance(self.arch, LlamaArch):
+            return
+        known = self._speeds.get("") or cached_speed(self.threads, self.accuracy_level)
+        if known is None or known.calibration != 1.0 or not stats.decode_tok_s > 0:
+            return
+        position = stats.prompt_tokens + stats.new_tokens // 2
+        work = decode_work(self.accountant, self.arch, self.config, position)
+        predicted = known.tok_s(work)
+        record_decode(self.threads, self.accuracy_level, predicted, stats.decode_tok_s)
+        self._speeds[""] = replace(known, calibration=stats.decode_tok_s / predicted)
 
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The whole answer (same arguments as ``stream``)."""
@@ -616,7 +639,7 @@ class Runtime:
         stats = GenerationStats()
         self.last_stats = stats
         with self._finite_output():
-            return list(
+            out = list(
                 self._decoder.tokens(
                     prompt_ids,
                     max_new_tokens,
@@ -625,6 +648,8 @@ class Runtime:
                     stats,
                 )
             )
+        self._calibrate(stats)
+        return out
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of one teacher-forced pass over ``ids`` from position 0

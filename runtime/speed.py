@@ -46,7 +46,9 @@ __all__ = [
     "decode_work",
     "device_speed",
     "measure",
+    "cached_speed",
     "options_read",
+    "record_decode",
 ]
 
 # One matrix per option: K = BENCH_DIM inputs, BENCH_N outputs (8M weights, 4 MB at 4 bits):
@@ -68,6 +70,7 @@ TINY_NODES = 128
 PROFILE_NODE_SECONDS = 10e-6
 CACHE_FILE = "device-speed.json"
 CACHE_VERSION = 1
+CALIBRATION_TOKENS = 32  # decoded tokens a run needs before it calibrates the costs
 MAX_CACHE_BYTES = 2**20  # a few hundred bytes per machine key; anything larger is not ours
 
 
@@ -174,6 +177,9 @@ class DeviceSpeed:
     source: str  # where the figures come from, for the user
     bandwidth_bytes_per_s: float | None = None  # a profile's: prices options not measured
     measured_s: float = 0.0
+    # measured / predicted tok/s of a real decode on this machine (``record_decode``): what
+    # the probes miss (attention, norms, the framework between nodes) is close to one factor
+    calibration: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def seconds(self, work: DecodeWork) -> float:
@@ -184,7 +190,7 @@ class DeviceSpeed:
         return t
 
     def tok_s(self, work: DecodeWork) -> float:
-        return 1.0 / self.seconds(work)
+        return self.calibration / self.seconds(work)
 
     def weight_seconds(self, option: QuantOption) -> float:
         s = self.seconds_per_weight.get(option.name)
@@ -201,6 +207,7 @@ class DeviceSpeed:
             "node_seconds": self.node_seconds,
             "source": self.source,
             "measured_s": self.measured_s,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -211,14 +218,17 @@ class DeviceSpeed:
         ):
             raise ValueError("seconds_per_weight must map option names to positive numbers")
         fp32, node = d["fp32_seconds_per_value"], d["node_seconds"]
-        if not (_positive(fp32) and _positive(node)):
+        calibration = d.get("calibration", 1.0)
+        if not (_positive(fp32) and _positive(node) and _positive(calibration)):
             raise ValueError("costs must be positive numbers")
         return cls(
             seconds_per_weight={k: float(v) for k, v in per.items()},
             fp32_seconds_per_value=float(fp32),
             node_seconds=float(node),
-            source=str(d.get("source", "cached")),
+            source=str(d.get("source", "cached"))
+            + (f", calibrated x{calibration:.2f} by a real decode" if calibration != 1.0 else ""),
             measured_s=float(d.get("measured_s", 0.0)),
+            calibration=float(calibration),
         )
 
     @classmethod
@@ -398,6 +408,17 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return entries if isinstance(entries, dict) else {}
 
 
+def cached_speed(threads: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> DeviceSpeed | None:
+    """This machine's cached costs, if any (nothing is measured)."""
+    entry = _read_cache(cache_path()).get(_machine_key(threads, accuracy_level))
+    if entry is None:
+        return None
+    try:
+        return DeviceSpeed.from_json(entry)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def device_speed(
     options: Iterable[QuantOption], threads: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
 ) -> DeviceSpeed:
@@ -406,18 +427,36 @@ def device_speed(
     path = cache_path()
     key = _machine_key(threads, accuracy_level)
     machines = _read_cache(path)
-    cached: DeviceSpeed | None = None
-    if key in machines:
-        try:
-            cached = DeviceSpeed.from_json(machines[key])
-        except (KeyError, TypeError, ValueError):
-            cached = None
+    cached = cached_speed(threads, accuracy_level)
     if cached is not None and all(o.name in cached.seconds_per_weight for o in wanted):
         return cached
     # Everything again (not only the missing options): the costs of one run belong together.
     known = {QuantOption.parse(n) for n in (cached.seconds_per_weight if cached else {})}
     speed = measure(wanted | known, threads, accuracy_level)
     machines[key] = speed.to_json()
+    _write_cache(path, machines)
+    return speed
+
+
+def record_decode(
+    threads: int, accuracy_level: int, predicted_tok_s: float, measured_tok_s: float
+) -> None:
+    """Calibrate this machine's cached costs by one real decode (the first one long enough,
+    ``CALIBRATION_TOKENS``), so later predictions carry what the probes cannot see."""
+    path = cache_path()
+    key = _machine_key(threads, accuracy_level)
+    machines = _read_cache(path)
+    entry = machines.get(key)
+    if not isinstance(entry, dict) or entry.get("calibration", 1.0) != 1.0:
+        return
+    if not (_positive(predicted_tok_s) and _positive(measured_tok_s)):
+        return
+    # the entry's own prediction was made at calibration 1.0
+    entry["calibration"] = measured_tok_s / predicted_tok_s
+    _write_cache(path, machines)
+
+
+def _write_cache(path: Path, machines: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -427,4 +466,3 @@ def device_speed(
         tmp.replace(path)
     except OSError:
         pass  # a read-only home: measured again next time, which is only slower
-    return speed

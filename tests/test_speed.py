@@ -212,3 +212,27 @@ def test_the_cli_shows_predictions_and_refuses_what_is_too_slow(
     assert "the fastest stored configuration is predicted at" in lines[0]
     shown = subprocess.run([*base], capture_output=True, text=True, env=env, check=True)
     assert "predicted tok/s" in shown.stderr and "chosen" in shown.stderr
+
+
+def test_the_first_long_decode_calibrates_the_cached_costs(
+    tiny_llama_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real decode long enough scales later predictions by measured / predicted, once."""
+    opened = Runtime.open(tiny_llama_bundle, budget="8bits", threads=1, build=False)
+    _write_cache(opened, _costs())
+    before = opened.predicted_tok_s(opened.config)
+    speed.record_decode(opened.threads, opened.accuracy_level, before, before / 4)
+    cal = speed.cached_speed(opened.threads, opened.accuracy_level)
+    assert cal is not None and cal.calibration == pytest.approx(0.25)
+    assert "calibrated" in cal.source
+    again = Runtime.open(tiny_llama_bundle, budget="8bits", threads=1, build=False)
+    assert again.predicted_tok_s(again.config) == pytest.approx(before / 4)
+    speed.record_decode(opened.threads, opened.accuracy_level, before, before * 10)
+    assert speed.cached_speed(1).calibration == pytest.approx(0.25)  # once only
+    # and the engine does it after a generation of CALIBRATION_TOKENS or more
+    _write_cache(opened, _costs())
+    served = Runtime.open(tiny_llama_bundle, budget="8bits", threads=1, context_length=64)
+    served.generate_ids([2, 5, 7], speed.CALIBRATION_TOKENS, None)
+    stats = served.last_stats
+    assert stats is not None and stats.new_tokens >= speed.CALIBRATION_TOKENS
+    assert speed.cached_speed(1).calibration != 1.0
