@@ -6,7 +6,7 @@
 
 The graph references its weights instead of holding them, and the pages MatMulNBits has
 prepacked leave the process while the session is built, so building holds about one copy of
-the weights (benchmarks/results/robustness.md, the demo bundle: coalora-run peaks at 0.72-0.76
+the weights (benchmarks/results/robustness.md, the demo bundle: coalora-run peaks at 0.90-0.92
 of the plan at every stored configuration; benchmarks/results/runtime_speed.md: with the
 weights embedded in the proto it peaked at 985 MB against a 303 MB plan). The graph fuses
 q/k/v and gate/up (with one LoRA slot per fused group) and computes logits for the last
