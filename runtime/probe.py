@@ -35,7 +35,7 @@ import psutil
 
 # What the plan does not count and the device may still take while we start. The plan itself
 # is the upper bound: on the demo bundle (benchmarks/results/robustness.md) a fresh process
-# peaked at 0.72-0.76 of its plan at every stored configuration, and two runs of one
+# peaked at 0.90-0.92 of its plan at every stored configuration, and two runs of one
 # configuration differed by up to 13 MB. So a small reserve, not the 256 MiB this once was.
 MIN_RESERVE_BYTES = 16 * 2**20
 RESERVE_FRACTION = 0.02
