@@ -86,6 +86,20 @@ def with_summary(payload: dict[str, Any], summary: dict[str, Any]) -> dict[str, 
     return {"summary": summary, **{k: v for k, v in payload.items() if k != "summary"}}
 
 
+def write_result(stem: str, res: dict[str, Any], markdown: str, indent: int = 2) -> None:
+    """``RESULTS/stem.json`` (summary first) and ``stem.md``, each written whole or not at
+    all (a temporary file renamed over the old one)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = with_summary(res, res["summary"])
+    for name, text in (
+        (f"{stem}.json", json.dumps(payload, indent=indent)),
+        (f"{stem}.md", markdown),
+    ):
+        tmp = RESULTS / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(RESULTS / name)
+
+
 def read_result(path: Path) -> dict[str, Any]:
     """A committed result JSON, for ``--report-only``."""
     if not path.is_file():

@@ -15,7 +15,6 @@ writes benchmarks/results/contention.md and .json; ``summary`` holds
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from benchmarks.common import (
     median,
     read_result,
     report_only_parser,
+    write_result,
 )
 from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, PROMPT, THREADS, _ours
 
@@ -125,14 +125,7 @@ def report(res: dict[str, Any], command: str) -> str:
 
 
 def write(res: dict[str, Any], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        (f"{STEM}.json", json.dumps({**res, "command": command}, indent=2)),
-        (f"{STEM}.md", report(res, command)),
-    ):
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(RESULTS / name)
+    write_result(STEM, {**res, "command": command}, report(res, command))
 
 
 def main(argv: list[str] | None = None) -> int:
