@@ -209,6 +209,8 @@ MANIFEST_CASES: dict[str, Damage] = {
     "eos-outside-vocab": set_path("architecture.eos_token_ids", [10**9]),
     "heads-zero": set_path("architecture.config.num_attention_heads", 0),
     "kv-heads-not-dividing": set_path("architecture.config.num_key_value_heads", 2),
+    "rope-type-null": set_path("architecture.config.rope_parameters.rope_type", None),
+    "rope-theta-zero": set_path("architecture.config.rope_parameters.rope_theta", 0),
     "family-unknown": set_path("architecture.family", "gpt-neo"),
     "sha-not-hex": edit_manifest(
         lambda m: next(iter(m["files"].values())).update(sha256="zz" * 32)

@@ -90,7 +90,7 @@ class LlamaArch:
         act = str(cfg.get("hidden_act", "silu"))
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported activation {act!r}: the decoder graph runs SiLU")
-        return cls(
+        arch = cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -106,6 +106,11 @@ class LlamaArch:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             hidden_act=act,
         )
+        # RoPE is checked here, not first when a graph is built: an unknown type or missing
+        # parameters are the config's fault (KeyError/ValueError, one line for the caller).
+        if not np.all(np.isfinite(arch.inv_freq())):
+            raise ValueError("RoPE parameters give non-finite frequencies")
+        return arch
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim / 2], as transformers computes them."""
