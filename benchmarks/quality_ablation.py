@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from benchmarks.baselines import SETTINGS
-from benchmarks.common import RESULTS, machine, machine_md
+from benchmarks.common import machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.5, 4.5)
 LEVERS: dict[str, dict[str, Any]] = {
@@ -128,14 +128,7 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
         lines.append(
             f"| {r['variant']} | {cells} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        (f"{stem}.json", json.dumps(payload, indent=2)),
-        (f"{stem}.md", "\n".join(lines) + "\n"),
-    ):
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(RESULTS / name)
+    write_result(stem, payload, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

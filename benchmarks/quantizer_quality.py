@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.baselines import EVAL_BATCHES, SETTINGS
-from benchmarks.common import RESULTS, machine, machine_md
+from benchmarks.common import RESULTS, machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
 QUANTIZERS: tuple[str, ...] = ("gptq", "search", "rtn")
@@ -227,14 +226,7 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
     if "gptq_over_search_ratio" in s:
         ratios = ", ".join(f"{b}: {v:.3f}" for b, v in s["gptq_over_search_ratio"].items())
         lines.append(f"- gptq / search perplexity per budget: {ratios}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("quantizer_quality.json", json.dumps(res, indent=2)),
-        ("quantizer_quality.md", "\n".join(lines) + "\n"),
-    ):
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(RESULTS / name)
+    write_result("quantizer_quality", res, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,6 +186,7 @@ class Runtime:
         self.spin_mode: str = "auto"  # intra-op threads spinning: runtime/contention.py
         self.spin: SpinChoice | None = None  # what the last build chose
         self._speeds: dict[str, DeviceSpeed] = {}
+        self._calibration_checked = False  # the first long decode calibrates (``_calibrate``)
         self._check_context()
         base = self._mapped.file(BASE_FILE)
         self.accountant = Accountant.for_bundle(
@@ -612,10 +613,14 @@ class Runtime:
     def _calibrate(self, stats: GenerationStats) -> None:
         """The first decode on this machine long enough calibrates its predicted speeds,
         once, where its costs are already measured (``speed.record_decode``)."""
-        if stats.new_tokens < CALIBRATION_TOKENS or not isinstance(self.arch, LlamaArch):
+        if self._calibration_checked or stats.new_tokens < CALIBRATION_TOKENS:
             return
+        if not isinstance(self.arch, LlamaArch) or not stats.decode_tok_s > 0:
+            return
+        # one look per runtime: a server does not read the cache file at every request
+        self._calibration_checked = True
         known = self._speeds.get("") or cached_speed(self.threads, self.accuracy_level)
-        if known is None or known.calibration != 1.0 or not stats.decode_tok_s > 0:
+        if known is None or known.calibration != 1.0:
             return
         position = stats.prompt_tokens + stats.new_tokens // 2
         work = decode_work(self.accountant, self.arch, self.config, position)

@@ -408,15 +408,19 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return entries if isinstance(entries, dict) else {}
 
 
-def cached_speed(threads: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> DeviceSpeed | None:
-    """This machine's cached costs, if any (nothing is measured)."""
-    entry = _read_cache(cache_path()).get(_machine_key(threads, accuracy_level))
+def _speed_of(entry: Any) -> DeviceSpeed | None:
+    """A cache entry as costs, or None where it is damaged (then measured again)."""
     if entry is None:
         return None
     try:
         return DeviceSpeed.from_json(entry)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def cached_speed(threads: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> DeviceSpeed | None:
+    """This machine's cached costs, if any (nothing is measured)."""
+    return _speed_of(_read_cache(cache_path()).get(_machine_key(threads, accuracy_level)))
 
 
 def device_speed(
@@ -427,7 +431,7 @@ def device_speed(
     path = cache_path()
     key = _machine_key(threads, accuracy_level)
     machines = _read_cache(path)
-    cached = cached_speed(threads, accuracy_level)
+    cached = _speed_of(machines.get(key))
     if cached is not None and all(o.name in cached.seconds_per_weight for o in wanted):
         return cached
     # Everything again (not only the missing options): the costs of one run belong together.
