@@ -2,12 +2,11 @@
 
 onnxruntime's intra-op threads spin between the few hundred nodes of a decode step, which
 saves a wake-up per node on an idle machine. When another process runs on the same cores the
-spinning threads take the CPU from the thread the step waits for: measured on the 2-core
-x86-64 machine with the demo bundle at 4.5 bits and ~4 other runnable processes, 2 threads
-decoded at 15-25 tok/s spinning and 60-90 tok/s without; ``benchmarks/contention.py``
-measures both, quiet and beside one busy core. So ``auto`` looks at the CPUs once, when a
-session is built: if the rest of the machine keeps at least ``BUSY_ELSEWHERE_CORES`` busy,
-spinning is off.
+spinning threads take the CPU from the thread the step waits for. ``benchmarks/contention.py``
+measured it on the 2-core x86-64 machine with the demo bundle at 4.5 bits: quiet, 77.4 tok/s
+spinning against 61.8 without; beside one busy core, 40.8 against 57.6. So ``auto`` looks at
+the CPUs once, when a session is built: if the rest of the machine keeps at least
+``BUSY_ELSEWHERE_CORES`` busy, spinning is off.
 """
 
 from __future__ import annotations

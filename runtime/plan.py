@@ -49,11 +49,9 @@ measured before the runtime imported onnx; a tiny bundle then peaked at 1.8x its
 
 EXACT_FP32_COPIES = 2
 """Copies of a matrix the exact graph holds dequantized (``kernels.matmulnbits.exact_as_fp32``):
-the fp32 array and onnxruntime's prepacked copy of it. Measured on the demo SmolLM2 bundle
-(2 threads): peak RSS 1314 MB at 2.54 bits and 668 MB at 4.5 bits, against 314 / 340 MB for
-the fast graph plus 2 x the dequantized bytes (537 / 170 MB) and the largest one's
-transient. Turning prepacking off saves the copy but sends 4-bit MatMulNBits at accuracy
-level 0 to a path ~20x slower (measured), so the copy is planned for instead."""
+the fp32 array and onnxruntime's prepacked copy of it; the plan adds the transient of
+dequantizing the largest. Turning prepacking off would save the copy but sends 4-bit
+MatMulNBits at accuracy level 0 to a far slower path, so the copy is planned for instead."""
 
 
 @dataclass(frozen=True)
