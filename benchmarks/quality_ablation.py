@@ -10,7 +10,7 @@ wall time (quantization included). The scale is reduced (``SCALE``) to fit an ho
 and is written into the results.
 
     python -m benchmarks.quality_ablation [--variants before,gptq,...] [--recipe gptq,sandwich]
-                                          [--threads 1] [--quick]
+                                          [--threads 1] [--keep] [--quick]
 
 writes benchmarks/results/quality_ablation.md and .json (``--quick``: a few steps on a subset
 to check the harness; it writes quality_ablation_quick.* instead, not a result).
@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from benchmarks.baselines import SETTINGS
-from benchmarks.common import machine, machine_md, write_result
+from benchmarks.common import RESULTS, machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.5, 4.5)
 LEVERS: dict[str, dict[str, Any]] = {
@@ -86,10 +86,30 @@ def run_variant(name: str, fields: dict[str, Any], threads: int, quick: bool) ->
     }
 
 
+def scale_of(quick: bool) -> dict[str, Any]:
+    return {**SCALE, **(QUICK if quick else {}), "measuring_batches": 1 if quick else EVAL_BATCHES}
+
+
+def kept_rows(quick: bool, rerun: set[str]) -> list[dict[str, Any]]:
+    """Rows of the committed result at the same scale, less those about to be measured again:
+    ``--keep`` adds variants to a long ablation without re-running the ones it has."""
+    path = RESULTS / ("quality_ablation_quick.json" if quick else "quality_ablation.json")
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("summary", {}).get("scale") != scale_of(quick):
+        return []
+    return [
+        {**r, "command": r.get("command", old.get("command", ""))}
+        for r in old.get("rows", [])
+        if r["variant"] not in rerun
+    ]
+
+
 def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, threads: int) -> None:
     info = machine()
     stem = "quality_ablation_quick" if quick else "quality_ablation"
-    scale = {**SCALE, **(QUICK if quick else {}), "measuring_batches": 1 if quick else EVAL_BATCHES}
+    scale = scale_of(quick)
     before = next((r for r in rows if r["variant"] == "before"), None)
     summary: dict[str, Any] = {
         "scale": scale,
@@ -119,6 +139,11 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
         + (" QUICK RUN: checks the harness, not a result." if quick else ""),
         "",
         *machine_md(info, command, wall),
+        *[
+            f"- rows measured by `{c}`: {', '.join(r['variant'] for r in rows if r.get('command') == c)}"
+            for c in dict.fromkeys(r.get("command") for r in rows)
+            if c and c != command
+        ],
         "",
         "| variant | " + " | ".join(f"{k} bits" for k in keys) + " | fine-tuning s | wall s |",
         "|---|" + "---:|" * (len(keys) + 2),
@@ -136,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(LEVERS), help="comma-separated levers")
     p.add_argument("--recipe", default="", help="levers combined into one more variant")
     p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the committed rows of other variants"
+    )
     p.add_argument("--quick", action="store_true", help="a few steps: checks the harness")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -149,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     if combined:
         todo.append(("recipe: " + "+".join(combined), recipe(combined)))
     t0 = time.perf_counter()
-    rows = []
+    rows = kept_rows(args.quick, {n for n, _ in todo}) if args.keep else []
+    wall0 = sum(r["wall_seconds"] for r in rows)
+    command = ("python -m benchmarks.quality_ablation " + " ".join(argv or sys.argv[1:])).strip()
     for name, fields in todo:
         print(f"[quality_ablation] {name}", file=sys.stderr, flush=True)
-        rows.append(run_variant(name, fields, args.threads, args.quick))
+        rows.append({**run_variant(name, fields, args.threads, args.quick), "command": command})
+        rows.sort(key=lambda r: list(LEVERS).index(r["variant"]) if r["variant"] in LEVERS else 99)
         # written after every variant, so a long run that stops keeps what it measured
-        command = "python -m benchmarks.quality_ablation " + " ".join(argv or sys.argv[1:])
-        write(rows, time.perf_counter() - t0, command.strip(), args.quick, args.threads)
+        write(rows, wall0 + time.perf_counter() - t0, command, args.quick, args.threads)
     print(f"[quality_ablation] done in {time.perf_counter() - t0:.0f} s")
     return 0
 
