@@ -101,7 +101,7 @@ def _build(v: Variant, path: str) -> float:
     import onnx
 
     from coalora.kernels.options import QuantOption
-    from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
+    from coalora.runtime.graphs.llama import LlamaArch, build_decoder
     from coalora.runtime.graphs.weights import DecoderWeights, llama_linear_shapes, random_lora
 
     arch = LlamaArch.from_config(SMOLLM2)
@@ -116,7 +116,7 @@ def _build(v: Variant, path: str) -> float:
         lora=random_lora(llama_linear_shapes(arch), v.lora, std=0.01) if v.lora else {},
     )
     t0 = time.perf_counter()
-    proto = build_llama_decoder(
+    proto = build_decoder(
         arch,
         weights,
         lora_rank=v.lora or None,

@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(LEVERS), help="comma-separated levers")
     p.add_argument("--recipe", default="", help="levers combined into one more variant")
     p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    p.add_argument(
-        "--keep", action="store_true", help="keep the committed rows of other variants"
-    )
+    p.add_argument("--keep", action="store_true", help="keep the committed rows of other variants")
     p.add_argument("--quick", action="store_true", help="a few steps: checks the harness")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -183,14 +183,14 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                         last_logits=True,
                     )  # fmt: skip
                 else:
-                    from coalora.runtime.graphs.llama import build_llama_decoder
+                    from coalora.runtime.graphs.llama import build_decoder
                     from coalora.runtime.graphs.weights import decoder_weights_from_arrays
 
                     base = mapped.base()
                     w = decoder_weights_from_arrays(rt.arch, base, mapped.linears(rt.config))
                     w.lm_head = assemble._lm_head(rt.bundle, base, rt.arch)
                     arrays = {}
-                    proto = build_llama_decoder(
+                    proto = build_decoder(
                         rt.arch, w, lora_rank=0, max_seq_len=CONTEXT, fuse_qkv=fuse,
                         fuse_gate_up=fuse, external=arrays, last_logits=True,
                     )  # fmt: skip

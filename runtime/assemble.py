@@ -34,7 +34,7 @@ from coalora.runtime.format.spec import (
     tensor_name,
 )
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
-from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
+from coalora.runtime.graphs.llama import LlamaArch, build_decoder
 from coalora.runtime.graphs.weights import (
     Adapter,
     decoder_weights_from_arrays,
@@ -179,7 +179,7 @@ def build_graph(
             head = _lm_head(bundle, base, arch)
             if head is not None:
                 weights.lm_head = head
-            proto = build_llama_decoder(
+            proto = build_decoder(
                 arch,
                 weights,
                 lora_rank=rank,

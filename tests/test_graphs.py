@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from coalora.kernels.matmulnbits import dequantize
 from coalora.kernels.options import DEFAULT_OPTIONS, QuantOption
-from coalora.runtime.graphs.llama import LlamaArch, build_llama_decoder
+from coalora.runtime.graphs.llama import LlamaArch, build_decoder
 from coalora.runtime.graphs.weights import (
     decoder_weights_from_arrays,
     llama_linear_shapes,
@@ -166,9 +166,7 @@ def test_llama_decoder_matches_transformers(kind, rank, tied, head, lora_bits) -
     model = _tiny_llama(tied=tied)
     arch, weights, lora = _prepare(model, kind, rank)
     weights.lora = lora
-    proto = build_llama_decoder(
-        arch, weights, lora_rank=rank, quantize_lm_head=head, lora_bits=lora_bits
-    )
+    proto = build_decoder(arch, weights, lora_rank=rank, quantize_lm_head=head, lora_bits=lora_bits)
     got, got_tokens = _onnx_generate(_session(proto), arch, DECODE_STEPS)
     if head is not None:
         # The torch head gets the same quantized weights the graph multiplies by.
@@ -200,7 +198,7 @@ def test_quantized_embedding_and_head() -> None:
         (QuantOption(4, 64), QuantOption(4, 64)),
         (QuantOption(8, 128), None),
     ]:
-        proto = build_llama_decoder(
+        proto = build_decoder(
             arch, weights, lora_rank=4, quantize_lm_head=head_opt, quantize_embedding=emb_opt
         )
         ops = {n.op_type for n in proto.graph.node}
@@ -233,9 +231,7 @@ def test_the_embedding_gathers_from_the_quantized_heads_codes() -> None:
     table = model.model.embed_tokens.weight.detach().numpy().copy()
     weights.lm_head = to_matmulnbits(quantize_rtn(table, QuantOption(8, 32)))
     external: dict[str, np.ndarray] = {}
-    proto = build_llama_decoder(
-        arch, weights, lora_rank=4, embedding_from_head=True, external=external
-    )
+    proto = build_decoder(arch, weights, lora_rank=4, embedding_from_head=True, external=external)
     ops = [n.op_type for n in proto.graph.node]
     assert "GatherBlockQuantized" in ops and "Gemm" not in ops
     names = {t.name for t in proto.graph.initializer}
@@ -254,7 +250,7 @@ def test_the_embedding_gathers_from_the_quantized_heads_codes() -> None:
     assert _max_diff(got, want) < 0.03 * scale
     weights.lm_head = None
     with pytest.raises(ValueError, match="tied model with a quantized head"):
-        build_llama_decoder(arch, weights, lora_rank=4, embedding_from_head=True)
+        build_decoder(arch, weights, lora_rank=4, embedding_from_head=True)
 
 
 @pytest.mark.parametrize("kind", ["4b32", "mixed"])
@@ -264,7 +260,7 @@ def test_llama_decoder_accuracy_level0_is_tight(kind: str) -> None:
     model = _tiny_llama(hidden=64, tied=False, seed=3)
     arch, weights, lora = _prepare(model, kind, 8)
     weights.lora = lora
-    proto = build_llama_decoder(arch, weights, lora_rank=8, accuracy_level=0, fuse_qkv=False)
+    proto = build_decoder(arch, weights, lora_rank=8, accuracy_level=0, fuse_qkv=False)
     dequantized = [n for n in proto.graph.node if n.op_type == "MatMul" and "lora" not in n.name]
     bits = {w.bits for w in weights.linears.values()}
     assert len(dequantized) == sum(w.bits != 4 for w in weights.linears.values())
@@ -283,7 +279,7 @@ def test_lora_initializers_override_at_session_creation() -> None:
     arch, weights, lora = _prepare(model, "4b32", 4, seed=9)
     want, _ = _torch_generate(model, 2)
     for fuse, bits in ((True, 8), (False, 32)):
-        proto = build_llama_decoder(
+        proto = build_decoder(
             arch, weights, lora_rank=4, fuse_qkv=fuse, fuse_gate_up=fuse, lora_bits=bits
         )
         slots = lora_slots(proto)
@@ -322,7 +318,7 @@ def test_shared_past_present_buffer_matches() -> None:
     model = _tiny_llama(seed=2)
     arch, weights, lora = _prepare(model, "mixed", 4)
     weights.lora = lora
-    sess = _session(build_llama_decoder(arch, weights, lora_rank=4, max_seq_len=64))
+    sess = _session(build_decoder(arch, weights, lora_rank=4, max_seq_len=64))
     want, _ = _onnx_generate(sess, arch, DECODE_STEPS)
     caches = [f"{i}.{k}" for i in range(arch.num_hidden_layers) for k in ("key", "value")]
     binding = sess.io_binding()
@@ -444,7 +440,7 @@ def _built(arch, weights, *, rank, lora_bits=8, fuse=True, last=False, head=None
 
     external: dict[str, np.ndarray] = {}
     scratch = Scratch()
-    proto = build_llama_decoder(
+    proto = build_decoder(
         arch,
         weights,
         lora_rank=rank,
@@ -474,7 +470,7 @@ def test_external_initializers_equal_embedded_and_survive_release(kind) -> None:
     arch, weights, lora = _prepare(model, kind, 4, seed=2)
     weights.lora = lora
     want, want_tokens = _onnx_generate(
-        _session(build_llama_decoder(arch, weights, lora_rank=4, lora_bits=8)), arch, 3
+        _session(build_decoder(arch, weights, lora_rank=4, lora_bits=8)), arch, 3
     )
     proto, external, scratch = _built(arch, weights, rank=4)
     for t in proto.graph.initializer:
@@ -515,8 +511,8 @@ def test_last_logits_are_the_last_row(head) -> None:
     model = _tiny_llama(seed=7, tied=head is None)
     arch, weights, lora = _prepare(model, "4b32", 4)
     weights.lora = lora
-    full = build_llama_decoder(arch, weights, lora_rank=4, quantize_lm_head=head)
-    last = build_llama_decoder(arch, weights, lora_rank=4, quantize_lm_head=head, last_logits=True)
+    full = build_decoder(arch, weights, lora_rank=4, quantize_lm_head=head)
+    last = build_decoder(arch, weights, lora_rank=4, quantize_lm_head=head, last_logits=True)
     want, want_tokens = _onnx_generate(_session(full), arch, 3)
     got, got_tokens = _onnx_generate(_session(last), arch, 3)
     assert got_tokens == want_tokens

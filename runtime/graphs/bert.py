@@ -124,7 +124,7 @@ def build_bert_classifier(
 ) -> ModelProto:
     """Inputs input_ids, attention_mask, token_type_ids [batch, seq] int64;
     output logits [batch, num_labels]. ``lora_bits``, ``external`` and ``scratch``
-    as in ``build_llama_decoder``."""
+    as in ``build_decoder``."""
     if arch.hidden_size % arch.num_attention_heads:
         raise ValueError("hidden_size must be a multiple of num_attention_heads")
     g = GraphBuilder("coalora_bert_classifier", external=external, scratch=scratch)

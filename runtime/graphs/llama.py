@@ -112,6 +112,10 @@ class LlamaArch:
             raise ValueError("RoPE parameters give non-finite frequencies")
         return arch
 
+    def extra_tensor_names(self) -> tuple[str, ...]:
+        """HF names of the family's tensors beyond LLaMA's (none here)."""
+        return ()
+
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim / 2], as transformers computes them."""
         d = self.head_dim
@@ -215,10 +219,7 @@ class _DecoderBuilder:
         total = g.op("Gather", [mshape, g.const(1)], "/model/attn_mask/Gather", axis=0)
         total_len = g.op("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)
 
-        cos, sin = a.rope_cache(max_seq_len)
-        cos_name = g.initializer("cos_cache", cos)
-        sin_name = g.initializer("sin_cache", sin)
-
+        rope = self.rope_caches(max_seq_len)
         if embedding_from_head:
             head = w.lm_head
             if not isinstance(head, MatMulNBitsWeights) or not a.tie_word_embeddings:
@@ -232,14 +233,71 @@ class _DecoderBuilder:
         else:
             hidden = self._quantized_embedding(ids, quantize_embedding, quant_method)
             embed = ""  # an fp32 head adds the fp32 table itself
-        eps = a.rms_norm_eps
+        x = self.layers(
+            self.scale_embedding(hidden), seqlens_k, total_len, rope, fuse_qkv, fuse_gate_up
+        )
 
-        def norm_weight(name: str, arr: np.ndarray) -> str:
-            return g.initializer(name, np.asarray(arr, dtype=np.float32))
+        shape_of = ids
+        if last_logits:
+            # Only the last position's logits: a prefill then runs the head once, not once
+            # per prompt token, and never holds [seq, vocab] floats.
+            x = g.op(
+                "Slice",
+                [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
+                "/model/last_position/Slice",
+            )
+            shape_of = x
+        self._lm_head(x, shape_of, embed, quantize_lm_head, quant_method)
+        seq = 1 if last_logits else "sequence_length"
+        g.output("logits", f32, ["batch_size", seq, a.vocab_size])
+        for i in range(n_layers):
+            for kind in ("key", "value"):
+                g.output(f"present.{i}.{kind}", f32, present_shape)
+        meta = {
+            ARCH_METADATA_KEY: json.dumps(asdict(a)),
+            "coalora.lora_rank": str(self.rank or 0),
+            "coalora.accuracy_level": str(self.level),
+        }
+        if self.rank:
+            meta[LORA_METADATA_KEY] = lora_slots_to_metadata(self.slots)
+        return g.model(meta)
+
+    def rope_caches(self, max_len: int) -> dict[str, tuple[str, str]]:
+        """GroupQueryAttention's cos/sin cache initializers, by attention kind."""
+        cos, sin = self.arch.rope_cache(max_len)
+        return {
+            "default": (self.g.initializer("cos_cache", cos), self.g.initializer("sin_cache", sin))
+        }
+
+    def scale_embedding(self, hidden: str) -> str:
+        """The embedded tokens as the first block reads them (LLaMA: unscaled)."""
+        return hidden
+
+    def norm_weight(self, name: str, arr: np.ndarray) -> str:
+        """An RMSNorm's weight as the graph multiplies by it."""
+        return self.g.initializer(name, np.asarray(arr, dtype=np.float32))
+
+    def layers(
+        self,
+        hidden: str,
+        seqlens_k: str,
+        total_len: str,
+        rope: dict[str, tuple[str, str]],
+        fuse_qkv: bool,
+        fuse_gate_up: bool,
+    ) -> str:
+        """The decoder blocks on the embedded tokens; returns the final-normed hidden state."""
+        a, w, g = self.arch, self.w, self.g
+        n_layers, eps = a.num_hidden_layers, a.rms_norm_eps
+        kv, hd = a.num_key_value_heads, a.head_dim
+        cos_name, sin_name = rope["default"]
 
         x = g.op(
             "SimplifiedLayerNormalization",
-            [hidden, norm_weight("model.layers.0.input_layernorm.weight", w.input_layernorm[0])],
+            [
+                hidden,
+                self.norm_weight("model.layers.0.input_layernorm.weight", w.input_layernorm[0]),
+            ],
             "/model/layers.0/input_layernorm/SimplifiedLayerNorm",
             axis=-1,
             epsilon=eps,
@@ -279,7 +337,7 @@ class _DecoderBuilder:
                 [
                     o,
                     residual,
-                    norm_weight(
+                    self.norm_weight(
                         f"{pre}.post_attention_layernorm.weight", w.post_attention_layernorm[i]
                     ),
                 ],
@@ -312,7 +370,7 @@ class _DecoderBuilder:
             nxt = w.norm if last else w.input_layernorm[i + 1]
             x, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
-                [down, residual, norm_weight(nxt_name, nxt)],
+                [down, residual, self.norm_weight(nxt_name, nxt)],
                 f"/model/layers.{i}/next_norm/SkipSimplifiedLayerNorm",
                 outputs=[
                     f"/model/layers.{i}/next_norm/output_0",
@@ -324,30 +382,7 @@ class _DecoderBuilder:
                 epsilon=eps,
             )
 
-        shape_of = ids
-        if last_logits:
-            # Only the last position's logits: a prefill then runs the head once, not once
-            # per prompt token, and never holds [seq, vocab] floats.
-            x = g.op(
-                "Slice",
-                [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
-                "/model/last_position/Slice",
-            )
-            shape_of = x
-        self._lm_head(x, shape_of, embed, quantize_lm_head, quant_method)
-        seq = 1 if last_logits else "sequence_length"
-        g.output("logits", f32, ["batch_size", seq, a.vocab_size])
-        for i in range(n_layers):
-            for kind in ("key", "value"):
-                g.output(f"present.{i}.{kind}", f32, present_shape)
-        meta = {
-            ARCH_METADATA_KEY: json.dumps(asdict(a)),
-            "coalora.lora_rank": str(self.rank or 0),
-            "coalora.accuracy_level": str(self.level),
-        }
-        if self.rank:
-            meta[LORA_METADATA_KEY] = lora_slots_to_metadata(self.slots)
-        return g.model(meta)
+        return x
 
     def _quantize_embed(self, option: QuantOption, method: str) -> MatMulNBitsWeights:
         # Cached: a tied model quantized with one option serves the gather and the head.
@@ -408,7 +443,13 @@ class _DecoderBuilder:
         g.node("Reshape", [y, shape], "/lm_head/Reshape_out", outputs=["logits"])
 
 
-def build_llama_decoder(
+def _builder_class(arch: LlamaArch) -> type[_DecoderBuilder]:
+    from coalora.runtime.graphs.gemma3 import Gemma3Arch, Gemma3Builder
+
+    return Gemma3Builder if isinstance(arch, Gemma3Arch) else _DecoderBuilder
+
+
+def build_decoder(
     arch: LlamaArch,
     weights: DecoderWeights,
     *,
@@ -426,7 +467,8 @@ def build_llama_decoder(
     last_logits: bool = False,
     embedding_from_head: bool = False,
 ) -> ModelProto:
-    """The decoder graph for ``arch`` with ``weights``'s quantized linears.
+    """The decoder graph for ``arch`` with ``weights``'s quantized linears: LLaMA blocks, or
+    Gemma 3's for a ``gemma3.Gemma3Arch``.
 
     lora_rank         None/0: no side branch; else every target linear gets one of this rank
                       (initial values from ``weights.lora``, zeros where absent).
@@ -468,7 +510,7 @@ def build_llama_decoder(
         raise ValueError("lora_rank must be positive")
     if lora_bits not in (8, 32):
         raise ValueError(f"lora_bits must be 8 or 32, got {lora_bits}")
-    builder = _DecoderBuilder(
+    builder = _builder_class(arch)(
         arch,
         weights,
         lora_rank or None,

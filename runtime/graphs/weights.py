@@ -250,6 +250,8 @@ class DecoderWeights:
     biases: dict[str, np.ndarray] = field(default_factory=dict)
     # Optional initial LoRA values baked into the graph; otherwise zeros (override per session).
     lora: dict[str, Adapter] = field(default_factory=dict)
+    # The family's own small tensors by HF name (Gemma 3's q/k and feed-forward norms).
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def llama_linear_shapes(arch: object) -> dict[str, tuple[int, int]]:
@@ -324,6 +326,7 @@ def decoder_weights_from_arrays(
         lm_head=None if tied else f32("lm_head.weight"),
         biases=biases,
         lora=dict(lora or {}),
+        extra={k: f32(k) for k in arch.extra_tensor_names()},  # type: ignore[attr-defined]
     )
 
 

@@ -1,0 +1,147 @@
+"""The Gemma 3 decoder graph against transformers on a tiny random Gemma 3.
+
+Same method as test_graphs: the torch model gets the dequantized weights back and the same
+LoRA side branch through hooks. The tiny config has a sliding window (4) shorter than the
+prompt, so the sliding layers' window, both RoPE bases, the q/k norms and the (1 + w) norms
+all show in the logits if one is wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from coalora.kernels.matmulnbits import dequantize
+from coalora.kernels.options import QuantOption
+from coalora.runtime.graphs.gemma3 import FULL, SLIDING, Gemma3Arch
+from coalora.runtime.graphs.llama import build_decoder
+from coalora.runtime.graphs.weights import (
+    decoder_weights_from_arrays,
+    llama_linear_shapes,
+    quantize_linears,
+    random_lora,
+)
+from tests.test_graphs import DECODE_STEPS, _max_diff, _onnx_generate, _session, _torch_generate
+
+
+def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    params = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,  # GroupQueryAttention needs a multiple of 16
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=[SLIDING, SLIDING, FULL],
+        rope_parameters={
+            SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+            FULL: {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        query_pre_attn_scalar=48,  # not head_dim: a wrong attention scale shows
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    params.update(overrides)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**params)).eval()
+    with torch.no_grad():  # Gemma initialises norms at 0 (a weight of 1): randomise them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _prepare(model: Gemma3ForCausalLM, option: QuantOption, rank: int | None):
+    arch = Gemma3Arch.from_config(model.config.to_dict())
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    shapes = llama_linear_shapes(arch)
+    linears = quantize_linears(arrays, option, list(shapes), method="rtn")
+    lora = random_lora(shapes, rank, seed=3, std=0.1) if rank else {}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, w in linears.items():
+            modules[name].weight.copy_(torch.from_numpy(dequantize(w)))
+    for name, (a, b) in lora.items():
+        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+
+        def hook(_m, inp, out, a_t=a_t, b_t=b_t):
+            return out + (inp[0] @ a_t.T) @ b_t.T
+
+        modules[name].register_forward_hook(hook)
+    weights = decoder_weights_from_arrays(arch, arrays, linears, lora)
+    return arch, weights
+
+
+def test_arch_reads_a_gemma3_config() -> None:
+    arch = Gemma3Arch.from_config(tiny_gemma3().config.to_dict())
+    assert arch.layer_types == (SLIDING, SLIDING, FULL)
+    assert (arch.rope_theta, arch.rope_local_theta, arch.sliding_window) == (1e6, 1e4, 4)
+    assert arch.query_pre_attn_scalar == 48 and arch.tie_word_embeddings
+    assert len(arch.extra_tensor_names()) == 4 * 3
+
+
+@pytest.mark.parametrize(
+    ("option", "level", "rank", "fuse", "rel"),
+    [
+        # fp32 activations: only onnxruntime's arithmetic differs
+        (QuantOption(4, 32), 0, 8, False, 1e-4),
+        # the fast path: int8 activations per block, fused q/k/v and gate/up
+        (QuantOption(4, 32), 4, 8, True, 0.03),
+        (QuantOption(8, 32), 4, None, True, 0.03),
+    ],
+)
+def test_gemma3_decoder_matches_transformers(option, level, rank, fuse, rel) -> None:
+    model = tiny_gemma3()
+    arch, weights = _prepare(model, option, rank)
+    proto = build_decoder(
+        arch,
+        weights,
+        lora_rank=rank,
+        accuracy_level=level,
+        fuse_qkv=fuse,
+        fuse_gate_up=fuse,
+    )
+    got, got_tokens = _onnx_generate(_session(proto), arch, DECODE_STEPS)
+    want, want_tokens = _torch_generate(model, DECODE_STEPS)
+    diff = _max_diff(got, want)
+    scale = max(float(np.abs(w).max()) for w in want)
+    print(
+        f"gemma3 {option} level={level} rank={rank}: max|diff|={diff:.2e} (|logits|<={scale:.2f})"
+    )
+    assert got_tokens == want_tokens
+    assert diff < rel * scale
+
+
+def test_a_wrong_window_would_show() -> None:
+    """The sliding window matters on this prompt: a graph built as if every layer were global
+    disagrees with torch, so the test above checks the window."""
+    model = tiny_gemma3(seed=1)
+    arch, weights = _prepare(model, QuantOption(8, 32), None)
+    wrong = Gemma3Arch(**{**arch.__dict__, "layer_types": (FULL, FULL, FULL)})
+    proto = build_decoder(wrong, weights, lora_rank=None, accuracy_level=0)
+    got, _ = _onnx_generate(_session(proto), wrong, 2)
+    want, _ = _torch_generate(model, 2)
+    scale = max(float(np.abs(w).max()) for w in want)
+    assert _max_diff(got, want) > 1e-3 * scale
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"final_logit_softcapping": 30.0}, "soft-capping"),
+        ({"hidden_activation": "relu"}, "activation"),
+        ({"layer_types": ["sliding_attention"]}, "layer_types"),
+    ],
+)
+def test_unsupported_gemma3_configs_are_refused(change, message) -> None:
+    cfg = {**tiny_gemma3().config.to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        Gemma3Arch.from_config(cfg)
