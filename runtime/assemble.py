@@ -21,6 +21,7 @@ from coalora.runtime.format.reader import Bundle, BundleError
 from coalora.runtime.format.spec import (
     BASE_FILE,
     BERT,
+    GEMMA3,
     LLAMA,
     LM_HEAD,
     LORA_A,
@@ -34,6 +35,7 @@ from coalora.runtime.format.spec import (
     tensor_name,
 )
 from coalora.runtime.graphs.bert import BertArch, BertWeights, build_bert_classifier
+from coalora.runtime.graphs.gemma3 import Gemma3Arch
 from coalora.runtime.graphs.llama import LlamaArch, build_decoder
 from coalora.runtime.graphs.weights import (
     Adapter,
@@ -54,6 +56,8 @@ def arch_of(bundle: Bundle) -> Arch:
     try:
         if family is LLAMA and bundle.task == LLAMA.task:
             return LlamaArch.from_config(bundle.model_config)
+        if family is GEMMA3 and bundle.task == GEMMA3.task:
+            return Gemma3Arch.from_config(bundle.model_config)
         if family is BERT and bundle.task == BERT.task:
             return BertArch.from_config(bundle.model_config)
     except (KeyError, TypeError, ValueError) as exc:

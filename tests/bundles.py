@@ -17,7 +17,14 @@ from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, evaluate_config
 from coalora.export.coa_lora.theta import ConfigTheta
 from coalora.export.data import TextDataset, classification_batches, lm_batches
 from coalora.export.exporter import export_bundle, theta_to_onnx
-from coalora.export.models import LoadedModel, config_space, tiny_bert, tiny_llama, tiny_tokenizer
+from coalora.export.models import (
+    LoadedModel,
+    config_space,
+    tiny_bert,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
@@ -62,11 +69,21 @@ def _pareto(model: CoALoRAModel, configs, batches, metric: str, higher: bool) ->
 
 
 def build_llama_bundle(out: Path, steps: int = 6) -> Path:
+    return train_decoder_bundle(tiny_llama(), "tiny-llama", out, steps)[0]
+
+
+def build_gemma3_bundle(out: Path, steps: int = 6) -> tuple[Path, CoALoRAModel]:
+    return train_decoder_bundle(tiny_gemma3(), "tiny-gemma3", out, steps)
+
+
+def train_decoder_bundle(
+    base: torch.nn.Module, source: str, out: Path, steps: int
+) -> tuple[Path, CoALoRAModel]:
+    """A tiny causal LM trained a few steps and exported; the trained model too."""
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     tok.chat_template = CHATML
-    base = tiny_llama()
-    loaded = LoadedModel(model=base, tokenizer=tok, kind="causal-lm", source="tiny-llama")
+    loaded = LoadedModel(model=base, tokenizer=tok, kind="causal-lm", source=source)
     space = config_space(base, OPTIONS)
     model = CoALoRAModel(base, space, CoALoRAConfig(rank=4, alpha=8, lr=3e-3, configs_per_step=2))
     batches = lm_batches(TextDataset(_texts(32, 0)), tok, block_size=32, batch_size=4)
@@ -74,7 +91,7 @@ def build_llama_bundle(out: Path, steps: int = 6) -> Path:
     train(model, batches, configs, steps=steps, progress=False)
     eval_batches = [batches(0)]
     pareto = _pareto(model, configs, eval_batches, "perplexity", higher=False)
-    return export_bundle(model, loaded, pareto, out)
+    return export_bundle(model, loaded, pareto, out), model
 
 
 def build_bert_bundle(out: Path, steps: int = 6) -> Path:

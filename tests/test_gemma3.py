@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM
 
+from coalora.export import models
 from coalora.kernels.matmulnbits import dequantize
 from coalora.kernels.options import QuantOption
 from coalora.runtime.graphs.gemma3 import FULL, SLIDING, Gemma3Arch
@@ -26,37 +27,8 @@ from coalora.runtime.graphs.weights import (
 from tests.test_graphs import DECODE_STEPS, _max_diff, _onnx_generate, _session, _torch_generate
 
 
-def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
-    torch.manual_seed(seed)
-    params = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,  # GroupQueryAttention needs a multiple of 16
-        max_position_embeddings=64,
-        sliding_window=4,
-        layer_types=[SLIDING, SLIDING, FULL],
-        rope_parameters={
-            SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
-            FULL: {"rope_type": "default", "rope_theta": 1000000.0},
-        },
-        query_pre_attn_scalar=48,  # not head_dim: a wrong attention scale shows
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-    )
-    params.update(overrides)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**params)).eval()
-    with torch.no_grad():  # Gemma initialises norms at 0 (a weight of 1): randomise them
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.3 * torch.randn_like(p))
-    return model
+def tiny_gemma3(seed: int = 0, **overrides):
+    return models.tiny_gemma3(seed, vocab_size=128, **overrides)
 
 
 def _prepare(model: Gemma3ForCausalLM, option: QuantOption, rank: int | None):
@@ -145,3 +117,61 @@ def test_unsupported_gemma3_configs_are_refused(change, message) -> None:
     cfg = {**tiny_gemma3().config.to_dict(), **change}
     with pytest.raises(ValueError, match=message):
         Gemma3Arch.from_config(cfg)
+
+
+# -- a trained tiny Gemma 3 bundle, end to end ---------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma3_bundle(tmp_path_factory: pytest.TempPathFactory):
+    from bundles import build_gemma3_bundle
+
+    return build_gemma3_bundle(tmp_path_factory.mktemp("bundles") / "tiny-gemma3")
+
+
+PROMPT_IDS = [5, 9, 17, 33, 8, 12, 40, 7]  # longer than the sliding window
+
+
+def _torch_logits(model, config) -> np.ndarray:
+    model.set_mode("quant")
+    model.set_configuration(config)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([PROMPT_IDS])).logits[0, -1].numpy()
+
+
+def _device_logits(rt) -> np.ndarray:
+    from tests.test_runtime import _first_logits
+
+    return _first_logits(rt, PROMPT_IDS)
+
+
+def test_a_gemma3_bundle_decodes_as_torch_computes(gemma3_bundle) -> None:
+    from coalora.runtime.engine import Runtime
+
+    path, model = gemma3_bundle
+    exact = Runtime.open(
+        path, budget="6bits", threads=1, context_length=64, lora_bits=32, accuracy_level=0
+    )
+    assert exact.bundle.family == "gemma3" and isinstance(exact.arch, Gemma3Arch)
+    want = _torch_logits(model, exact.config)
+    # the torch side and the bundle differ by ~0.3% of the logits for the tiny LLaMA bundle
+    # too (measured the same way); the adapter moves them by far more
+    diff = np.abs(_device_logits(exact) - want).max()
+    assert diff < 0.01 * np.abs(want).max()
+    model.set_mode("no-lora")
+    with torch.no_grad():
+        bare = model(input_ids=torch.tensor([PROMPT_IDS])).logits[0, -1].numpy()
+    assert np.abs(bare - want).max() > 10 * diff
+    fast = Runtime.open(path, budget="6bits", threads=1, context_length=64)
+    got = _device_logits(fast)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    tokens = fast.generate_ids(PROMPT_IDS, 8)
+    assert 1 <= len(tokens) <= 8
+    assert fast.selection.plan.total > 0
+    # a lower budget switches to another stored configuration and still decodes as torch
+    low = Runtime.open(
+        path, budget="4bits", threads=1, context_length=64, lora_bits=32, accuracy_level=0
+    )
+    assert low.config != exact.config
+    want_low = _torch_logits(model, low.config)
+    assert np.abs(_device_logits(low) - want_low).max() < 0.01 * np.abs(want_low).max()
+    for rt in (exact, fast, low):
+        rt.close()

@@ -198,6 +198,15 @@ LLAMA = Family(
     ),
     fused=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
 )
+# Gemma 3's matrices have LLaMA's names; its blocks differ (runtime/graphs/gemma3.py).
+GEMMA3 = Family(
+    name="gemma3",
+    task=TASK_CAUSAL_LM,
+    kind="causal-lm",
+    model_types=frozenset({"gemma3_text"}),
+    modules=LLAMA.modules,
+    fused=LLAMA.fused,
+)
 BERT = Family(
     name="bert",
     task=TASK_CLASSIFY,
@@ -213,7 +222,7 @@ BERT = Family(
         ("output.dense", "down"),
     ),
 )
-FAMILIES: tuple[Family, ...] = (LLAMA, BERT)
+FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA3, BERT)
 
 # Encoders the exporter loads and trains but has no device graph for.
 OTHER_ENCODER_TYPES = frozenset({"distilbert", "electra", "deberta", "deberta-v2", "mpnet"})
