@@ -26,6 +26,7 @@ from coalora.kernels import QuantOption, quantize
 from coalora.kernels.matmulnbits import MatMulNBitsWeights, to_matmulnbits
 from coalora.runtime.format.pareto import ParetoSet
 from coalora.runtime.format.spec import (
+    EMBED_TOKENS,
     LM_HEAD,
     QWEIGHT,
     QZEROS,
@@ -127,6 +128,8 @@ def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str,
             continue
         if key == tensor_name(LM_HEAD, "weight") and (tied or lm_head is not None):
             continue
+        if key == EMBED_TOKENS and tied and lm_head is not None and model.kind == "causal-lm":
+            continue  # the quantized head's codes are the table (spec.EMBED_TOKENS)
         out[key] = value.detach().float().cpu().numpy()
     if model.kind == "causal-lm" and lm_head is not None:
         head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()

@@ -16,11 +16,12 @@ import numpy as np
 from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
-from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
+from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, dequantize
 from coalora.runtime.format.reader import Bundle, BundleError
 from coalora.runtime.format.spec import (
     BASE_FILE,
     BERT,
+    EMBED_TOKENS,
     GEMMA3,
     LLAMA,
     LM_HEAD,
@@ -183,6 +184,13 @@ def build_graph(
             head = _lm_head(bundle, base, arch)
             if head is not None:
                 weights.lm_head = head
+            gather = head is not None and embedding_from_head(bundle, arch, accuracy_level)
+            if weights.embed_tokens is None and not gather:
+                if head is None:
+                    raise BundleError(f"{bundle.root}: {EMBED_TOKENS} is missing")
+                # the table is the head's codes (spec.EMBED_TOKENS): dequantized for a graph
+                # that cannot gather them (the exact one)
+                weights.embed_tokens = dequantize(head)
             proto = build_decoder(
                 arch,
                 weights,
@@ -197,8 +205,7 @@ def build_graph(
                 external=held,
                 scratch=scratch,
                 last_logits=last_logits,
-                embedding_from_head=head is not None
-                and embedding_from_head(bundle, arch, accuracy_level) is not None,
+                embedding_from_head=bool(gather),
             )
         else:
             prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""

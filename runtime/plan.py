@@ -29,7 +29,13 @@ from coalora.kernels.config import ConfigSpace
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, exact_as_fp32
 from coalora.kernels.options import QuantOption
 from coalora.runtime.format.reader import Bundle
-from coalora.runtime.format.spec import TOKENIZER_FILE, Family, family_named, quant_file
+from coalora.runtime.format.spec import (
+    EMBED_TOKENS,
+    TOKENIZER_FILE,
+    Family,
+    family_named,
+    quant_file,
+)
 
 # The graph modules (the slot layout, the architectures) come with onnx: imported where used,
 # so planning alone (selection, a dry run) loads no onnx.
@@ -186,9 +192,10 @@ def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> Quant
 
     A tied model's quantized head is its embedding table quantized, so the fast graph gathers
     the rows from the head's codes (GatherBlockQuantized on the same arrays) and never reads
-    the bundle's fp32 table: 8-bit codes are a quarter of it. Only where the layouts agree
-    (whole blocks per row, a width the gather reads); the exact graph keeps the fp32 table,
-    as torch has it.
+    an fp32 table: 8-bit codes are a quarter of it. Only where the layouts agree (whole
+    blocks per row, a width the gather reads); the exact graph reads an fp32 table: the
+    bundle's, or, where the bundle ships none (``spec.EMBED_TOKENS``), the head's codes
+    dequantized.
     """
     from coalora.runtime.graphs.llama import LlamaArch
 
@@ -307,11 +314,18 @@ class Accountant:
         """``base_bytes``/``base_names``: the size and tensor names of the base file."""
         names = [m.name for m in bundle.space.matrices]
         shared = embedding_from_head(bundle, arch, accuracy_level)
+        from coalora.runtime.graphs.llama import LlamaArch
+
+        decoder = isinstance(arch, LlamaArch)
+        table = 4 * arch.vocab_size * arch.hidden_size if decoder else 0
+        shipped = EMBED_TOKENS in base_names
         if shared is not None:
             # the fp32 table is never read; the gather faults the head's mapped codes back in
             # (MatMulNBits reads its prepacked copy), so they count a second time
             base_bytes += shared.nbytes(arch.vocab_size, arch.hidden_size)
-            base_bytes -= 4 * arch.vocab_size * arch.hidden_size
+            base_bytes -= table if shipped else 0
+        elif table and not shipped:
+            base_bytes += table  # dequantized from the head's codes (spec.EMBED_TOKENS)
         head = bundle.lm_head
         if head and exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
             # the exact graph holds the quantized head dequantized next to its codes, twice,

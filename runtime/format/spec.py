@@ -40,6 +40,11 @@ QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"  # <matrix>.<part> in qu
 QUANT_PARTS = (QWEIGHT, SCALES, QZEROS)
 LORA_A, LORA_B = "A", "B"  # <matrix>.A / <matrix>.B in lora.safetensors
 LM_HEAD = "lm_head"  # lm_head.qweight / .scales / .qzeros in base.safetensors when quantized
+# A decoder's fp32 token table in base.safetensors. A tied decoder with a quantized head ships
+# none: its rows are the head's codes (the fast graph gathers them, the exact one dequantizes
+# them), so the table is held once: a quarter of the fp32 bytes at 8 bits (Gemma 3 270M's
+# fp32 table alone would be 671 MB).
+EMBED_TOKENS = "model.embed_tokens.weight"
 
 
 def tensor_name(matrix: str, part: str) -> str:

@@ -497,7 +497,10 @@ def build_decoder(
                       the head's own codes (GatherBlockQuantized), the fp32 table unused
                       (``plan.embedding_from_head`` decides; the plan counts it so).
     """
-    if weights.embed_tokens.shape != (arch.vocab_size, arch.hidden_size):
+    if weights.embed_tokens is None:
+        if not embedding_from_head:
+            raise ValueError("no embedding table: only a tied quantized head's gather can serve it")
+    elif weights.embed_tokens.shape != (arch.vocab_size, arch.hidden_size):
         raise ValueError(
             f"embed_tokens is {weights.embed_tokens.shape}, the arch says "
             f"{(arch.vocab_size, arch.hidden_size)}"

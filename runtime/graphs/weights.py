@@ -239,7 +239,8 @@ def llama_linear_name(layer: int, proj: str) -> str:
 class DecoderWeights:
     """Everything a LLaMA-family decoder graph needs, as numpy arrays (HF orientation)."""
 
-    embed_tokens: np.ndarray  # float32 [V, H]
+    # float32 [V, H]; None where a tied quantized head's codes are the table (spec.EMBED_TOKENS)
+    embed_tokens: np.ndarray | None
     input_layernorm: list[np.ndarray]  # per layer, float32 [H]
     post_attention_layernorm: list[np.ndarray]  # per layer, float32 [H]
     norm: np.ndarray  # float32 [H]
@@ -316,7 +317,9 @@ def decoder_weights_from_arrays(
         if k.endswith(".bias") and k[: -len(".bias")] in linears
     }
     return DecoderWeights(
-        embed_tokens=f32("model.embed_tokens.weight"),
+        embed_tokens=f32("model.embed_tokens.weight")
+        if "model.embed_tokens.weight" in arrays
+        else None,
         input_layernorm=[f32(f"model.layers.{i}.input_layernorm.weight") for i in range(n)],
         post_attention_layernorm=[
             f32(f"model.layers.{i}.post_attention_layernorm.weight") for i in range(n)
