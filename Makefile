@@ -59,6 +59,25 @@ demo: install
 		$(BIN)/coalora-run $(DEMO_BUNDLE) --budget $$budget --max-tokens 64 --prompt "$(DEMO_PROMPT)" || exit $$?; \
 	done
 
+# Gemma 3 270M (base) on BBC News text, then served at 3.5 bits with a completion prompt.
+GEMMA3_BUNDLE ?= .cache/demo/gemma3-bbc
+GEMMA3_PROMPT ?= The capital of France is
+
+.PHONY: demo-gemma3
+demo-gemma3: install  ## export Gemma 3 270M fine-tuned on BBC News (offline, --fast), serve it at 3.5 bits
+	@if [ -z "$(FRESH)" ] && [ -f $(GEMMA3_BUNDLE)/manifest.json ]; then \
+		echo "reusing $(GEMMA3_BUNDLE) (make demo-gemma3 FRESH=1 rebuilds it)"; \
+	else \
+		HF_HUB_OFFLINE=1 $(BIN)/coalora export train gemma3 --fast \
+			$(if $(FRESH),--fresh --overwrite) --out $(GEMMA3_BUNDLE) || exit $$?; \
+	fi
+	$(BIN)/coalora inspect $(GEMMA3_BUNDLE)
+	$(BIN)/coalora-run $(GEMMA3_BUNDLE) --budget 3.5bits --no-chat --max-tokens 32 --prompt "$(GEMMA3_PROMPT)"
+
+.PHONY: bench-speed-gemma3
+bench-speed-gemma3: install-bench  ## Gemma 3 decode speed and peak RSS against llama.cpp on the package GGUF
+	$(PYTHON) -m benchmarks.runtime_speed_gemma3 --bundle $(GEMMA3_BUNDLE)
+
 bench: install  ## benchmarks on the real offline models; results land in benchmarks/results/
 	$(PYTHON) -m benchmarks.quantizer_error
 	$(PYTHON) -m benchmarks.allocation

@@ -16,6 +16,7 @@ from transformers import Gemma3ForCausalLM
 from coalora.export import models
 from coalora.kernels.matmulnbits import dequantize
 from coalora.kernels.options import QuantOption
+from coalora.runtime.format.spec import EMBED_TOKENS
 from coalora.runtime.graphs.gemma3 import FULL, SLIDING, Gemma3Arch
 from coalora.runtime.graphs.llama import build_decoder
 from coalora.runtime.graphs.weights import (
@@ -151,6 +152,9 @@ def test_a_gemma3_bundle_decodes_as_torch_computes(gemma3_bundle) -> None:
         path, budget="6bits", threads=1, context_length=64, lora_bits=32, accuracy_level=0
     )
     assert exact.bundle.family == "gemma3" and isinstance(exact.arch, Gemma3Arch)
+    # the tied table ships once, as the quantized head's codes (spec.EMBED_TOKENS)
+    base = exact._mapped.base()
+    assert EMBED_TOKENS not in base and "lm_head.qweight" in base
     want = _torch_logits(model, exact.config)
     # the torch side and the bundle differ by ~0.3% of the logits for the tiny LLaMA bundle
     # too (measured the same way); the adapter moves them by far more
