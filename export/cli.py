@@ -165,7 +165,8 @@ def _print_report(data: dict[str, Any]) -> None:
 @app.command("quantize-report")
 def quantize_report(
     model: Annotated[
-        str, typer.Argument(help="'smollm2', 'gemma3', 'minilm', a .gguf file or a local HF folder.")
+        str,
+        typer.Argument(help="'smollm2', 'gemma3', 'minilm', a .gguf file or a local HF folder."),
     ],
     budgets: Annotated[
         str, typer.Option(help="Comma-separated budgets in bits per weight.")

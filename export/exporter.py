@@ -23,7 +23,7 @@ from torch import nn
 from coalora.export.chat import chat_format_from_tokenizer
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.kernels import QuantOption, quantize
-from coalora.kernels.matmulnbits import MatMulNBitsWeights, to_matmulnbits
+from coalora.kernels.matmulnbits import MatMulNBitsWeights, dequantize, to_matmulnbits
 from coalora.runtime.format.pareto import ParetoSet
 from coalora.runtime.format.spec import (
     EMBED_TOKENS,
@@ -118,6 +118,23 @@ def _architecture(model: CoALoRAModel, loaded: Any, lm_head: QuantOption | None)
     }
 
 
+HEAD_CODES_ATTR = "_coalora_head_codes"
+
+
+def train_on_the_shipped_head(model: nn.Module, option: QuantOption | None) -> None:
+    """A tied causal LM whose head ships quantized: put the head's dequantized codes in the
+    table now, so training, the stored metrics and the parity check see the table and head
+    the device runs (its exact graph dequantizes those codes: ``spec.EMBED_TOKENS``). The
+    codes are kept on the model and written as they are (quantized once)."""
+    if option is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    emb = model.get_input_embeddings()
+    q = to_matmulnbits(quantize(emb.weight.detach().float().cpu().numpy(), option))
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(dequantize(q)).to(emb.weight.dtype))
+    setattr(model, HEAD_CODES_ATTR, (option, q))
+
+
 def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str, np.ndarray]:
     """Every tensor of the base model that is not a quantized matrix (HF names, fp32)."""
     skip = {f"{n}.weight" for n in model.layers}
@@ -132,8 +149,12 @@ def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str,
             continue  # the quantized head's codes are the table (spec.EMBED_TOKENS)
         out[key] = value.detach().float().cpu().numpy()
     if model.kind == "causal-lm" and lm_head is not None:
-        head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()
-        q = to_matmulnbits(quantize(head, lm_head))
+        kept = getattr(model.base, HEAD_CODES_ATTR, None)
+        if kept is not None and kept[0] == lm_head:
+            q = kept[1]
+        else:
+            head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()
+            q = to_matmulnbits(quantize(head, lm_head))
         out[tensor_name(LM_HEAD, QWEIGHT)] = q.b
         out[tensor_name(LM_HEAD, SCALES)] = q.scales
         out[tensor_name(LM_HEAD, QZEROS)] = q.zero_points

@@ -81,6 +81,10 @@ def load_for_training(opts: ExportOptions, inp: Inputs) -> Inputs:
     if classify and ds.label_names:  # the bundle names its classes
         loaded.model.config.id2label = dict(enumerate(ds.label_names))
         loaded.model.config.label2id = {n: i for i, n in enumerate(ds.label_names)}
+    if not classify:
+        from coalora.export.exporter import train_on_the_shipped_head
+
+        train_on_the_shipped_head(loaded.model, opts.lm_head_option())
     inp.loaded = loaded
     inp.space = config_space(loaded.model, opts.quant_options())
     make = classification_batches if classify else lm_batches

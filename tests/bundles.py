@@ -16,7 +16,12 @@ from coalora.export.chat import chat_format_from_tokenizer
 from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, evaluate_configs, train
 from coalora.export.coa_lora.theta import ConfigTheta
 from coalora.export.data import TextDataset, classification_batches, lm_batches
-from coalora.export.exporter import export_bundle, theta_to_onnx
+from coalora.export.exporter import (
+    DEFAULT_LM_HEAD,
+    export_bundle,
+    theta_to_onnx,
+    train_on_the_shipped_head,
+)
 from coalora.export.models import (
     LoadedModel,
     config_space,
@@ -84,6 +89,7 @@ def train_decoder_bundle(
     tok = tiny_tokenizer()
     tok.chat_template = CHATML
     loaded = LoadedModel(model=base, tokenizer=tok, kind="causal-lm", source=source)
+    train_on_the_shipped_head(base, DEFAULT_LM_HEAD)
     space = config_space(base, OPTIONS)
     model = CoALoRAModel(base, space, CoALoRAConfig(rank=4, alpha=8, lr=3e-3, configs_per_step=2))
     batches = lm_batches(TextDataset(_texts(32, 0)), tok, block_size=32, batch_size=4)

@@ -156,10 +156,10 @@ def test_a_gemma3_bundle_decodes_as_torch_computes(gemma3_bundle) -> None:
     base = exact._mapped.base()
     assert EMBED_TOKENS not in base and "lm_head.qweight" in base
     want = _torch_logits(model, exact.config)
-    # the torch side and the bundle differ by ~0.3% of the logits for the tiny LLaMA bundle
-    # too (measured the same way); the adapter moves them by far more
+    # fp32 activations: only onnxruntime's arithmetic differs (torch trains on the shipped
+    # head's codes, the exact graph dequantizes the same codes)
     diff = np.abs(_device_logits(exact) - want).max()
-    assert diff < 0.01 * np.abs(want).max()
+    assert diff < 1e-4 * np.abs(want).max()
     model.set_mode("no-lora")
     with torch.no_grad():
         bare = model(input_ids=torch.tensor([PROMPT_IDS])).logits[0, -1].numpy()
@@ -176,6 +176,6 @@ def test_a_gemma3_bundle_decodes_as_torch_computes(gemma3_bundle) -> None:
     )
     assert low.config != exact.config
     want_low = _torch_logits(model, low.config)
-    assert np.abs(_device_logits(low) - want_low).max() < 0.01 * np.abs(want_low).max()
+    assert np.abs(_device_logits(low) - want_low).max() < 1e-4 * np.abs(want_low).max()
     for rt in (exact, fast, low):
         rt.close()
