@@ -200,6 +200,7 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "exact_speed": speed,
+        "model": manifest[Key.TRAINING][Training.MODEL],
         "bundle": str(bundle),
         "work_dir": str(work),
         "lm_head": head_name,

@@ -57,6 +57,9 @@ def _header(res: dict[str, Any], command: str, wall: float) -> list[str]:
     return L
 
 
+MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
+
+
 def _smollm2_md(lm: dict[str, Any]) -> list[str]:
     L: list[str] = []
     n = lm["tokens"]
@@ -64,7 +67,7 @@ def _smollm2_md(lm: dict[str, Any]) -> list[str]:
     head = lm["lm_head"]
     hk = "q" if head else "fp32"
     L += [
-        "## SmolLM2-135M (`" + lm["bundle"] + "`)",
+        f"## {MODEL_NAMES.get(lm.get('model', 'smollm2'), lm.get('model'))} (`{lm['bundle']}`)",
         "",
         "Both sides run the same stored configuration with the same generated adapter: the "
         "device generates it with θ as ONNX from the bundle and folds it (A' = (I+U)A); "
@@ -229,7 +232,7 @@ def _size_section(lm: dict[str, Any] | None, mini: dict[str, Any] | None) -> lis
         "|---|---|---|---|---|",
     ]
     if lm:
-        L += sizes_md(lm["sizes"], "SmolLM2-135M")
+        L += sizes_md(lm["sizes"], MODEL_NAMES.get(lm.get("model", "smollm2"), lm.get("model")))
     if mini:
         L += sizes_md(mini["sizes"], "all-MiniLM-L6-v2")
     L += [""]

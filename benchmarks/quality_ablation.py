@@ -140,7 +140,8 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
         "",
         *machine_md(info, command, wall),
         *[
-            f"- rows measured by `{c}`: {', '.join(r['variant'] for r in rows if r.get('command') == c)}"
+            f"- rows measured by `{c}`: "
+            + ", ".join(r["variant"] for r in rows if r.get("command") == c)
             for c in dict.fromkeys(r.get("command") for r in rows)
             if c and c != command
         ],

@@ -68,6 +68,8 @@ SUMMARIES = {
     "baselines_minilm": "baselines",
     "baselines_smollm2": "baselines",
     "parity": "parity",
+    "parity_gemma3": "parity",
+    "runtime_speed_gemma3": "runtime_speed_gemma3",
     "runtime_speed": "runtime_speed",
 }
 
