@@ -14,18 +14,12 @@ import torch
 from transformers import Gemma3ForCausalLM
 
 from coalora.export import models
-from coalora.kernels.matmulnbits import dequantize
 from coalora.kernels.options import QuantOption
 from coalora.runtime.format.spec import EMBED_TOKENS
 from coalora.runtime.graphs.gemma3 import FULL, SLIDING, Gemma3Arch
 from coalora.runtime.graphs.llama import build_decoder
-from coalora.runtime.graphs.weights import (
-    decoder_weights_from_arrays,
-    llama_linear_shapes,
-    quantize_linears,
-    random_lora,
-)
 from tests.test_graphs import DECODE_STEPS, _max_diff, _onnx_generate, _session, _torch_generate
+from tests.test_graphs import _prepare as graphs_prepare
 
 
 def tiny_gemma3(seed: int = 0, **overrides):
@@ -33,23 +27,8 @@ def tiny_gemma3(seed: int = 0, **overrides):
 
 
 def _prepare(model: Gemma3ForCausalLM, option: QuantOption, rank: int | None):
-    arch = Gemma3Arch.from_config(model.config.to_dict())
-    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    shapes = llama_linear_shapes(arch)
-    linears = quantize_linears(arrays, option, list(shapes), method="rtn")
-    lora = random_lora(shapes, rank, seed=3, std=0.1) if rank else {}
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, w in linears.items():
-            modules[name].weight.copy_(torch.from_numpy(dequantize(w)))
-    for name, (a, b) in lora.items():
-        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
-
-        def hook(_m, inp, out, a_t=a_t, b_t=b_t):
-            return out + (inp[0] @ a_t.T) @ b_t.T
-
-        modules[name].register_forward_hook(hook)
-    weights = decoder_weights_from_arrays(arch, arrays, linears, lora)
+    arch, weights, lora = graphs_prepare(model, option, rank, seed=3, arch_class=Gemma3Arch)
+    weights.lora = lora
     return arch, weights
 
 

@@ -57,7 +57,9 @@ def _tiny_llama(hidden: int = 96, tied: bool = True, seed: int = 0) -> LlamaForC
     return model
 
 
-def _options(kind: str, names: list[str]) -> dict[str, QuantOption]:
+def _options(kind: str | QuantOption, names: list[str]) -> dict[str, QuantOption]:
+    if isinstance(kind, QuantOption):
+        return {n: kind for n in names}
     if kind == "4b32":
         return {n: QuantOption(4, 32) for n in names}
     if kind == "mixed":
@@ -75,9 +77,15 @@ def _options(kind: str, names: list[str]) -> dict[str, QuantOption]:
     return {n: DEFAULT_OPTIONS[int(rng.integers(len(DEFAULT_OPTIONS)))] for n in names}
 
 
-def _prepare(model: LlamaForCausalLM, kind: str, rank: int | None, seed: int = 1):
+def _prepare(
+    model: torch.nn.Module,
+    kind: str | QuantOption,
+    rank: int | None,
+    seed: int = 1,
+    arch_class: type[LlamaArch] = LlamaArch,
+):
     """Quantize, fake-quantize the torch model, attach LoRA hooks; return ONNX inputs."""
-    arch = LlamaArch.from_config(model.config.to_dict())
+    arch = arch_class.from_config(model.config.to_dict())
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     shapes = llama_linear_shapes(arch)
     linears = quantize_linears(arrays, _options(kind, list(shapes)), list(shapes), method="rtn")

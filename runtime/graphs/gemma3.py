@@ -278,14 +278,7 @@ class Gemma3Builder(_DecoderBuilder):
                 f"{node}/pre_feedforward_layernorm/SkipSimplifiedLayerNorm",
                 False,
             )
-            gate_up = [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]
-            if fuse_gate_up and _group_options_match(w, gate_up):
-                gu = self.linear(x, gate_up, f"{pre}.mlp.gate_up_proj")
-                gate, up = g.node(
-                    "Split", [gu], f"{node}/mlp/Split", outputs=2, axis=-1, num_outputs=2
-                )
-            else:
-                gate, up = (self.linear(x, [n], n) for n in gate_up)
+            gate, up = self.gate_up(x, i, fuse_gate_up)
             act = g.op("Gelu", [gate], f"{node}/mlp/act_fn/Gelu", approximate="tanh")
             down = self.linear(
                 g.op("Mul", [act, up], f"{node}/mlp/Mul"),

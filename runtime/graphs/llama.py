@@ -273,6 +273,20 @@ class _DecoderBuilder:
         """The embedded tokens as the first block reads them (LLaMA: unscaled)."""
         return hidden
 
+    def gate_up(self, x: str, i: int, fuse: bool) -> tuple[str, str]:
+        """Layer ``i``'s gate and up projections: one fused MatMulNBits and a Split where
+        their options match, else two."""
+        pre = f"model.layers.{i}"
+        names = [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]
+        if fuse and _group_options_match(self.w, names):
+            gu = self.linear(x, names, f"{pre}.mlp.gate_up_proj")
+            gate, up = self.g.node(
+                "Split", [gu], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2
+            )
+            return gate, up
+        gate, up = (self.linear(x, [n], n) for n in names)
+        return gate, up
+
     def norm_weight(self, name: str, arr: np.ndarray) -> str:
         """An RMSNorm's weight as the graph multiplies by it."""
         return self.g.initializer(name, np.asarray(arr, dtype=np.float32))
@@ -351,14 +365,7 @@ class _DecoderBuilder:
                 domain=MS,
                 epsilon=eps,
             )
-            gate_up = [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]
-            if fuse_gate_up and _group_options_match(w, gate_up):
-                gu = self.linear(x, gate_up, f"{pre}.mlp.gate_up_proj")
-                gate, up = g.node(
-                    "Split", [gu], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2
-                )
-            else:
-                gate, up = (self.linear(x, [n], n) for n in gate_up)
+            gate, up = self.gate_up(x, i, fuse_gate_up)
             sig = g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/act_fn/Sigmoid")
             act = g.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/act_fn/Mul")
             h = g.op("Mul", [act, up], f"/model/layers.{i}/mlp/Mul")
