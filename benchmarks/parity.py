@@ -46,11 +46,21 @@ from benchmarks.parity_sides import (
 from coalora.runtime.format.spec import BASE_FILE, MANIFEST, Arch, FileEntry, Key, Training
 
 
+def bundle_head(bundle: Path) -> np.ndarray:
+    """The quantized LM head the device runs, dequantized to float32 [vocab, hidden]."""
+    from coalora.kernels.matmulnbits import dequantize
+    from coalora.runtime import assemble
+    from coalora.runtime.format.reader import Bundle
+
+    b = Bundle.open(bundle)
+    mapped = assemble.MappedBundle(b)
+    return dequantize(assemble._lm_head(b, mapped.base(), assemble.arch_of(b)))
+
+
 def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from coalora.kernels import QuantOption, quantize
     from coalora.runtime.budget import Budget
     from coalora.runtime.engine import Runtime
 
@@ -60,13 +70,14 @@ def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     t_load = time.perf_counter() - t0
     print(f"torch side ready in {t_load:.0f} s (work dir {work})", flush=True)
 
-    # The device's LM head: the tied embedding quantized with the manifest's option, exactly as
-    # export/exporter.py writes it. The torch model gets it as an untied lm_head for parity.
+    # The device's LM head: the bundle's own codes, dequantized (quantizing the torch table
+    # again would not give them back where that table already is the head's codes). The torch
+    # model gets it as an untied lm_head for parity.
     emb = loaded.model.get_input_embeddings().weight.detach().float()
     head_name = manifest[Key.ARCHITECTURE].get(Arch.LM_HEAD)
     heads = {"fp32": emb}
     if head_name:
-        qhead = quantize(emb.numpy(), QuantOption.parse(head_name)).dequantize()
+        qhead = bundle_head(bundle)
         heads["q"] = torch.from_numpy(np.ascontiguousarray(qhead))
         lin = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
         lin.weight = nn.Parameter(heads["q"], requires_grad=False)
