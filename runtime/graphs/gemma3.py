@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from coalora.runtime.graphs._onnx import MS
-from coalora.runtime.graphs.llama import LlamaArch, _DecoderBuilder, _group_options_match
+from coalora.runtime.graphs.llama import (
+    LlamaArch,
+    _DecoderBuilder,
+    _group_options_match,
+    cos_sin_cache,
+    default_inv_freq,
+    rope_settings,
+)
 from coalora.runtime.graphs.weights import llama_linear_name
 
 SLIDING = "sliding_attention"
@@ -44,14 +51,6 @@ EXTRA_LAYER_TENSORS = (
     "pre_feedforward_layernorm.weight",
     "post_feedforward_layernorm.weight",
 )
-
-
-def _rope_of(params: Mapping[str, Any], default_theta: float) -> tuple[float, str, tuple]:
-    rope = dict(params)
-    theta = float(rope.pop("rope_theta", default_theta))
-    rope_type = str(rope.pop("rope_type", rope.pop("type", "default")))
-    extra = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float))))
-    return theta, rope_type, extra
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,10 @@ class Gemma3Arch(LlamaArch):
         n_layers = int(cfg["num_hidden_layers"])
         rope = cfg.get("rope_parameters") or {}
         if FULL in rope or SLIDING in rope:
-            theta, rope_type, params = _rope_of(rope.get(FULL) or {}, 1_000_000.0)
-            local_theta, local_type, _ = _rope_of(rope.get(SLIDING) or {}, 10_000.0)
+            theta, rope_type, params = rope_settings(rope.get(FULL) or {}, 1_000_000.0)
+            local_theta, local_type, _ = rope_settings(rope.get(SLIDING) or {}, 10_000.0)
         else:
-            theta, rope_type, params = _rope_of(
+            theta, rope_type, params = rope_settings(
                 {
                     "rope_theta": cfg.get("rope_theta", 1_000_000.0),
                     **(cfg.get("rope_scaling") or {}),
@@ -139,12 +138,10 @@ class Gemma3Arch(LlamaArch):
         )
 
     def local_inv_freq(self) -> np.ndarray:
-        d = self.head_dim
-        return 1.0 / (self.rope_local_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        return default_inv_freq(self.rope_local_theta, self.head_dim)
 
     def local_rope_cache(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        freqs = np.outer(np.arange(max_len, dtype=np.float64), self.local_inv_freq())
-        return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+        return cos_sin_cache(self.local_inv_freq(), max_len)
 
     @property
     def embed_scale(self) -> float:

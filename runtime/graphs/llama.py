@@ -53,6 +53,28 @@ from coalora.runtime.graphs.weights import (
 ARCH_METADATA_KEY = "coalora.arch"
 
 
+def rope_settings(
+    params: Mapping[str, Any], default_theta: float
+) -> tuple[float, str, tuple[tuple[str, float], ...]]:
+    """(theta, RoPE type, its other numeric parameters) of one HF RoPE dict."""
+    rope = dict(params)
+    theta = float(rope.pop("rope_theta", default_theta))
+    rope_type = str(rope.pop("rope_type", rope.pop("type", "default")))
+    extra = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float))))
+    return theta, rope_type, extra
+
+
+def default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """Unscaled RoPE inverse frequencies [head_dim / 2]."""
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def cos_sin_cache(inv_freq: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_len, head_dim / 2] of positions 0 .. max_len - 1."""
+    freqs = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class LlamaArch:
     """The parts of an HF LLaMA config the graph depends on."""
@@ -81,11 +103,9 @@ class LlamaArch:
         head_dim = cfg.get("head_dim") or hidden // heads
         # transformers >= 5 keeps RoPE settings in rope_parameters; older configs use
         # rope_theta + rope_scaling.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = str(rope.pop("rope_type", rope.pop("type", "default")))
-        params = tuple(
-            sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float)))
+        theta, rope_type, params = rope_settings(
+            cfg.get("rope_parameters") or cfg.get("rope_scaling") or {},
+            cfg.get("rope_theta", 10000.0),
         )
         act = str(cfg.get("hidden_act", "silu"))
         if act not in ("silu", "swish"):
@@ -118,8 +138,7 @@ class LlamaArch:
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim / 2], as transformers computes them."""
-        d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        inv = default_inv_freq(self.rope_theta, self.head_dim)
         p = dict(self.rope_params)
         if self.rope_type == "default":
             return inv
@@ -138,8 +157,7 @@ class LlamaArch:
 
     def rope_cache(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [max_len, head_dim / 2] for GroupQueryAttention's do_rotary."""
-        freqs = np.outer(np.arange(max_len, dtype=np.float64), self.inv_freq())
-        return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+        return cos_sin_cache(self.inv_freq(), max_len)
 
 
 def _group_options_match(weights: DecoderWeights, names: Sequence[str]) -> bool:
