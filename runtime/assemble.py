@@ -184,7 +184,9 @@ def build_graph(
             head = _lm_head(bundle, base, arch)
             if head is not None:
                 weights.lm_head = head
-            gather = head is not None and embedding_from_head(bundle, arch, accuracy_level)
+            gather = (
+                head is not None and embedding_from_head(bundle, arch, accuracy_level) is not None
+            )
             if weights.embed_tokens is None and not gather:
                 if head is None:
                     raise BundleError(f"{bundle.root}: {EMBED_TOKENS} is missing")
@@ -205,7 +207,7 @@ def build_graph(
                 external=held,
                 scratch=scratch,
                 last_logits=last_logits,
-                embedding_from_head=bool(gather),
+                embedding_from_head=gather,
             )
         else:
             prefix = "bert." if "bert.embeddings.word_embeddings.weight" in base else ""
