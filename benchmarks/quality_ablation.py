@@ -29,13 +29,19 @@ from benchmarks.baselines import SETTINGS
 from benchmarks.common import RESULTS, machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.5, 4.5)
+# Everything as it was before the levers (the search quantizer, uniform draws, B = 0,
+# cross-entropy only, the whole set re-scored): every row starts here, whatever the defaults.
+BEFORE: dict[str, Any] = dict(
+    quantizer="search", sampler="uniform", lora_init="zero", distill_weight=0.0, search_rescore=0
+)
+# each lever: only the fields it changes over BEFORE
 LEVERS: dict[str, dict[str, Any]] = {
-    "before": dict(quantizer="search"),
+    "before": {},
     "gptq": dict(quantizer="gptq"),
-    "sandwich": dict(quantizer="search", sampler="sandwich"),
-    "residual-init": dict(quantizer="search", lora_init="residual"),
-    "distill": dict(quantizer="search", distill_weight=0.5),
-    "bounded-search": dict(quantizer="search", search_rescore=8),
+    "sandwich": dict(sampler="sandwich"),
+    "residual-init": dict(lora_init="residual"),
+    "distill": dict(distill_weight=0.5),
+    "bounded-search": dict(search_rescore=8),
 }
 # reduced from benchmarks.baselines' 64 steps and 12 measuring batches
 SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)
@@ -53,8 +59,8 @@ QUICK_OPTIONS = ("2b128", "4b64", "8b64")
 
 
 def recipe(names: list[str]) -> dict[str, Any]:
-    """The levers ``names`` together (later ones win where two set one field)."""
-    out: dict[str, Any] = {}
+    """BEFORE with the levers ``names`` on (each lever sets its own fields only)."""
+    out: dict[str, Any] = dict(BEFORE)
     for n in names:
         out.update(LEVERS[n])
     return out
@@ -154,6 +160,9 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
         lines.append(
             f"| {r['variant']} | {cells} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
         )
+    notes = [f"- {r['variant']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     write_result(stem, payload, "\n".join(lines) + "\n")
 
 
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: variants must be some of {', '.join(LEVERS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    todo = [(v, LEVERS[v]) for v in variants]
+    todo = [(v, recipe([v])) for v in variants]
     if combined:
         todo.append(("recipe: " + "+".join(combined), recipe(combined)))
     t0 = time.perf_counter()
