@@ -85,11 +85,34 @@ def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
     out["settings"]["rank"] = opts.rank
     out["settings"]["initial_budgets"] = opts.initial_budgets
     out["settings"]["threads"] = threads
+    out["settings"]["levers"] = levers_of(opts)
     out["quick"] = quick
     out["wall_seconds"] = wall
     out["train_passes"] = train_passes(out)
     out["targets"] = targets(res.to_dict())
     return out
+
+
+def levers_of(opts: Any) -> dict[str, Any]:
+    """The quality levers a run trained with (every method takes the same)."""
+    names = ("quantizer", "sampler", "lora_init", "distill_weight", "search_rescore")
+    return {n: getattr(opts, n) for n in names}
+
+
+def before_of(old: dict[str, Any]) -> dict[str, Any]:
+    """The "before" figures a re-run keeps from the result it replaces: that result's own
+    "before" when it has one (the first figures stay the reference), else its curves."""
+    if old.get("before"):
+        return old["before"]
+    s = old["settings"]
+    levers = s.get("levers", dict(quantizer="search", sampler="uniform", lora_init="zero"))
+    return {
+        "command": old.get("command", ""),
+        "note": f"{s['steps']} steps, levers " + json.dumps(levers),
+        "budgets": old["budgets"],
+        "metric": {m: [p[1] for p in pts] for m, pts in old["curves"].items()},
+        "train_seconds": old["train_seconds"],
+    }
 
 
 def train_passes(res: dict[str, Any]) -> dict[str, int]:
@@ -143,6 +166,14 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
         per_one = secs["per-config-lora"] / max(1, len(res["budgets"]))
         out["per_config_seconds_each"] = per_one
         out["coa_vs_3_per_config"] = secs["coa-lora"] / (3 * per_one)
+    before = res.get("before")
+    if before and before["budgets"] == res["budgets"]:
+        # how many times lower each method's metric is than before, per budget
+        out["before_over_now"] = {
+            m: [b / a for a, b in zip(curves[m], before["metric"][m], strict=True)]
+            for m in curves
+            if m in before["metric"]
+        }
     return out
 
 
@@ -161,6 +192,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "metric": curves,
         "train_seconds": res["train_seconds"],
     }
+    if res.get("before"):
+        out["before"] = res["before"]["metric"]
     coa = curves.get("coa-lora")
     for m in ("per-config-lora", "shared-lora"):
         if coa is not None and m in curves:
@@ -204,6 +237,18 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
         lines.append(
             f"| {METHOD_LABELS[m]} | {row} | {res['train_seconds'][m]:.0f} | {passes.get(m, '')} |"
         )
+    before = res.get("before")
+    if before:
+        lines += [
+            "",
+            f"Before (the committed run of `{before['command']}`, {before['note']}):",
+            "",
+            "| method | " + " | ".join(f"{b:g}" for b in before["budgets"]) + " | fine-tuning s |",
+            "|---" * (len(before["budgets"]) + 2) + "|",
+        ]
+        for m, values in before["metric"].items():
+            row = " | ".join(fmt(v, name) for v in values)
+            lines.append(f"| {METHOD_LABELS[m]} | {row} | {before['train_seconds'][m]:.0f} |")
     seen = res.get("coa_budget_seen") or []
     if seen:
         lines += [
@@ -248,6 +293,10 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
             f"- fine-tuning time: CoA-LoRA {res['train_seconds']['coa-lora']:.0f} s (search "
             f"included) against {3 * t['per_config_seconds_each']:.0f} s for 3 "
             f"per-configuration LoRAs: ratio {t['coa_vs_3_per_config']:.2f}"
+        )
+    for m, ratios in t.get("before_over_now", {}).items():
+        lines.append(
+            f"- {METHOD_LABELS[m]}, before / now: " + ", ".join(f"{r:.2f}x" for r in ratios)
         )
     for note in res.get("notes", []):
         lines.append(f"- note: {note}")
@@ -311,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         res.setdefault("train_passes", train_passes(res))
         res["targets"] = targets(res)
     else:
+        old = stem.with_suffix(".json")
         res = run(args.model, args.quick, args.threads)
+        if old.is_file() and not args.quick:
+            res["before"] = before_of(json.loads(old.read_text(encoding="utf-8")))
         res["machine"] = machine()
         res["command"] = "python -m benchmarks.baselines " + " ".join(
             sys.argv[1:] if argv is None else argv

@@ -176,8 +176,12 @@ def test_export_options_check_the_levers() -> None:
     ):
         with pytest.raises(ExportError, match=match):
             ExportOptions("smollm2", "o", **bad).check()
-    cfg = ExportOptions("smollm2", "o", sampler="sandwich", distill_weight=0.25).adapter_config()
-    assert (cfg.sampler, cfg.distill_weight, cfg.lora_init) == ("sandwich", 0.25, "zero")
+    cfg = ExportOptions("smollm2", "o", sampler="uniform", distill_weight=0.25).adapter_config()
+    assert (cfg.sampler, cfg.distill_weight, cfg.lora_init) == ("uniform", 0.25, "residual")
+    # the chosen recipe is the default, and the search's bound can be lifted (0: the whole set)
+    opts = ExportOptions("smollm2", "o")
+    assert (opts.sampler, opts.lora_init, opts.search_rescore) == ("sandwich", "residual", 8)
+    ExportOptions("smollm2", "o", search_rescore=0).check()
 
 
 # -- a bounded search ----------------------------------------------------------------------------
@@ -211,3 +215,5 @@ def test_bounded_rescore_measures_a_fixed_subset_and_estimates_the_rest() -> Non
         ParetoSearch(space, eval_batches=held_out, rescore=1)
     with pytest.raises(ExportError, match="search-rescore"):
         ExportOptions("smollm2", "o", search_rescore=1).check()
+    with pytest.raises(ExportError, match="search-rescore"):
+        ExportOptions("smollm2", "o", search_rescore=-3).check()
