@@ -2,7 +2,8 @@
 
 Every variant is CoA-LoRA trained by ``export.baselines.run_baselines`` (method ``coa-lora``)
 with today's settings except its lever: the quantizer (``gptq``), configuration sampling
-(``sandwich``), LoRA init from the quantization residual (``residual-init``), KL distillation
+(``sandwich``), LoRA init from the quantization residual (``residual-init``; ``residual-theta``
+also fits θ to each option's residual), KL distillation
 from the shipped weights (``distill``, weight 0.5) and the bounded search (``bounded-search``,
 8 configurations re-measured per epoch). Reported: held-out perplexity at the optimal
 allocation of each budget, the fine-tuning seconds (search included) and the variant's whole
@@ -40,6 +41,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "gptq": dict(quantizer="gptq"),
     "sandwich": dict(sampler="sandwich"),
     "residual-init": dict(lora_init="residual"),
+    "residual-theta": dict(lora_init="residual-theta"),
     "distill": dict(distill_weight=0.5),
     "bounded-search": dict(search_rescore=8),
 }

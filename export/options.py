@@ -72,8 +72,9 @@ class ExportOptions:
     )
     lora_init: str = _opt(
         "residual",
-        "LoRA start: zero (B = 0) or residual (top-r SVD of the quantization residual at the "
-        "cheapest option).",
+        "LoRA start: zero (B = 0), residual (top-r SVD of the quantization residual at the "
+        "cheapest option) or residual-theta (that, with θ fitted so each option's U starts at "
+        "the projection of its own residual).",
     )
     distill_weight: float = _opt(
         0.0,
@@ -241,7 +242,7 @@ class ExportOptions:
             raise ExportError(f"unknown sampler {self.sampler!r}: expected {' or '.join(SAMPLERS)}")
         if self.lora_init not in LORA_INITS:
             raise ExportError(
-                f"unknown lora-init {self.lora_init!r}: expected {' or '.join(LORA_INITS)}"
+                f"unknown lora-init {self.lora_init!r}: expected one of {', '.join(LORA_INITS)}"
             )
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ExportError(f"distill-weight must be in [0, 1], got {self.distill_weight}")

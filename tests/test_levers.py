@@ -125,6 +125,45 @@ def test_residual_init_is_the_weighted_top_r_svd() -> None:
         init_option(model, "4b128")
 
 
+def test_residual_theta_starts_each_option_nearer_its_own_residual() -> None:
+    """θ fitted to every option's residual: at an option other than the cheapest, the start
+    is nearer that option's own weighted residual than the plain residual start (which
+    carries the cheapest option's correction everywhere) and than B = 0."""
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    rng = np.random.default_rng(0)
+    importance = {m.name: rng.uniform(0.5, 2.0, m.in_features) for m in space.matrices}
+    cfg = CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual-theta")
+    fitted = CoALoRAModel(base, space, cfg, kind="causal-lm", importance=importance)
+    plain = CoALoRAModel(
+        tiny_llama(), space, CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual"),
+        kind="causal-lm", importance=importance,
+    )  # fmt: skip
+    for opt in (QuantOption(4, 32), QuantOption(8, 32)):
+        errors = {"fitted": 0.0, "plain": 0.0, "zero": 0.0}
+        for model, key in ((fitted, "fitted"), (plain, "plain")):
+            model.set_configuration(space.uniform(opt))
+            for name in model.adapted:
+                layer = model.layers[name]
+                w = layer.weight.detach().double()
+                resid = w - layer.quantized_weight(opt).double()
+                delta = layer.scaling * layer.lora_B.double() @ layer.folded_A().double()
+                d = torch.as_tensor(np.sqrt(importance[name] / importance[name].mean()))
+                errors[key] += float((((resid - delta.detach()) * d) ** 2).sum())
+                if key == "fitted":
+                    errors["zero"] += float(((resid * d) ** 2).sum())
+        # far nearer than the plain start, and about B = 0's (random weights: the options'
+        # residuals share little of the cheapest one's subspace)
+        assert errors["fitted"] < 0.3 * errors["plain"], (opt, errors)
+        assert errors["fitted"] < (1.01 if opt.bits == 4 else 1.5) * errors["zero"], (opt, errors)
+    # at the cheapest option θ keeps (nearly) the plain residual start: U ~ 0
+    fitted.set_configuration(space.uniform(QuantOption(2, 64)))
+    u = torch.stack([fitted.layers[n].U for n in fitted.adapted]).detach()
+    assert float(u.abs().mean()) < 0.1
+    with pytest.raises(ValueError, match="lora_init"):
+        CoALoRAConfig(lora_init="pissa")
+
+
 # -- distillation ---------------------------------------------------------------------------------
 def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_quantized() -> None:
     base = tiny_llama()

@@ -7,7 +7,7 @@ from typing import Any
 
 from coalora.export.options import default_of
 
-LORA_INITS: tuple[str, ...] = ("zero", "residual")
+LORA_INITS: tuple[str, ...] = ("zero", "residual", "residual-theta")
 SAMPLERS: tuple[str, ...] = ("uniform", "sandwich")
 
 
@@ -48,7 +48,8 @@ class CoALoRAConfig:
     # how a step picks its configurations: "uniform" or "sandwich" (``sampling``)
     sampler: str = default_of("sampler")
     # LoRA start: "zero" (B = 0) or "residual" (top-r SVD of W - Q(W) at ``lora_init_option``,
-    # default the cheapest option of the space; ``init``)
+    # default the cheapest option of the space; ``init``), or "residual-theta" (that, with θ
+    # fitted so each option's U starts at the projection of its own residual; ``init``)
     lora_init: str = default_of("lora_init")
     lora_init_option: str | None = None
     # loss = (1 - w) * cross-entropy + w * KL(shipped weights' top-k || student) (``distill``)

@@ -11,15 +11,26 @@ the rank-r part removed is the one that matters at the layer's output:
     R diag(d) ~ U_r S_r V_r^T,  d_k = sqrt(E[x_k^2] / mean E[x^2]),
     B = U_r sqrt(S_r / s),  A = sqrt(S_r / s) V_r^T diag(d)^-1,
 so that s B A = U_r S_r V_r^T diag(d)^-1 (s = alpha / r scales B A in the forward).
+
+That start suits the cheapest option only: on a layer a configuration gives more bits, the
+cheapest option's residual is the wrong correction. ``residual-theta`` also fits θ so that
+each option's U starts at the least-squares projection of that option's own residual onto
+the shared pair (``fit_theta_to_residuals``):
+    M_o = argmin_M || (s B M A - R_o) diag(d) ||_F = (1/s) B^+ R_o diag(d) (A diag(d))^+,
+    U_o = M_o - I   (U = 0 at the cheapest option, and never worse than B = 0 on any option),
+weighted by the singular values, since || s B dU A diag(d) ||_F^2 = sum_ij S_i S_j dU_ij^2.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from coalora.kernels.options import QuantOption
+
+log = logging.getLogger("coalora.export.pipeline")
 
 if TYPE_CHECKING:
     from coalora.export.coa_lora.model import CoALoRAModel
@@ -52,3 +63,79 @@ def residual_init(model: CoALoRAModel, option: QuantOption) -> None:
         root = (sv[:r] / s).sqrt()
         layer.lora_B.copy_(u[:, :r] * root)
         layer.lora_A.copy_(root[:, None] * vh[:r] / d)
+
+
+@torch.no_grad()
+def residual_projections(
+    model: CoALoRAModel,
+) -> dict[str, tuple[dict[QuantOption, torch.Tensor], torch.Tensor]]:
+    """Per adapted matrix: each option's target U_o (r x r) and the error weights S_i S_j of
+    ``residual_init``'s pair (set by it, so B^T B = (A D)(A D)^T = diag(S / s))."""
+    out: dict[str, tuple[dict[QuantOption, torch.Tensor], torch.Tensor]] = {}
+    for name in model.adapted:
+        layer = model.layers[name]
+        w = layer.weight.detach().float()
+        d = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
+        if layer.importance is not None:
+            imp = torch.as_tensor(layer.importance, dtype=torch.float32, device=w.device)
+            d = (imp / imp.mean().clamp_min(1e-30)).sqrt().clamp_min(1e-4)
+        s = layer.scaling
+        b, ad = layer.lora_B.detach().float(), layer.lora_A.detach().float() * d
+        b_pinv, ad_pinv = torch.linalg.pinv(b), torch.linalg.pinv(ad)
+        eye = torch.eye(b.shape[1], device=w.device)
+        targets = {}
+        for opt in model.space.options:
+            resid = (w - layer.quantized_weight(opt).to(w.device).float()) * d
+            targets[opt] = (b_pinv @ resid @ ad_pinv) / s - eye
+        sv = (b * b).sum(0) * s  # = S_i
+        out[name] = (targets, sv[:, None] * sv[None, :])
+    return out
+
+
+def fit_theta_to_residuals(
+    model: CoALoRAModel, steps: int = 300, configs_per_step: int = 8, lr: float = 3e-3
+) -> tuple[float, float]:
+    """Fit θ so that θ(config) gives every adapted matrix its option's target U (above), on
+    random configurations. Returns the weighted error left, as a fraction of U = 0's, before
+    and after the fit (the fraction of the per-option residual the shared pair cannot hold
+    is not in it: it is out of reach of any U)."""
+    from coalora.export.coa_lora.train import random_configurations
+
+    theta = model.theta
+    if theta is None:
+        raise ValueError("residual-theta needs θ (use_theta)")
+    targets = residual_projections(model)
+    index = {m.name: i for i, m in enumerate(model.space.matrices)}
+    rows = [index[n] for n in model.adapted]
+    weights = torch.stack([targets[n][1] for n in model.adapted])
+    # the weighted error of a U, per configuration
+    configs = random_configurations(model.space, steps * configs_per_step, seed=model.cfg.seed)
+    configs += [model.space.uniform(o) for o in model.space.options]
+
+    def want(config: Any) -> torch.Tensor:
+        return torch.stack([targets[n][0][config[n]] for n in model.adapted])
+
+    def error(config: Any, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            u = theta.forward_arrays(model.encode(config))[rows]
+            return (weights * (u - want(config)) ** 2).sum()
+
+    def fraction(sample: list[Any]) -> float:
+        with torch.no_grad():
+            zero = sum(float((weights * want(c) ** 2).sum()) for c in sample)
+            return sum(float(error(c, False)) for c in sample) / max(zero, 1e-30)
+
+    check = configs[-len(model.space.options) :] + configs[:8]
+    before = fraction(check)
+    opt = torch.optim.Adam(theta.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    norm = float(sum((weights * want(c) ** 2).sum() for c in check)) / len(check)
+    for step in range(steps):
+        batch = configs[step * configs_per_step : (step + 1) * configs_per_step]
+        batch += check[: len(model.space.options)]  # the uniform ones, every step
+        loss = sum(error(c, True) for c in batch) / (len(batch) * max(norm, 1e-30))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return before, fraction(check)

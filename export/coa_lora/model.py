@@ -61,10 +61,17 @@ class CoALoRAModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             self._build(space, importance, method, vocab, hessians)
-            if self.cfg.lora_init == "residual":
-                from coalora.export.coa_lora.init import init_option, residual_init
+            if self.cfg.lora_init.startswith("residual"):
+                from coalora.export.coa_lora import init
 
-                residual_init(self, init_option(self, self.cfg.lora_init_option))
+                init.residual_init(self, init.init_option(self, self.cfg.lora_init_option))
+                if self.cfg.lora_init == "residual-theta" and self.theta is not None:
+                    before, after = init.fit_theta_to_residuals(self)
+                    init.log.info(
+                        "θ fitted to each option's residual: weighted error %.3f -> %.3f of U = 0",
+                        before,
+                        after,
+                    )
         self.configuration: Configuration | None = None
         self.mode: Mode = "quant"
         # True once ``quantize_layers(layerwise=True)`` dropped the fp weights: the dequantized
