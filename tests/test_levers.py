@@ -99,13 +99,18 @@ def test_sandwich_training_records_what_it_drew(tmp_path) -> None:
 
 
 # -- LoRA from the quantization residual ---------------------------------------------------------
-def test_residual_init_is_the_weighted_top_r_svd() -> None:
+def _started(lora_init: str) -> tuple[CoALoRAModel, dict[str, np.ndarray]]:
+    """A tiny LLaMA adapter started by ``lora_init``, with random calibration importances."""
     base = tiny_llama()
     space = config_space(base, OPTIONS)
     rng = np.random.default_rng(0)
     importance = {m.name: rng.uniform(0.5, 2.0, m.in_features) for m in space.matrices}
-    cfg = CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual")
-    model = CoALoRAModel(base, space, cfg, kind="causal-lm", importance=importance)
+    cfg = CoALoRAConfig(rank=4, alpha=16.0, lora_init=lora_init)
+    return CoALoRAModel(base, space, cfg, kind="causal-lm", importance=importance), importance
+
+
+def test_residual_init_is_the_weighted_top_r_svd() -> None:
+    model, importance = _started("residual")
     opt = init_option(model, None)
     assert opt == QuantOption(2, 64)
     name = model.adapted[0]
@@ -129,16 +134,9 @@ def test_residual_theta_starts_each_option_nearer_its_own_residual() -> None:
     """θ fitted to every option's residual: at an option other than the cheapest, the start
     is nearer that option's own weighted residual than the plain residual start (which
     carries the cheapest option's correction everywhere) and than B = 0."""
-    base = tiny_llama()
-    space = config_space(base, OPTIONS)
-    rng = np.random.default_rng(0)
-    importance = {m.name: rng.uniform(0.5, 2.0, m.in_features) for m in space.matrices}
-    cfg = CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual-theta")
-    fitted = CoALoRAModel(base, space, cfg, kind="causal-lm", importance=importance)
-    plain = CoALoRAModel(
-        tiny_llama(), space, CoALoRAConfig(rank=4, alpha=16.0, lora_init="residual"),
-        kind="causal-lm", importance=importance,
-    )  # fmt: skip
+    fitted, importance = _started("residual-theta")
+    plain, _ = _started("residual")
+    space = fitted.space
     for opt in (QuantOption(4, 32), QuantOption(8, 32)):
         errors = {"fitted": 0.0, "plain": 0.0, "zero": 0.0}
         for model, key in ((fitted, "fitted"), (plain, "plain")):
