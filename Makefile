@@ -43,7 +43,7 @@ format: install
 # budgets. A second run reuses the bundle; `make demo FRESH=1` rebuilds it.
 DEMO_BUNDLE ?= .cache/demo/smollm2-bbc
 DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
-DEMO_BUDGETS ?= 4.5bits 6bits
+DEMO_BUDGETS ?= 3.5bits 4.5bits 6bits
 DEMO_EXPORT_FLAGS ?= --fast
 
 demo: install

@@ -111,7 +111,8 @@ def test_presets_give_the_documented_runs() -> None:
     fast = ExportOptions.for_model("minilm", "-", fast=True)
     assert (fast.steps, fast.batch_size, fast.eval_batches, fast.val_fraction) == (16, 8, 4, 0.2)
     assert fast.quantizer == "search" and fast.limit == 300
-    assert ExportOptions.for_model("smollm2", "-", fast=True).eval_batches == 2
+    demo = ExportOptions.for_model("smollm2", "-", fast=True)
+    assert (demo.eval_batches, demo.quantizer, demo.calib_texts) == (2, "gptq", 64)
 
 
 def test_train_flags_take_their_default_and_help_from_the_fields() -> None:
