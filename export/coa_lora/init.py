@@ -33,6 +33,7 @@ from coalora.kernels.options import QuantOption
 log = logging.getLogger("coalora.export.pipeline")
 
 if TYPE_CHECKING:
+    from coalora.export.coa_lora.layer import QuantLoRALinear
     from coalora.export.coa_lora.model import CoALoRAModel
 
 
@@ -47,6 +48,15 @@ def init_option(model: CoALoRAModel, name: str | None) -> QuantOption:
     return opt
 
 
+def input_weights(layer: QuantLoRALinear) -> torch.Tensor:
+    """d_k = sqrt(E[x_k^2] / mean E[x^2]) of a layer's calibration inputs (ones without)."""
+    w = layer.weight
+    if layer.importance is None:
+        return torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
+    imp = torch.as_tensor(layer.importance, dtype=torch.float32, device=w.device)
+    return (imp / imp.mean().clamp_min(1e-30)).sqrt().clamp_min(1e-4)
+
+
 @torch.no_grad()
 def residual_init(model: CoALoRAModel, option: QuantOption) -> None:
     """Set every adapted layer's (A, B) to the weighted top-r SVD of W - Q_option(W)."""
@@ -54,10 +64,7 @@ def residual_init(model: CoALoRAModel, option: QuantOption) -> None:
         layer = model.layers[name]
         w = layer.weight.detach().float()
         resid = w - layer.quantized_weight(option).to(w.device)
-        d = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
-        if layer.importance is not None:
-            imp = torch.as_tensor(layer.importance, dtype=torch.float32, device=w.device)
-            d = (imp / imp.mean().clamp_min(1e-30)).sqrt().clamp_min(1e-4)
+        d = input_weights(layer)
         r, s = layer.rank, layer.scaling
         u, sv, vh = torch.linalg.svd(resid * d, full_matrices=False)
         root = (sv[:r] / s).sqrt()
@@ -75,10 +82,7 @@ def residual_projections(
     for name in model.adapted:
         layer = model.layers[name]
         w = layer.weight.detach().float()
-        d = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
-        if layer.importance is not None:
-            imp = torch.as_tensor(layer.importance, dtype=torch.float32, device=w.device)
-            d = (imp / imp.mean().clamp_min(1e-30)).sqrt().clamp_min(1e-4)
+        d = input_weights(layer)
         s = layer.scaling
         b, ad = layer.lora_B.detach().float(), layer.lora_A.detach().float() * d
         b_pinv, ad_pinv = torch.linalg.pinv(b), torch.linalg.pinv(ad)
@@ -108,14 +112,13 @@ def fit_theta_to_residuals(
     index = {m.name: i for i, m in enumerate(model.space.matrices)}
     rows = [index[n] for n in model.adapted]
     weights = torch.stack([targets[n][1] for n in model.adapted])
-    # the weighted error of a U, per configuration
     configs = random_configurations(model.space, steps * configs_per_step, seed=model.cfg.seed)
     configs += [model.space.uniform(o) for o in model.space.options]
 
     def want(config: Any) -> torch.Tensor:
         return torch.stack([targets[n][0][config[n]] for n in model.adapted])
 
-    def error(config: Any, grad: bool) -> torch.Tensor:
+    def error(config: Any, grad: bool) -> torch.Tensor:  # the weighted error of θ's U
         with torch.set_grad_enabled(grad):
             u = theta.forward_arrays(model.encode(config))[rows]
             return (weights * (u - want(config)) ** 2).sum()
