@@ -225,7 +225,7 @@ def run_baselines(
                 curves[method] = curve(model)
             else:  # fp: the configuration is irrelevant, the base runs unquantized
                 model = reset("fp")
-                if model.cfg.lora_init.startswith("residual"):  # unquantized, the residual is zero
+                if model.cfg.starts_from_residual:  # unquantized, the residual is zero
                     for layer in model.layers.values():
                         layer.lora_B.data.zero_()
                 seconds[method] = fit(model, initial[:1])

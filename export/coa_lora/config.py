@@ -81,6 +81,11 @@ class CoALoRAConfig:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def starts_from_residual(self) -> bool:
+        """(A, B) start at the quantization residual's SVD ("residual", "residual-theta")."""
+        return self.lora_init != "zero"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k, v in d.items():

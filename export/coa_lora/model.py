@@ -61,7 +61,7 @@ class CoALoRAModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             self._build(space, importance, method, vocab, hessians)
-            if self.cfg.lora_init.startswith("residual"):
+            if self.cfg.starts_from_residual:
                 from coalora.export.coa_lora import init
 
                 init.residual_init(self, init.init_option(self, self.cfg.lora_init_option))
