@@ -93,10 +93,17 @@ def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
     return out
 
 
+# The quality levers as they were before the recipe (the search quantizer, uniform draws,
+# B = 0, cross-entropy only, the whole set re-scored): what a result with no recorded levers
+# trained with, and where every row of the quality ablation starts.
+LEVERS_BEFORE: dict[str, Any] = dict(
+    quantizer="search", sampler="uniform", lora_init="zero", distill_weight=0.0, search_rescore=0
+)
+
+
 def levers_of(opts: Any) -> dict[str, Any]:
     """The quality levers a run trained with (every method takes the same)."""
-    names = ("quantizer", "sampler", "lora_init", "distill_weight", "search_rescore")
-    return {n: getattr(opts, n) for n in names}
+    return {n: getattr(opts, n) for n in LEVERS_BEFORE}
 
 
 def before_of(old: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +112,7 @@ def before_of(old: dict[str, Any]) -> dict[str, Any]:
     if old.get("before"):
         return old["before"]
     s = old["settings"]
-    levers = s.get("levers", dict(quantizer="search", sampler="uniform", lora_init="zero"))
+    levers = s.get("levers", LEVERS_BEFORE)
     return {
         "command": old.get("command", ""),
         "note": f"{s['steps']} steps, levers " + json.dumps(levers),

@@ -60,6 +60,12 @@ def _header(res: dict[str, Any], command: str, wall: float) -> list[str]:
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
 
 
+def _model_name(lm: dict[str, Any]) -> str:
+    """The decoder section's model (results from before the field was recorded: SmolLM2)."""
+    model = lm.get("model", "smollm2")
+    return MODEL_NAMES.get(model, model)
+
+
 def _smollm2_md(lm: dict[str, Any]) -> list[str]:
     L: list[str] = []
     n = lm["tokens"]
@@ -67,7 +73,7 @@ def _smollm2_md(lm: dict[str, Any]) -> list[str]:
     head = lm["lm_head"]
     hk = "q" if head else "fp32"
     L += [
-        f"## {MODEL_NAMES.get(lm.get('model', 'smollm2'), lm.get('model'))} (`{lm['bundle']}`)",
+        f"## {_model_name(lm)} (`{lm['bundle']}`)",
         "",
         "Both sides run the same stored configuration with the same generated adapter: the "
         "device generates it with θ as ONNX from the bundle and folds it (A' = (I+U)A); "
@@ -232,7 +238,7 @@ def _size_section(lm: dict[str, Any] | None, mini: dict[str, Any] | None) -> lis
         "|---|---|---|---|---|",
     ]
     if lm:
-        L += sizes_md(lm["sizes"], MODEL_NAMES.get(lm.get("model", "smollm2"), lm.get("model")))
+        L += sizes_md(lm["sizes"], _model_name(lm))
     if mini:
         L += sizes_md(mini["sizes"], "all-MiniLM-L6-v2")
     L += [""]

@@ -26,16 +26,12 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.baselines import SETTINGS
+from benchmarks.baselines import LEVERS_BEFORE, SETTINGS
 from benchmarks.common import RESULTS, machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.5, 4.5)
-# Everything as it was before the levers (the search quantizer, uniform draws, B = 0,
-# cross-entropy only, the whole set re-scored): every row starts here, whatever the defaults.
-BEFORE: dict[str, Any] = dict(
-    quantizer="search", sampler="uniform", lora_init="zero", distill_weight=0.0, search_rescore=0
-)
-# each lever: only the fields it changes over BEFORE
+# each lever: only the fields it changes over LEVERS_BEFORE, where every row starts whatever
+# the defaults
 LEVERS: dict[str, dict[str, Any]] = {
     "before": {},
     "gptq": dict(quantizer="gptq"),
@@ -61,8 +57,8 @@ QUICK_OPTIONS = ("2b128", "4b64", "8b64")
 
 
 def recipe(names: list[str]) -> dict[str, Any]:
-    """BEFORE with the levers ``names`` on (each lever sets its own fields only)."""
-    out: dict[str, Any] = dict(BEFORE)
+    """LEVERS_BEFORE with the levers ``names`` on (each lever sets its own fields only)."""
+    out: dict[str, Any] = dict(LEVERS_BEFORE)
     for n in names:
         out.update(LEVERS[n])
     return out
