@@ -351,9 +351,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every configuration scores the same few values (often all 0 after 16 steps) and the
     # Pareto set collapses to one point. MiniLM is cheap enough for 8x more held-out articles.
     "fast:minilm": dict(batch_size=8, eval_batches=4, val_fraction=0.2),
-    # SmolLM2's demo: gptq on 64 calibration texts (8,192 tokens, 28 s more) lowers the stored
-    # perplexity at 3.5 bits from 95.7 (search) to 52.3 and answers the demo question right at
-    # 4.5 and 6 bits (measured with the default recipe, 1 thread beside a busy core: 8.7 min).
+    # SmolLM2's demo: gptq on 64 calibration texts (8,192 tokens; calibration 28 s, not 7)
+    # lowers the stored perplexity at 3.5 bits from 95.7 (search) to 52.3 and answers the demo
+    # question right at 4.5 and 6 bits (measured with the default recipe, 1 thread beside a
+    # busy core: 8.7 min).
     # Tried and not kept: adding 2b128 and 4b128 (3.5 bits 57.9, 1.5 min more), distillation
     # at 0.5 (53.5).
     "fast:smollm2": dict(quantizer="gptq", calib_texts=64),
