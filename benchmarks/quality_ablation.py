@@ -6,9 +6,11 @@ with today's settings except its lever: the quantizer (``gptq``), configuration 
 also fits θ to each option's residual), KL distillation
 from the shipped weights (``distill``, weight 0.5) and the bounded search (``bounded-search``,
 8 configurations re-measured per epoch). Reported: held-out perplexity at the optimal
-allocation of each budget, the fine-tuning seconds (search included) and the variant's whole
-wall time (quantization included). The scale is reduced (``SCALE``) to fit an hour on 2 cores
-and is written into the results.
+allocation of each budget, the fine-tuning seconds (search included), the variant's whole
+wall time (quantization included) and the hypervolume of the configuration set its search
+ended with (every configuration of it measured on the same held-out batches; objectives bits
+and log perplexity, one reference point for all rows). The scale is reduced (``SCALE``) to
+fit an hour on 2 cores and is written into the results.
 
     python -m benchmarks.quality_ablation [--variants before,gptq,...] [--recipe gptq,sandwich]
                                           [--threads 1] [--keep] [--quick]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -74,7 +77,11 @@ def run_variant(name: str, fields: dict[str, Any], threads: int, quick: bool) ->
     opts = ExportOptions.for_model("smollm2", out="unused", threads=threads, **values)
     t0 = time.perf_counter()
     res = run_baselines(
-        opts, BUDGETS, methods=("coa-lora",), eval_batches=1 if quick else EVAL_BATCHES
+        opts,
+        BUDGETS,
+        methods=("coa-lora",),
+        eval_batches=1 if quick else EVAL_BATCHES,
+        measure_final_set=True,
     )
     wall = time.perf_counter() - t0
     return {
@@ -86,6 +93,7 @@ def run_variant(name: str, fields: dict[str, Any], threads: int, quick: bool) ->
         "bits": res.bits,
         "train_seconds": res.train_seconds["coa-lora"],
         "wall_seconds": wall,
+        "final_set": [list(p) for p in res.coa_final_set],
         "eval_examples": res.eval_examples,
     }
 
@@ -110,6 +118,20 @@ def kept_rows(quick: bool, rerun: set[str]) -> list[dict[str, Any]]:
     ]
 
 
+def hypervolumes(rows: list[dict[str, Any]]) -> tuple[dict[str, float], list[float] | None]:
+    """Each measured row's final set's hypervolume in (bits, log perplexity), both minimised,
+    against one reference point worse than every row's points: the rows compare directly."""
+    from coalora.export.coa_lora.search import hypervolume_2d, reference_point
+
+    sets = {r["variant"]: r["final_set"] for r in rows if r.get("final_set")}
+    if not sets:
+        return {}, None
+    points = [(b, math.log(m)) for pts in sets.values() for b, m in pts]
+    ref = reference_point([b for b, _ in points], [y for _, y in points])
+    hv = {v: hypervolume_2d([(b, math.log(m)) for b, m in pts], ref) for v, pts in sets.items()}
+    return hv, list(ref)
+
+
 def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, threads: int) -> None:
     info = machine()
     stem = "quality_ablation_quick" if quick else "quality_ablation"
@@ -121,6 +143,10 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
         "train_seconds": {r["variant"]: r["train_seconds"] for r in rows},
         "wall_seconds": {r["variant"]: r["wall_seconds"] for r in rows},
     }
+    hv, ref = hypervolumes(rows)
+    if hv:
+        summary["hypervolume"] = hv
+        summary["hypervolume_reference"] = ref
     if before is not None:
         summary["ratio_to_before"] = {
             r["variant"]: {b: r["perplexity"][b] / before["perplexity"][b] for b in r["perplexity"]}
@@ -150,14 +176,26 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
             if c and c != command
         ],
         "",
-        "| variant | " + " | ".join(f"{k} bits" for k in keys) + " | fine-tuning s | wall s |",
-        "|---|" + "---:|" * (len(keys) + 2),
+        "| variant | "
+        + " | ".join(f"{k} bits" for k in keys)
+        + " | fine-tuning s | wall s | hypervolume |",
+        "|---|" + "---:|" * (len(keys) + 3),
     ]
     for r in rows:
         cells = " | ".join(f"{r['perplexity'][k]:.2f}" for k in keys)
+        area = f"{hv[r['variant']]:.3f}" if r["variant"] in hv else "not measured"
         lines.append(
-            f"| {r['variant']} | {cells} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
+            f"| {r['variant']} | {cells} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} "
+            f"| {area} |"
         )
+    if hv:
+        lines += [
+            "",
+            "Hypervolume: the area the row's final configuration set dominates in (bits, log "
+            f"perplexity), up to the reference point ({ref[0]:.2f} bits, log perplexity "
+            f"{ref[1]:.2f}), every set measured on the same held-out batches. Larger is better; "
+            "rows measured before it was recorded have none.",
+        ]
     notes = [f"- {r['variant']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["", "Notes:", "", *notes]

@@ -57,6 +57,9 @@ class BaselineResults:
     # budget's allocation, and the metric of every starting allocation (bits, metric) in range.
     coa_budget_seen: list[bool] = field(default_factory=list)
     coa_seen_allocations: list[tuple[float, float]] = field(default_factory=list)
+    # (bits, metric) of every configuration in CoA-LoRA's last training set, measured on the
+    # held-out batches (``measure_final_set``): what its search found, for a hypervolume
+    coa_final_set: list[tuple[float, float]] = field(default_factory=list)
     eval_examples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +73,7 @@ class BaselineResults:
             "notes": self.notes,
             "coa_budget_seen": self.coa_budget_seen,
             "coa_seen_allocations": [list(p) for p in self.coa_seen_allocations],
+            "coa_final_set": [list(p) for p in self.coa_final_set],
             "eval_examples": self.eval_examples,
         }
 
@@ -87,11 +91,14 @@ def run_baselines(
     methods: Sequence[str] = METHODS,
     *,
     eval_batches: int | None = None,
+    measure_final_set: bool = False,
 ) -> BaselineResults:
     """Train and evaluate each method at the optimal allocation of every budget.
 
     The search selects on the first ``opts.eval_batches`` held-out batches; the curves are
     measured on the next ``eval_batches`` (default: as many), which the search never saw.
+    ``measure_final_set`` also measures every configuration of CoA-LoRA's last training set
+    on those batches (``coa_final_set``).
     """
     from coalora.export.allocation import allocate
     from coalora.export.coa_lora import CoALoRAModel, evaluate, train
@@ -184,6 +191,7 @@ def run_baselines(
         notes: list[str] = []
         coa_seen: list[bool] = []
         coa_alloc: list[tuple[float, float]] = []
+        coa_final: list[tuple[float, float]] = []
         for method in methods:
             log.info("baseline %s ...", method)
             if method == "coa-lora":
@@ -207,6 +215,10 @@ def run_baselines(
                     for c in initial
                     if lo <= space.bits(c) <= hi
                 ]
+                if measure_final_set:
+                    coa_final = [
+                        (space.bits(c), evaluate(coa, c, held_out)) for c in coa_sets.sets[-1][1]
+                    ]
             elif method == "shared-lora":
                 seconds[method] = fit(reset("quant"), initial)
                 curves[method] = curve(shared)
@@ -245,6 +257,7 @@ def run_baselines(
         notes=notes,
         coa_budget_seen=coa_seen,
         coa_seen_allocations=sorted(coa_alloc),
+        coa_final_set=sorted(coa_final),
         eval_examples=sum(_batch_size(b) for b in held_out),
     )
 

@@ -205,6 +205,26 @@ def test_baselines_measure_on_batches_the_search_did_not_see(inputs, tmp_path):
         run_baselines(opts, [3.5], methods=("no-lora",), eval_batches=0)
 
 
+def test_baselines_measure_coa_lora_final_set_for_its_hypervolume(inputs, tmp_path):
+    from benchmarks.quality_ablation import hypervolumes
+
+    opts = _opts(inputs, tmp_path, steps=2, steps_per_epoch=1)
+    res = run_baselines(opts, [3.5], methods=("coa-lora",), measure_final_set=True)
+    assert res.coa_final_set, "every configuration of the last training set is measured"
+    assert all(b >= 2.0 and m > 0 for b, m in res.coa_final_set)
+    assert not run_baselines(opts, [3.5], methods=("coa-lora",)).coa_final_set  # off by default
+    # a set that dominates another has the larger area against the one shared reference
+    worse = [[b, m * 1.5] for b, m in res.coa_final_set]
+    rows = [
+        {"variant": "found", "final_set": res.coa_final_set},
+        {"variant": "worse", "final_set": worse},
+        {"variant": "old row"},
+    ]
+    hv, ref = hypervolumes(rows)
+    assert set(hv) == {"found", "worse"} and hv["found"] > hv["worse"] > 0
+    assert ref[0] > max(b for b, _ in res.coa_final_set)
+
+
 def test_export_classifier_from_labelled_jsonl(tmp_path):
     from coalora.export.models import tiny_bert
 
