@@ -74,6 +74,11 @@ demo-gemma3: install  ## export Gemma 3 270M fine-tuned on BBC News (offline, --
 	$(BIN)/coalora inspect $(GEMMA3_BUNDLE)
 	$(BIN)/coalora-run $(GEMMA3_BUNDLE) --budget 3.5bits --no-chat --max-tokens 32 --prompt "$(GEMMA3_PROMPT)"
 
+.PHONY: bench-speed
+bench-speed: install-bench  ## the runtime on the demo bundle against llama.cpp (with and without a LoRA) and onnxruntime-genai, quiet and beside a busy core
+	$(PYTHON) -m benchmarks.runtime_speed --bundle $(DEMO_BUNDLE) --rounds 5 --profile \
+		--budgets 2.6bits,3.5bits,4.5bits,6bits,8bits
+
 .PHONY: bench-speed-gemma3
 bench-speed-gemma3: install-bench  ## Gemma 3 decode speed and peak RSS against llama.cpp on the package GGUF
 	$(PYTHON) -m benchmarks.runtime_speed_gemma3 --bundle $(GEMMA3_BUNDLE)

