@@ -71,6 +71,10 @@ ONE_OURS, ONE_LLAMA = f"{REFERENCE_BUDGET}, 1 thread", "llama.cpp, 1 thread"
 LLAMA, LLAMA_LORA, ORT_GENAI = "llama.cpp", "llama.cpp + LoRA", "onnxruntime-genai"
 PEERS = (LLAMA, LLAMA_LORA, ORT_GENAI)
 CONTENDED_PEERS = (LLAMA, ORT_GENAI)
+# Prefill: time to first token for a prompt of PREFILL_TOKENS (the prompt's tokens repeated;
+# speed does not depend on what they say), in a context with room for it.
+PREFILL_TOKENS = 512
+PREFILL_CONTEXT = 1024
 
 
 def gguf_path() -> Path:
@@ -156,13 +160,13 @@ def bytes_per_token(rt: Any, position: int) -> dict[str, int]:
     return out
 
 
-def _ours(rt: Any, ids: list[int]) -> dict[str, float]:
+def _ours(rt: Any, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict[str, float]:
     from coalora.runtime.generate import GenerationStats
     from coalora.runtime.sampling import SamplingParams
 
     stats = GenerationStats()
     t0 = time.perf_counter()
-    it = rt._decoder.tokens(ids, NEW_TOKENS, SamplingParams(), [], stats)  # EOS ignored
+    it = rt._decoder.tokens(ids, new_tokens, SamplingParams(), [], stats)  # EOS ignored
     next(it)
     t1 = time.perf_counter()
     n = 1 + sum(1 for _ in it)
@@ -226,6 +230,37 @@ def contended_rounds(
     }
 
 
+def prefill_rounds(bundle: Path, rounds: int) -> dict[str, Any]:
+    """TTFT and prefill tok/s of a ``PREFILL_TOKENS`` prompt: ours at the reference budget,
+    llama.cpp and onnxruntime-genai, interleaved (the same token ids for all three: the
+    peers read the same SmolLM2 tokenizer)."""
+    from coalora.runtime.engine import Runtime
+
+    rt = Runtime.open(
+        bundle, budget=REFERENCE_BUDGET, threads=THREADS, context_length=PREFILL_CONTEXT
+    )
+    short = rt.encode_prompt(PROMPT, chat=False)
+    ids = (short * (PREFILL_TOKENS // len(short) + 1))[:PREFILL_TOKENS]
+    llm = anchors.llama_cpp_engine(gguf_path(), THREADS, PREFILL_CONTEXT, 2)
+    ort = anchors.ort_genai_engine(anchors.ort_genai_model("smollm2"), THREADS, 2)
+    engines = {REFERENCE_BUDGET: lambda: _ours(rt, ids, 2), LLAMA: lambda: llm(ids)}
+    engines[ORT_GENAI] = lambda: ort(ids)
+    for once in engines.values():  # warm-up
+        once()
+    runs = interleaved(engines, list(engines), rounds, GAP_S)
+    ttft = {k: [x["ttft_ms"] for x in v] for k, v in runs.items()}
+    return {
+        "prompt_tokens": PREFILL_TOKENS,
+        "ttft_ms": ttft,
+        "ttft_ms_median": {k: median(v) for k, v in ttft.items()},
+        "prefill_tok_s_median": {k: PREFILL_TOKENS / (median(v) / 1e3) for k, v in ttft.items()},
+        "ours_over_peer": {
+            k: median([b / a for a, b in zip(ttft[REFERENCE_BUDGET], ttft[k], strict=True)])
+            for k in (LLAMA, ORT_GENAI)
+        },
+    }
+
+
 def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[str, Any]:
     from coalora.runtime.engine import Runtime
 
@@ -278,6 +313,7 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
     ratios = per_round(runs, REFERENCE_BUDGET, LLAMA)
     ratios1 = per_round(runs, ONE_OURS, ONE_LLAMA)
     contended = contended_rounds(bundle, ids, peers, rounds)
+    prefill = prefill_rounds(bundle, rounds)
     adapters = {}
     for b, rt in runtimes.items():
         best = None
@@ -342,6 +378,7 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
         },
         "lora_gguf_rank": LORA_RANK,
         "contended": contended,
+        "prefill": prefill,
         "ratio_at_reference": {
             "budget": REFERENCE_BUDGET,
             "per_round": ratios,
@@ -378,6 +415,9 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "bound_fraction": ref["decode_tok_s_median"] / ref["bandwidth_bound_tok_s"],
         "predicted_vs_measured_max_error": None,
         "ratio_vs_best_peer_contended": (res.get("contended") or {}).get("ours_over_best_peer"),
+        "prefill_ratio_vs_llama_cpp": (res.get("prefill") or {})
+        .get("ours_over_peer", {})
+        .get(LLAMA),
         "decode_tok_s": {b: r["decode_tok_s_median"] for b, r in res["budgets"].items()},
     }
 

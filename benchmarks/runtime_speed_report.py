@@ -86,6 +86,20 @@ def _peers(res: dict[str, Any]) -> list[str]:
             + f". Ours / the faster peer of each round: median **{c['ours_over_best_peer']:.2f}**"
             " (rounds: " + ", ".join(f"{x:.2f}" for x in c["ours_over_best_peer_per_round"]) + ").",
         ]
+    f = res.get("prefill")
+    if f:
+        lines += [
+            "",
+            f"Prefill of a {f['prompt_tokens']}-token prompt (same rounds' peers, interleaved, "
+            "median TTFT): "
+            + "; ".join(
+                f"{k} {f['ttft_ms_median'][k]:.0f} ms ({f['prefill_tok_s_median'][k]:.0f} tok/s)"
+                for k in f["ttft_ms_median"]
+            )
+            + ". Ours / peer in prefill speed: "
+            + ", ".join(f"{k} **{v:.2f}**" for k, v in f["ours_over_peer"].items())
+            + ".",
+        ]
     return lines + [""]
 
 
