@@ -4,13 +4,14 @@ every budget, each quantizer allocating with its own cost table.
 Same harness as ``benchmarks.baselines --model smollm2`` (its SETTINGS): the fixed-seed split,
 the 32 calibration texts (256 tokens), and the 12 held-out batches its curves are measured on
 (4 x 128 tokens each, after the 3 the configuration search selects by). For every quantizer
-(``gptq``, ``search``, ``rtn``): quantize every (matrix, option), its cost table (gptq: the full
-tr((W-Q) H (W-Q)^T); search/rtn: the diagonal E[x_k^2] weighting they ran on until now), the
-MILP allocation at each budget, then the quantized model alone on the held-out batches.
+(``gptq``, ``gptq-act``, ``search``, ``rtn``): quantize every (matrix, option), its cost
+table (gptq, gptq-act: the full tr((W-Q) H (W-Q)^T); search/rtn: the diagonal E[x_k^2]
+weighting they ran on until now), the MILP allocation at each budget, then the quantized
+model alone on the held-out batches.
 The reference row is the model as loaded ("the shipped weights": SmolLM2's package is a GGUF
 whose linear weights are Q4_1, 4-bit blocks of 32 with a float scale and minimum).
 
-    python -m benchmarks.quantizer_quality [--threads 1] [--quick]
+    python -m benchmarks.quantizer_quality [--threads 1] [--quantizers gptq-act --keep] [--quick]
 
 writes benchmarks/results/quantizer_quality.md and .json (``--quick``: a few examples, to check
 the harness; its figures are not a result).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -30,7 +32,7 @@ from benchmarks.baselines import EVAL_BATCHES, SETTINGS
 from benchmarks.common import RESULTS, machine, machine_md, write_result
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
-QUANTIZERS: tuple[str, ...] = ("gptq", "search", "rtn")
+QUANTIZERS: tuple[str, ...] = ("gptq", "gptq-act", "search", "rtn")
 # benchmarks/results/baselines_smollm2.json before this quantizer: no adapter, search.
 BEFORE = {2.5: 1164.39, 3.0: 448.97, 3.5: 360.78, 4.0: 117.00, 5.0: 36.91, 6.0: 36.46}
 TARGET_BUDGET, TARGET_FACTOR = 3.5, 3.0
@@ -166,12 +168,35 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         shipped_weights="Q4_1: 4-bit blocks of 32 with a float scale and minimum, as loaded",
         shipped_weights_perplexity=res["shipped_weights_perplexity"],
     )
+    if "gptq" in ppl and "gptq-act" in ppl:
+        out["gptq_act_over_gptq_ratio"] = {
+            b: ppl["gptq-act"][b] / ppl["gptq"][b] for b in ppl["gptq"]
+        }
     if "gptq" in ppl and "search" in ppl:
         out["gptq_over_search_ratio"] = {b: ppl["gptq"][b] / ppl["search"][b] for b in ppl["gptq"]}
         out["gptq_better_at_every_budget"] = all(
             v < 1 for v in out["gptq_over_search_ratio"].values()
         )
     return out
+
+
+def keep(res: dict[str, Any]) -> None:
+    """Add the committed result's rows of the quantizers this run did not measure (same
+    harness, deterministic quantization and held-out batches), in ``QUANTIZERS`` order."""
+    path = RESULTS / "quantizer_quality.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    kept = [q for q in old["perplexity"] if q not in res["perplexity"]]
+    if not kept:
+        return
+    rows = {**old["perplexity"], **res["perplexity"]}
+    res["perplexity"] = {q: rows[q] for q in QUANTIZERS if q in rows}
+    res["seconds"] = {
+        **{k: v for k, v in old["seconds"].items() if any(f"({q})" in k for q in kept)},
+        **res["seconds"],
+    }
+    res["kept"] = {"quantizers": kept, "command": old["command"]}
 
 
 def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool) -> None:
@@ -192,6 +217,11 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
         "round-to-nearest. All emit the same MatMulNBits codes, fp32 scales, integer zeros.",
         "",
         *machine_md(info, command, wall, load),
+        *(
+            [f"- rows kept from `{res['kept']['command']}`: {', '.join(res['kept']['quantizers'])}"]
+            if res.get("kept")
+            else []
+        ),
         f"- held out: {res['held_out']['sequences']} sequences of "
         f"{res['held_out']['tokens_per_sequence']} tokens "
         f"({res['held_out']['batches']} batches)"
@@ -223,6 +253,9 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
         f"- target (>= 3x below 360.78, i.e. <= 120.26): {'met' if s['target_met'] else 'missed'}"
         f" (best: {s['best_quantizer_3_5bits']})"
     )
+    if "gptq_act_over_gptq_ratio" in s:
+        ratios = ", ".join(f"{b}: {v:.3f}" for b, v in s["gptq_act_over_gptq_ratio"].items())
+        lines.append(f"- gptq-act / gptq perplexity per budget: {ratios}")
     if "gptq_over_search_ratio" in s:
         ratios = ", ".join(f"{b}: {v:.3f}" for b, v in s["gptq_over_search_ratio"].items())
         lines.append(f"- gptq / search perplexity per budget: {ratios}")
@@ -234,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     p.add_argument("--quantizers", default=",".join(QUANTIZERS), help="comma-separated")
     p.add_argument("--quick", action="store_true", help="a few examples: checks the harness")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the committed rows of the other quantizers"
+    )
     p.add_argument(
         "--load",
         default="the machine was shared with other jobs; times are rough",
@@ -249,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = run(quantizers, args.threads, args.quick)
     wall = time.perf_counter() - t0
+    if args.keep and not args.quick:
+        keep(res)
     command = "python -m benchmarks.quantizer_quality " + " ".join(argv or sys.argv[1:])
     write(res, wall, command.strip(), args.load, args.quick)
     print(f"[quantizer_quality] wrote {RESULTS / 'quantizer_quality.md'} in {wall:.0f} s")

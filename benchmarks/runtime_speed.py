@@ -406,7 +406,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     ref = res["budgets"].get(REFERENCE_BUDGET) or next(iter(res["budgets"].values()))
     profile = res.get("profile") or {}
     peers = res.get("peers") or {}
-    return {
+    out = {
         "ratio_vs_llama_cpp": res["ratio_at_reference"]["median"],
         "ratio_vs_llama_cpp_one_thread": res["ratio_at_reference"].get("one_thread_median"),
         "ratio_vs_llama_cpp_lora": peers.get(LLAMA_LORA, {}).get("ours_over_peer"),
@@ -415,11 +415,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "bound_fraction": ref["decode_tok_s_median"] / ref["bandwidth_bound_tok_s"],
         "predicted_vs_measured_max_error": None,
         "ratio_vs_best_peer_contended": (res.get("contended") or {}).get("ours_over_best_peer"),
-        "prefill_ratio_vs_llama_cpp": (res.get("prefill") or {})
-        .get("ours_over_peer", {})
-        .get(LLAMA),
         "decode_tok_s": {b: r["decode_tok_s_median"] for b, r in res["budgets"].items()},
     }
+    if res.get("prefill"):
+        out["prefill_ratio_vs_llama_cpp"] = res["prefill"]["ours_over_peer"][LLAMA]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,8 +104,8 @@ class ExportOptions:
     # The default and its measurement: export/quantizers (DEFAULT_QUANTIZER).
     quantizer: str = _opt(
         DEFAULT_QUANTIZER,
-        "gptq (error feedback through the input Hessian), search (per-block clipping search) "
-        "or rtn (round-to-nearest).",
+        "gptq (error feedback through the input Hessian), gptq-act (the same, costliest "
+        "input columns first), search (per-block clipping search) or rtn (round-to-nearest).",
     )
     # the deployable Pareto set
     sweep_lo: float = _opt(2.5, "Lowest sweep budget, bits per weight.")

@@ -31,10 +31,14 @@ def _correlated(k: int, seed: int, tokens: int = 1500) -> np.ndarray:
 
 @pytest.mark.parametrize("option", DEFAULT_OPTIONS, ids=str)
 @pytest.mark.parametrize("in_features", [256, 200])
-def test_gptq_emits_what_matmulnbits_runs(option: QuantOption, in_features: int) -> None:
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+def test_gptq_emits_what_matmulnbits_runs(
+    option: QuantOption, in_features: int, act_order: bool
+) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((24, in_features)).astype(np.float32)
-    qm = quantize_gptq(w, option, _correlated(in_features, 1, tokens=400))
+    h = _correlated(in_features, 1, tokens=400)
+    qm = quantize_gptq(w, option, h, act_order=act_order)
     nb = option.n_blocks(in_features)
     assert qm.codes.shape == (24, nb, option.block_size)
     assert qm.codes.dtype == np.uint8 and qm.zero_points.dtype == np.uint8
@@ -55,15 +59,23 @@ def test_gptq_emits_what_matmulnbits_runs(option: QuantOption, in_features: int)
 
 
 @pytest.mark.parametrize("option", DEFAULT_OPTIONS, ids=str)
-def test_gptq_output_error_below_rtn_and_search(option: QuantOption) -> None:
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+def test_gptq_output_error_below_rtn_and_search(option: QuantOption, act_order: bool) -> None:
     rng = np.random.default_rng(2)
     w = rng.standard_normal((48, 192)).astype(np.float32)
     h = Hessian(_correlated(192, 3))
     rtn = hessian_error(w, quantize_rtn(w, option), h)
     searched = hessian_error(w, quantize(w, option, importance=h.diag), h)
-    gptq = hessian_error(w, quantize_gptq(w, option, h), h)
+    gptq = hessian_error(w, quantize_gptq(w, option, h, act_order=act_order), h)
     assert gptq < searched < rtn
     assert gptq < 0.8 * searched  # error feedback earns its keep on correlated inputs
+
+
+def test_act_order_visits_the_costliest_columns_first() -> None:
+    h = Hessian(np.diag([1.0, 5.0, 3.0, 5.0]))
+    np.testing.assert_array_equal(h.act_order(), [1, 3, 2, 0])  # ties keep their order
+    assert h.factor(True).shape == h.factor(False).shape == (4, 4)
+    assert not np.allclose(h.factor(True), h.factor(False))
 
 
 def test_gptq_on_a_diagonal_hessian_is_the_search() -> None:

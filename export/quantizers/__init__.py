@@ -6,8 +6,10 @@ allocator's error estimates and the shipped codes come from the same quantizer.
 - ``search``  per-block clipping search + least squares, weighted by E[x_k^2] (kernels)
 - ``gptq``    column-by-column with error feedback through the inverse Hessian E[x x^T]
               (``gptq``); needs the matrix input's full Hessian (``hessians``)
+- ``gptq-act`` the same, columns by decreasing E[x_k^2] ("act-order") with every block's
+              scale and zero point fixed first ("static groups")
 
-All three emit the same MatMulNBits layout (codes, fp32 scales, integer zero points).
+All of them emit the same MatMulNBits layout (codes, fp32 scales, integer zero points).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from coalora.export.quantizers.gptq import Hessian, hessian_error, quadratic_err
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import QuantizedMatrix, quantize
 
-Quantizer = Literal["gptq", "search", "rtn"]
-QUANTIZERS: tuple[str, ...] = ("gptq", "search", "rtn")
+Quantizer = Literal["gptq", "gptq-act", "search", "rtn"]
+QUANTIZERS: tuple[str, ...] = ("gptq", "gptq-act", "search", "rtn")
 # The exporter's default, chosen by measurement (benchmarks/results/quantizer_quality.md):
 # SmolLM2 with no adapter, MILP allocations, held-out perplexity at 2.5 / 3 / 3.5 bits
 # 392 / 188 / 137 with gptq against 1164 / 449 / 361 with search.
@@ -29,7 +31,7 @@ DEFAULT_QUANTIZER: Quantizer = "gptq"
 
 
 def needs_hessian(method: str) -> bool:
-    return method == "gptq"
+    return method in ("gptq", "gptq-act")
 
 
 def quantize_matrix(
@@ -42,10 +44,10 @@ def quantize_matrix(
 ) -> QuantizedMatrix:
     """``w`` [N, K] quantized for ``option`` by ``method``; ``importance`` (E[x_k^2]) steers
     ``search``, ``hessian`` (E[x x^T]) is what ``gptq`` runs on."""
-    if method == "gptq":
+    if needs_hessian(method):
         if hessian is None:
-            raise ValueError("the gptq quantizer needs the matrix input's Hessian")
-        return quantize_gptq(w, option, hessian)
+            raise ValueError(f"the {method} quantizer needs the matrix input's Hessian")
+        return quantize_gptq(w, option, hessian, act_order=method == "gptq-act")
     if method == "search":
         return quantize(w, option, method="search", importance=importance)
     if method == "rtn":

@@ -50,7 +50,7 @@ class Hessian:
         # float32 at rest (a 1536-wide input's is 9 MiB); float64 where it is factored.
         self.matrix = ((h + h.T) / 2).astype(np.float32)
         self.damp = damp
-        self._factor: np.ndarray | None = None
+        self._factors: dict[bool, np.ndarray] = {}
 
     @property
     def size(self) -> int:
@@ -61,12 +61,21 @@ class Hessian:
         """E[x_k^2]: the diagonal the ``search`` quantizer weights by."""
         return np.diag(self.matrix).astype(np.float32)
 
-    def factor(self) -> np.ndarray:
-        """Upper Cholesky factor U of the damped inverse (H + d I)^-1 = U^T U, float32."""
-        if self._factor is None:
+    def act_order(self) -> np.ndarray:
+        """The columns by decreasing E[x_k^2]: GPTQ's "act-order" (the columns whose error costs
+        most are quantized first, while the most columns are left to absorb it)."""
+        return np.argsort(-self.diag, kind="stable")
+
+    def factor(self, act_order: bool = False) -> np.ndarray:
+        """Upper Cholesky factor U of the damped inverse (H + d I)^-1 = U^T U, float32, of H
+        with its columns in natural order or in ``act_order``."""
+        if act_order not in self._factors:
             h = self.matrix.astype(np.float64)
-            self._factor = _inverse_cholesky(h, self.damp).astype(np.float32)
-        return self._factor
+            if act_order:
+                perm = self.act_order()
+                h = h[np.ix_(perm, perm)]
+            self._factors[act_order] = _inverse_cholesky(h, self.damp).astype(np.float32)
+        return self._factors[act_order]
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
@@ -107,32 +116,43 @@ def quantize_gptq(
     hessian: Hessian | np.ndarray,
     *,
     params: BlockParams = "search",
+    act_order: bool = False,
 ) -> QuantizedMatrix:
-    """Quantize ``w`` [N, K] for ``option`` given its input's ``hessian`` [K, K] (E[x x^T])."""
+    """Quantize ``w`` [N, K] for ``option`` given its input's ``hessian`` [K, K] (E[x x^T]).
+
+    ``act_order``: visit the columns by decreasing E[x_k^2]. A block's columns are then no
+    longer visited together, so every block's scale and zero point are fixed first, from the
+    weights before any feedback ("static groups"): the layout stays MatMulNBits'."""
     w = weight_matrix(w)
     n, k = w.shape
     hess = hessian if isinstance(hessian, Hessian) else Hessian(hessian)
     if hess.size != k:
         raise ValueError(f"hessian is {hess.size}x{hess.size}, the matrix has {k} inputs")
     diag = hess.diag
-    u = hess.factor()
+    u = hess.factor(act_order)
 
     bs, levels = option.block_size, option.levels
     nb = option.n_blocks(k)
     # Transposed ([K, N]): column k of W is a contiguous row, and so is each rank-1 update.
-    wt = np.ascontiguousarray(w.T)
+    # Row j of ``wt`` is column order[j] of W.
+    order = hess.act_order() if act_order else np.arange(k)
+    wt = np.ascontiguousarray(w.T[order])
     codes = np.empty((nb * bs, n), dtype=np.float32)
     scales = np.empty((nb, n), dtype=np.float32)
     zeros = np.empty((nb, n), dtype=np.float32)
+    if act_order:  # static groups
+        for b in range(nb):
+            lo, hi = b * bs, min((b + 1) * bs, k)
+            scales[b], zeros[b] = _block_params(w[:, lo:hi], option, diag[lo:hi], params)
     for i1 in range(0, k, _LAZY):
         i2 = min(i1 + _LAZY, k)
         w1 = wt[i1:i2].copy()
         err1 = np.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
+            col = int(order[i1 + i])
             b = col // bs
-            if col % bs == 0:
+            if not act_order and col % bs == 0:
                 end = min(col + bs, k) - i1
                 scales[b], zeros[b] = _block_params(
                     w1[i:end].T, option, diag[col : col + end - i], params
