@@ -356,7 +356,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # question right at 4.5 and 6 bits (measured with the default recipe, 1 thread beside a
     # busy core: 8.7 min).
     # Tried and not kept: adding 2b128 and 4b128 (3.5 bits 57.9, 1.5 min more), distillation
-    # at 0.5 (53.5).
+    # at 0.5 (53.5), adding 2b32 (the allocator gave it 1-2 matrices; 3.5 bits 53.4, 13 min
+    # on a loaded core), gptq-act (3.5 bits 51.7 and 5 bits 31.2, but the 3.5-bit answer is
+    # empty: EOS first).
     "fast:smollm2": dict(quantizer="gptq", calib_texts=64),
 }
 FAST = "fast"
