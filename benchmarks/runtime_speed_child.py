@@ -185,14 +185,22 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                 else:
                     from coalora.runtime.graphs.llama import build_decoder
                     from coalora.runtime.graphs.weights import decoder_weights_from_arrays
+                    from coalora.runtime.plan import embedding_from_head
 
                     base = mapped.base()
                     w = decoder_weights_from_arrays(rt.arch, base, mapped.linears(rt.config))
                     w.lm_head = assemble._lm_head(rt.bundle, base, rt.arch)
+                    # as the runtime builds it: a tied quantized head's codes serve the table
+                    gather = (
+                        w.lm_head is not None
+                        and embedding_from_head(rt.bundle, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL)
+                        is not None
+                    )
                     arrays = {}
                     proto = build_decoder(
                         rt.arch, w, lora_rank=0, max_seq_len=CONTEXT, fuse_qkv=fuse,
                         fuse_gate_up=fuse, external=arrays, last_logits=True,
+                        embedding_from_head=gather,
                     )  # fmt: skip
                 built = session_mod.create_session(proto, threads=1, initializers=arrays)
                 dec = KVDecoder(built.session, rt.arch, CONTEXT)
