@@ -37,10 +37,12 @@ NOTES = [
     "- After a switch drops the old session, glibc keeps the freed heap (~120 MB measured); "
     "the runtime calls malloc_trim. The memory plan now includes the loaded tokenizer "
     "(~21x its tokenizer.json, measured 33 MB for SmolLM2) and the fused LoRA slots.",
-    "- The embedding table is read through the mapping; this kernel maps page-cache folios "
-    "of 2 MB per fault, so a few dozen distinct tokens make the whole fp32 table (113 MB) "
-    "resident. The plan counts it in full, so serving stays near the plan; a quantized "
-    "embedding (exporter side) would cut it to ~30 MB.",
+    "- The token embedding is gathered from the tied LM head's own 8-bit codes "
+    "(GatherBlockQuantized on the same arrays), so no fp32 table is read or held.",
+    "- onnxruntime-genai's int4 model (block 32, LM head included) has 343 nodes (151 "
+    "MatMulNBits, 60 SkipSimplifiedLayerNormalization, 30 GroupQueryAttention, counted in "
+    "its model.onnx), about as many as our graph without the LoRA side branch (312 in the "
+    "variants table); the side branch's ~370 nodes are most of the gap to it.",
     "- The machine is shared: wall-clock figures move with the other jobs' load (see the "
     "load averages and the per-round numbers in the JSON). Two threads that wait for each "
     "other suffer most when another process holds a core (llama.cpp alone measured ~100 "
