@@ -30,9 +30,9 @@ from typing import Any
 
 from benchmarks.baselines import EVAL_BATCHES, SETTINGS
 from benchmarks.common import RESULTS, machine, machine_md, write_result
+from coalora.export.quantizers import QUANTIZERS
 
 BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
-QUANTIZERS: tuple[str, ...] = ("gptq", "gptq-act", "search", "rtn")
 # benchmarks/results/baselines_smollm2.json before this quantizer: no adapter, search.
 BEFORE = {2.5: 1164.39, 3.0: 448.97, 3.5: 360.78, 4.0: 117.00, 5.0: 36.91, 6.0: 36.46}
 TARGET_BUDGET, TARGET_FACTOR = 3.5, 3.0
