@@ -79,6 +79,10 @@ bench-speed: install-bench  ## the runtime on the demo bundle against llama.cpp 
 	$(PYTHON) -m benchmarks.runtime_speed --bundle $(DEMO_BUNDLE) --rounds 5 --profile \
 		--budgets 2.6bits,3.5bits,4.5bits,6bits,8bits
 
+.PHONY: bench-scaling
+bench-scaling: install-bench  ## decode speed against size: random-weight 0.5B / 1.5B / 3B LLaMA/Qwen shapes against llama.cpp on GGUFs of the same shapes
+	$(PYTHON) -m benchmarks.scaling
+
 .PHONY: bench-speed-gemma3
 bench-speed-gemma3: install-bench  ## Gemma 3 decode speed and peak RSS against llama.cpp on the package GGUF
 	$(PYTHON) -m benchmarks.runtime_speed_gemma3 --bundle $(GEMMA3_BUNDLE)

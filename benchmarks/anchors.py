@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,3 +178,93 @@ def ort_genai_engine(path: Path, threads: int, new_tokens: int) -> Run:
         return {"ttft_ms": 1e3 * (t1 - t0), "decode_tok_s": (n - 1) / (t2 - t1), "tokens": n}
 
     return run
+
+
+# ------------------------------------------------------------------------ random GGUFs
+def _blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Any) -> np.ndarray:
+    """``rows`` x ``cols`` weights of a ggml block type with random codes and small positive
+    fp16 scales (finite everywhere, so every kernel runs its ordinary path)."""
+    import gguf
+
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    n = rows * (cols // per_block)
+    out = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    scales = (rng.random(n, dtype=np.float32) * 0.01 + 1e-3).astype(np.float16)
+    out[:, :2] = scales.view(np.uint8).reshape(n, 2)
+    if qtype == gguf.GGMLQuantizationType.Q4_1:  # the block minimum, fp16 too
+        out[:, 2:4] = (-scales * 8).view(np.uint8).reshape(n, 2)
+    return out.reshape(rows, -1)
+
+
+def random_llama_gguf(
+    out: Path, cfg: dict[str, Any], tokenizer_gguf: Path, qtype_name: str
+) -> Path:
+    """A llama.cpp GGUF of ``cfg``'s LLaMA shapes (a Hugging Face config dict, tied embedding)
+    with random ``qtype_name`` linears (Q4_0, Q4_1, Q8_0), a Q8_0 embedding (the LM head, as
+    ours is 8-bit) and the tokenizer of ``tokenizer_gguf``, padded to the vocabulary."""
+    import gguf
+
+    if out.is_file():
+        return out
+    q = gguf.GGMLQuantizationType[qtype_name]
+    h, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    src = gguf.GGUFReader(str(tokenizer_gguf))
+
+    def strings(key: str) -> list[str]:
+        f = src.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    tokens = strings("tokenizer.ggml.tokens")
+    ttype = src.fields["tokenizer.ggml.token_type"]
+    types = [int(ttype.parts[i][0]) for i in ttype.data]
+    pad = vocab - len(tokens)
+    tokens += [f"<|unused{i}|>" for i in range(pad)]
+    types += [int(gguf.TokenType.UNUSED)] * pad
+    tmp = out.with_name(out.name + ".part")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_context_length(cfg.get("max_position_embeddings", 4096))
+    w.add_embedding_length(h)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model(str(bytes(src.fields["tokenizer.ggml.model"].parts[-1]), "utf-8"))
+    w.add_tokenizer_pre(str(bytes(src.fields["tokenizer.ggml.pre"].parts[-1]), "utf-8"))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(strings("tokenizer.ggml.merges"))
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id)):
+        add(int(src.fields[f"tokenizer.ggml.{key}_token_id"].parts[-1][0]))
+    rng = np.random.default_rng(0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("token_embd.weight", _blocks(rng, vocab, h, q8), raw_dtype=q8)
+    ones = np.ones(h, np.float32)
+    shapes = {
+        "attn_q": (heads * head_dim, h),
+        "attn_k": (kv * head_dim, h),
+        "attn_v": (kv * head_dim, h),
+        "attn_output": (h, heads * head_dim),
+        "ffn_gate": (ffn, h),
+        "ffn_up": (ffn, h),
+        "ffn_down": (h, ffn),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        for name, (rows, cols) in shapes.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", _blocks(rng, rows, cols, q), raw_dtype=q)
+    w.add_tensor("output_norm.weight", ones)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out

@@ -152,10 +152,13 @@ def random_llama_bundle(
     *,
     rank: int = 16,
     note: str = "random weights (tests and benchmarks only)",
+    embedding: bool = True,
 ) -> Path:
     """A LLaMA bundle of ``hf_config``'s shapes with random codes, scales, LoRA and θ, no
     training: decode speed and memory depend on shapes and options only. ``configs(space)``
     are the stored configurations; ``tok`` a Hugging Face tokenizer (its chat template too).
+    ``embedding=False`` ships no fp32 table (a tied model's head codes serve it, as exported
+    bundles do; at 3B shapes the table alone is 1.6 GB).
     """
 
     cfg_dict = hf_config
@@ -184,12 +187,11 @@ def random_llama_bundle(
                 out_f, in_f = shapes[name]
                 quantized[opt][name] = mnb(out_f, in_f, opt)
     h = arch.hidden_size
-    base: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": (
+    base: dict[str, np.ndarray] = {"model.norm.weight": np.ones(h, np.float32)}
+    if embedding or not arch.tie_word_embeddings:
+        base["model.embed_tokens.weight"] = (
             rng.standard_normal((arch.vocab_size, h), dtype=np.float32) * 0.02
-        ),
-        "model.norm.weight": np.ones(h, np.float32),
-    }
+        )
     for i in range(arch.num_hidden_layers):
         base[f"model.layers.{i}.input_layernorm.weight"] = np.ones(h, np.float32)
         base[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(h, np.float32)

@@ -71,6 +71,8 @@ SUMMARIES = {
     "parity_gemma3": "parity",
     "runtime_speed_gemma3": "runtime_speed_gemma3",
     "runtime_speed": "runtime_speed",
+    "scaling": "scaling",
+    "quantizer_quality": "quantizer_quality",
 }
 
 
@@ -86,6 +88,14 @@ def test_every_result_has_a_summary(path: Path) -> None:
     if path.stem in SUMMARIES:
         module = importlib.import_module(f"benchmarks.{SUMMARIES[path.stem]}")
         assert res["summary"] == json.loads(json.dumps(module.summary(res)))
+
+
+def test_scaling_report() -> None:
+    if not (RESULTS / "scaling.json").is_file():
+        pytest.skip("no committed scaling result")
+    from benchmarks.scaling import render
+
+    assert render(_json("scaling")) == (RESULTS / "scaling.md").read_text(encoding="utf-8")
 
 
 def test_speed_prediction_report(tmp_path: Path) -> None:
