@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run(args.model, args.quick, args.threads)
         if old.is_file() and not args.quick:
             res["before"] = before_of(json.loads(old.read_text(encoding="utf-8")))
+            res["targets"] = targets(res)  # with the before / now ratios
         res["machine"] = machine()
         res["command"] = "python -m benchmarks.baselines " + " ".join(
             sys.argv[1:] if argv is None else argv
