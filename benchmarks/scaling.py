@@ -305,6 +305,13 @@ def render(res: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "Ours / llama.cpp per round (adjacent runs; the spread is the machine's noise): "
+        + "; ".join(
+            f"{r['size']} " + ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
+            for r in res["rows"]
+        )
+        + ".",
+        "",
         "Parameters count the tied embedding once. The bound is read bandwidth over the bytes "
         "one decode step reads (ours: quantized matrices, LM head, LoRA, KV cache at the mean "
         "position; llama.cpp: its file).",
