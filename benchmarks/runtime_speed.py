@@ -56,7 +56,7 @@ from benchmarks.common import (
     with_summary,
 )
 
-RANDOM_BUNDLE = ROOT / ".cache" / "bench" / "smollm2-random"
+RANDOM_BUNDLE = anchors.BENCH_CACHE / "smollm2-random"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a short story about a robot who learns to paint."
 NEW_TOKENS = 128
@@ -201,6 +201,18 @@ def per_round(runs: dict[str, list[dict[str, float]]], ours: str, peer: str) -> 
     ]
 
 
+def peer_figures(runs: dict[str, list[dict[str, float]]], peer: str) -> dict[str, Any]:
+    """A peer's medians over the rounds, and ours at the reference budget over it per round."""
+    ratios = per_round(runs, REFERENCE_BUDGET, peer)
+    return {
+        "decode_tok_s_median": median([x["decode_tok_s"] for x in runs[peer]]),
+        "decode_tok_s_best": max(x["decode_tok_s"] for x in runs[peer]),
+        "ttft_ms_median": median([x["ttft_ms"] for x in runs[peer]]),
+        "ours_over_peer_per_round": ratios,
+        "ours_over_peer": median(ratios),
+    }
+
+
 def contended_rounds(
     bundle: Path, ids: list[int], peers: dict[str, anchors.Run], rounds: int
 ) -> dict[str, Any]:
@@ -215,9 +227,9 @@ def contended_rounds(
         order = [REFERENCE_BUDGET, *CONTENDED_PEERS]
         runs = interleaved(engines, order, rounds, GAP_S)
         spin = rt.spin.spin if rt.spin is not None else None
-    best = [
-        r[REFERENCE_BUDGET]["decode_tok_s"] / max(r[k]["decode_tok_s"] for k in CONTENDED_PEERS)
-        for r in (dict(zip(runs, vals, strict=True)) for vals in zip(*runs.values(), strict=True))
+    best = [  # round i: ours over the faster peer of that round
+        ours["decode_tok_s"] / max(runs[k][i]["decode_tok_s"] for k in CONTENDED_PEERS)
+        for i, ours in enumerate(runs[REFERENCE_BUDGET])
     ]
     return {
         "budget": REFERENCE_BUDGET,
@@ -230,6 +242,12 @@ def contended_rounds(
     }
 
 
+def prefill_prompt(ids: list[int]) -> list[int]:
+    """``PREFILL_TOKENS`` ids: ``ids`` repeated (prefill speed does not depend on what they
+    say)."""
+    return (ids * (PREFILL_TOKENS // len(ids) + 1))[:PREFILL_TOKENS]
+
+
 def prefill_rounds(bundle: Path, rounds: int) -> dict[str, Any]:
     """TTFT and prefill tok/s of a ``PREFILL_TOKENS`` prompt: ours at the reference budget,
     llama.cpp and onnxruntime-genai, interleaved (the same token ids for all three: the
@@ -239,8 +257,7 @@ def prefill_rounds(bundle: Path, rounds: int) -> dict[str, Any]:
     rt = Runtime.open(
         bundle, budget=REFERENCE_BUDGET, threads=THREADS, context_length=PREFILL_CONTEXT
     )
-    short = rt.encode_prompt(PROMPT, chat=False)
-    ids = (short * (PREFILL_TOKENS // len(short) + 1))[:PREFILL_TOKENS]
+    ids = prefill_prompt(rt.encode_prompt(PROMPT, chat=False))
     llm = anchors.llama_cpp_engine(gguf_path(), THREADS, PREFILL_CONTEXT, 2)
     ort = anchors.ort_genai_engine(anchors.ort_genai_model("smollm2"), THREADS, 2)
     engines = {REFERENCE_BUDGET: lambda: _ours(rt, ids, 2), LLAMA: lambda: llm(ids)}
@@ -366,16 +383,7 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             "ttft_ms_median": median([x["ttft_ms"] for x in runs[LLAMA]]),
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / gguf_bytes,
         },
-        "peers": {
-            k: {
-                "decode_tok_s_median": median([x["decode_tok_s"] for x in runs[k]]),
-                "decode_tok_s_best": max(x["decode_tok_s"] for x in runs[k]),
-                "ttft_ms_median": median([x["ttft_ms"] for x in runs[k]]),
-                "ours_over_peer_per_round": per_round(runs, REFERENCE_BUDGET, k),
-                "ours_over_peer": median(per_round(runs, REFERENCE_BUDGET, k)),
-            }
-            for k in PEERS
-        },
+        "peers": {k: peer_figures(runs, k) for k in PEERS},
         "lora_gguf_rank": LORA_RANK,
         "contended": contended,
         "prefill": prefill,
