@@ -99,6 +99,12 @@ bench-robustness: install  ## hostile inputs, damaged/signed bundles, memory lim
 bench-serve: install  ## the OpenAI-compatible server on the demo bundle: throughput, --adapt, eval
 	$(PYTHON) -m benchmarks.serve --bundle $(DEMO_BUNDLE)
 
+.PHONY: bench-serving-memory
+bench-serving-memory: install  ## resident memory against the plan over long serving sessions (SmolLM2 and Gemma 3 demo bundles)
+	$(PYTHON) -m benchmarks.serving_memory --keep --bundle $(DEMO_BUNDLE) --label "SmolLM2, rows read from the file"
+	$(PYTHON) -m benchmarks.serving_memory --keep --bundle $(GEMMA3_BUNDLE) --tokens 1000 \
+		--label "Gemma 3, rows read from the file"
+
 .PHONY: bench-speed-prediction
 bench-speed-prediction: install  ## --min-speed's predicted decode speed against measured, 5 configurations of the demo bundle; --exact against fast
 	$(PYTHON) -m benchmarks.speed_prediction --bundle $(DEMO_BUNDLE)

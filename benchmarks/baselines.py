@@ -248,7 +248,13 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
     if before:
         lines += [
             "",
-            f"Before (the committed run of `{before['command']}`, {before['note']}):",
+            "Before ("
+            + (
+                f"the committed run of `{before['command']}`"
+                if before["command"]
+                else "the previously committed run"
+            )
+            + f", {before['note']}):",
             "",
             "| method | " + " | ".join(f"{b:g}" for b in before["budgets"]) + " | fine-tuning s |",
             "|---" * (len(before["budgets"]) + 2) + "|",

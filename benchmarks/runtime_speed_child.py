@@ -203,7 +203,8 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                         embedding_from_head=gather,
                     )  # fmt: skip
                 built = session_mod.create_session(proto, threads=1, initializers=arrays)
-                dec = KVDecoder(built.session, rt.arch, CONTEXT)
+                rows = assemble.head_table_rows(mapped, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL)
+                dec = KVDecoder(built.session, rt.arch, CONTEXT, rows=rows)
                 prompt = list(range(100, 116))
                 dec.run(np.asarray([prompt], dtype=np.int64), len(prompt))
                 for t in range(n_steps):

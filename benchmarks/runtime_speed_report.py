@@ -36,9 +36,12 @@ NOTES = [
     "a 128-token prompt held 25 MB more activations and ran the head 128 times before.",
     "- After a switch drops the old session, glibc keeps the freed heap (~120 MB measured); "
     "the runtime calls malloc_trim. The memory plan now includes the loaded tokenizer "
-    "(~21x its tokenizer.json, measured 33 MB for SmolLM2) and the fused LoRA slots.",
+    "(~27x its tokenizer.json as the runtime loads it, measured 42 MB for SmolLM2) and the "
+    "fused LoRA slots.",
     "- The token embedding is gathered from the tied LM head's own 8-bit codes "
-    "(GatherBlockQuantized on the same arrays), so no fp32 table is read or held.",
+    "(GatherBlockQuantized), so no fp32 table is read or held; each run is fed only its "
+    "tokens' rows, read from the bundle file (runtime/table_rows.py), so the table is held "
+    "once, as the head's prepacked copy (benchmarks/results/serving_memory.md).",
     "- onnxruntime-genai's int4 model (block 32, LM head included) has 343 nodes (151 "
     "MatMulNBits, 60 SkipSimplifiedLayerNormalization, 30 GroupQueryAttention, counted in "
     "its model.onnx), about as many as our graph without the LoRA side branch (312 in the "

@@ -44,6 +44,7 @@ from coalora.runtime.graphs.weights import (
 )
 from coalora.runtime.mapped import MappedFileError, MappedSafetensors, Scratch
 from coalora.runtime.plan import embedding_from_head
+from coalora.runtime.table_rows import HeadTableRows
 
 # 8-bit LoRA side branch: a quarter of the bytes per token of fp32 and measured faster
 # (benchmarks/results/decode_speed_graph.md), at ~0.2% relative error on the delta.
@@ -148,6 +149,16 @@ def _lm_head(bundle: Bundle, base: dict[str, np.ndarray], arch: LlamaArch) -> An
     if w.nbytes() != opt.nbytes(w.N, w.K):
         raise BundleError(f"{bundle.root}: quantized lm_head has the wrong size")
     return w
+
+
+def head_table_rows(mapped: MappedBundle, arch: Arch, accuracy_level: int) -> HeadTableRows | None:
+    """The reader of the embedding rows a graph built by ``build_graph`` at
+    ``accuracy_level`` is fed (``graphs.llama.EMBED_ROWS``), or None if it has its table."""
+    bundle = mapped.bundle
+    if not isinstance(arch, LlamaArch) or embedding_from_head(bundle, arch, accuracy_level) is None:
+        return None
+    head = _lm_head(bundle, mapped.base(), arch)
+    return HeadTableRows(mapped.file(BASE_FILE), head, arch.vocab_size, arch.hidden_size)
 
 
 def build_graph(

@@ -463,7 +463,10 @@ class Runtime:
         del proto, arrays
         gc.collect()
         if isinstance(self.arch, LlamaArch):
-            self._decoder = KVDecoder(self._built.session, self.arch, self.context_length)
+            rows = assemble.head_table_rows(self._mapped, self.arch, self.accuracy_level)
+            self._decoder = KVDecoder(
+                self._built.session, self.arch, self.context_length, rows=rows
+            )
         t.session_s = time.perf_counter() - t1
         self._selection = sel
 

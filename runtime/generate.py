@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from coalora.runtime.graphs.llama import LlamaArch
 from coalora.runtime.sampling import Sampler, SamplingParams
+from coalora.runtime.table_rows import HeadTableRows, reads_fed_rows
 
 
 @dataclass
@@ -44,8 +45,18 @@ class GenerationStats:
 class KVDecoder:
     """Prefill + single-token steps over a shared past/present KV buffer."""
 
-    def __init__(self, session: ort.InferenceSession, arch: LlamaArch, context_length: int):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        arch: LlamaArch,
+        context_length: int,
+        rows: HeadTableRows | None = None,
+    ):
+        """``rows``: where a graph built with ``embedding_from_head`` reads its embedding rows."""
+        if (rows is not None) != reads_fed_rows(session):
+            raise ValueError("pass rows= exactly when the graph is fed its embedding rows")
         self.session = session
+        self.rows = rows
         self.context_length = context_length
         shape = (1, arch.num_key_value_heads, context_length, arch.head_dim)
         self._binding = session.io_binding()
@@ -64,6 +75,10 @@ class KVDecoder:
         """Feed ``ids`` [1, n] ending at position ``total``; logits of the last one [vocab]."""
         b = self._binding
         b.bind_output("logits", "cpu")
+        if self.rows is not None:
+            ids, fed = self.rows.feeds(ids)
+            for name, array in fed.items():
+                b.bind_cpu_input(name, array)
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", self._mask[:, :total])
         self.session.run_with_iobinding(b)

@@ -117,6 +117,21 @@ class MappedSafetensors:
         )
         return arr.reshape(shape)
 
+    def offset_of(self, view: np.ndarray) -> int:
+        """Where in the file the first byte of ``view`` (a view of one of its tensors) is."""
+        if self._mmap is None:
+            raise ValueError(f"{self.path}: an empty file has no views")
+        start = np.frombuffer(self._mmap, dtype=np.uint8).__array_interface__["data"][0]
+        offset = view.__array_interface__["data"][0] - start
+        last = (
+            offset
+            + sum((n - 1) * s for n, s in zip(view.shape, view.strides, strict=True))
+            + view.itemsize
+        )
+        if offset < 0 or last > len(self._mmap) or min(view.strides, default=0) < 0:
+            raise ValueError(f"the array is not a view of {self.path}")
+        return offset
+
     def release(self) -> None:
         """Drop the file's pages from this process (they reload on the next touch)."""
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):

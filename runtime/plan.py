@@ -3,8 +3,9 @@
 A byte budget ("600MB") covers the whole process, so a configuration fits only if all of
 these do (see the design's "Quantization configuration"):
 
-- quantized weights: codes + scales + zero points, exactly as MatMulNBits holds them
-- other weights: embeddings, norms, the LM head (the bundle's base file), θ, the RoPE cache
+- quantized weights: as MatMulNBits holds them once prepacked (``prepacked_bytes``)
+- other weights: embeddings, norms, the LM head (the bundle's base file), θ, the RoPE cache;
+  a tied quantized head is also the embedding, held once (``embedding_from_head``)
 - the LoRA side branch: one A'/B slot per matrix, or per fused group (``fused_groups``)
 - the KV cache at the full context length
 - the runtime itself (``DEFAULT_OVERHEAD``) and the loaded tokenizer
@@ -21,6 +22,7 @@ rule that decides which projections share one fused MatMulNBits (and so one LoRA
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,6 +53,27 @@ tiny test bundle (0.4 MB of weights, context 64) peaks at 122.4 MB on one intra-
 allocator arenas; the KV cache and a real tokenizer are planned separately. (It was 64 MiB,
 measured before the runtime imported onnx; a tiny bundle then peaked at 1.8x its plan.)
 """
+
+
+# MatMulNBits prepacks its weights into buffers larger than the stored codes, scales and zero
+# points (block sums and per-block figures for the int8 kernels, padding). Measured as the
+# anonymous RSS a one-node session holds once its mapped arrays are dropped (onnxruntime
+# 1.32, x86-64, accuracy level 4), over SmolLM2-, Gemma- and Qwen2.5-0.5B-shaped matrices:
+# 2-bit 1.36-1.82x (2b32 the most), 4-bit 1.25-1.44x, 8-bit 1.13-1.23x the option's bytes.
+# The plan takes each width's largest, rounded up. Where a kernel reads the originals instead
+# (2/8 bits on a Cortex-A72) it holds the stored bytes, fewer.
+PREPACKED_FACTOR = {2: 1.85, 4: 1.45, 8: 1.25}
+
+
+def prepacked_bytes(option: QuantOption, out_features: int, in_features: int) -> int:
+    """Resident bytes of one matrix once MatMulNBits has prepacked it."""
+    return math.ceil(PREPACKED_FACTOR[option.bits] * option.nbytes(out_features, in_features))
+
+
+def quantized_resident_bytes(space: ConfigSpace, config: Mapping[str, QuantOption]) -> int:
+    return sum(
+        prepacked_bytes(config[m.name], m.out_features, m.in_features) for m in space.matrices
+    )
 
 
 EXACT_FP32_COPIES = 2
@@ -142,7 +165,7 @@ def plan_memory(
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     return MemoryPlan(
-        quantized_weights_bytes=space.nbytes(config)
+        quantized_weights_bytes=quantized_resident_bytes(space, config)
         if quantized_bytes is None
         else quantized_bytes,
         other_weights_bytes=int(other_weights_bytes),
@@ -155,10 +178,12 @@ def plan_memory(
 
 
 # -- what the device holds besides the quantized weights ------------------------------------------
-# A loaded tokenizers.Tokenizer holds about this many times its tokenizer.json in RAM:
-# measured (RSS before/after Tokenizer.from_file, tokenizers 0.23) 33.1 MB for SmolLM2's
-# 1.56 MB file (21.2x) and 10.0 MB for all-MiniLM-L6-v2's 0.47 MB (21.4x).
-TOKENIZER_RSS_FACTOR = 22
+# A loaded tokenizer holds about this many times its tokenizer.json in RAM. A bare
+# Tokenizer.from_file (tokenizers 0.23) measured 21.2x for SmolLM2's 1.56 MB file and 21.4x
+# for all-MiniLM-L6-v2's 0.47 MB; the runtime's own load (RSS before/after the first
+# ``Runtime.tokenizer`` of an opened runtime) holds more: +42 MB for SmolLM2 (26.9x) and
+# +379 MB for Gemma 3's 14.4 MB file (26.4x).
+TOKENIZER_RSS_FACTOR = 28
 
 
 def tokenizer_bytes(bundle: Bundle) -> int:
@@ -191,9 +216,10 @@ def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> Quant
     """The option whose codes serve the token embedding as well as the LM head, or None.
 
     A tied model's quantized head is its embedding table quantized, so the fast graph gathers
-    the rows from the head's codes (GatherBlockQuantized on the same arrays) and never reads
-    an fp32 table: 8-bit codes are a quarter of it. Only where the layouts agree (whole
-    blocks per row, a width the gather reads); the exact graph reads an fp32 table: the
+    the rows from the head's codes (GatherBlockQuantized on the rows a run needs, read from
+    the file: ``runtime.table_rows``) and holds no table beside the head's prepacked codes.
+    Only where the layouts agree (whole blocks per row, a width the gather reads); the
+    exact graph reads an fp32 table: the
     bundle's, or, where the bundle ships none (``spec.EMBED_TOKENS``), the head's codes
     dequantized.
     """
@@ -207,6 +233,12 @@ def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> Quant
     if option.bits not in GATHER_BITS or arch.hidden_size % option.block_size:
         return None
     return option
+
+
+def fed_rows_bytes(arch: Any, option: QuantOption, context_length: int) -> int:
+    """The embedding rows a run is fed at most (a prefill of the whole context, each token
+    distinct), when the table is the tied head's codes."""
+    return min(context_length, arch.vocab_size) * option.nbytes(1, arch.hidden_size)
 
 
 # -- fused groups and LoRA slots ------------------------------------------------------------------
@@ -320,13 +352,18 @@ class Accountant:
         table = 4 * arch.vocab_size * arch.hidden_size if decoder else 0
         shipped = EMBED_TOKENS in base_names
         if shared is not None:
-            # the fp32 table is never read; the gather faults the head's mapped codes back in
-            # (MatMulNBits reads its prepacked copy), so they count a second time
-            base_bytes += shared.nbytes(arch.vocab_size, arch.hidden_size)
+            # Neither the fp32 table nor the head's mapped codes are read: each run is fed its
+            # tokens' rows, read from the file (runtime.table_rows), so the head's prepacked
+            # copy is the only one held.
+            base_bytes += fed_rows_bytes(arch, shared, context_length)
             base_bytes -= table if shipped else 0
         elif table and not shipped:
             base_bytes += table  # dequantized from the head's codes (spec.EMBED_TOKENS)
         head = bundle.lm_head
+        if head and not exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
+            # the base file holds the head's stored bytes; its prepacked copy is larger
+            option, v, h = QuantOption.parse(head), arch.vocab_size, arch.hidden_size
+            base_bytes += prepacked_bytes(option, v, h) - option.nbytes(v, h)
         if head and exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
             # the exact graph holds the quantized head dequantized next to its codes, twice,
             # plus the transient of dequantizing it (the graph's largest matrix)
@@ -398,7 +435,7 @@ class Accountant:
         if not slow:
             return None
         packed = sum(
-            config[m.name].nbytes(m.out_features, m.in_features)
+            prepacked_bytes(config[m.name], m.out_features, m.in_features)
             for m in self.bundle.space.matrices
             if m not in slow
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coalora.runtime.adapt import AdaptPolicy, MemoryAdapter, MemorySample
-from coalora.runtime.budget import Budget
+from coalora.runtime.budget import Budget, parse_budget
 from coalora.runtime.engine import Runtime
 from coalora.runtime.pressure import read_pressure
 
@@ -145,7 +145,9 @@ def test_psi_and_cgroup_events_send_it_down(rt: Runtime) -> None:
 
 def test_nothing_smaller_fits_stays_put(rt: Runtime) -> None:
     _, smallest = _plans(rt)
-    rt.use(rt.choose(Budget.bits(min(e.bits for e in rt.pareto.entries))))
+    # a byte budget of the smallest plan: the fewest bits need not be it (prepacked 2-bit
+    # weights hold more per stored byte than 4-bit ones, ``plan.PREPACKED_FACTOR``)
+    rt.use(rt.choose(parse_budget(f"{smallest}B")))
     assert rt.selection.plan.total == smallest
     fake = Fake(1)
     a = _adapter(rt, fake)

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from damage import ALL
 
+from coalora.runtime.engine import Runtime
 from coalora.runtime.format.reader import Bundle, BundleError
 
 
@@ -104,3 +106,24 @@ def test_slimming_refuses_a_damaged_theta(damaged: Path, tmp_path: Path) -> None
     with pytest.raises(BundleError, match="theta.onnx"):
         slim_bundle(damaged, tmp_path / "slim", max_bits=32)
     assert not (tmp_path / "slim").exists()
+
+
+def test_embedding_rows_of_a_base_file_cut_after_open_are_refused(
+    tiny_llama_bundle: Path, tmp_path: Path
+) -> None:
+    """The embedding rows are read from the base file per run (``runtime.table_rows``): a
+    file cut short while serving is one BundleError naming it, not a signal or a traceback."""
+    from coalora.runtime import assemble
+
+    root = Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))
+    rt = Runtime.open(root, budget="32bits", threads=1, context_length=128, build=False)
+    rows = assemble.head_table_rows(rt._mapped, rt.arch, rt.accuracy_level)
+    assert rows is not None
+    last = np.array([[rt.arch.vocab_size - 1]])
+    rows.feeds(last)
+    base = root / "base.safetensors"
+    with base.open("r+b") as fh:
+        fh.truncate(8)  # the header's length field and nothing after it
+    with pytest.raises(BundleError, match="base.safetensors: row"):
+        rows.feeds(last)
+    rows.close()

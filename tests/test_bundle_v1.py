@@ -20,11 +20,14 @@ from coalora.runtime.sampling import SamplingParams
 FIXTURE = Path(__file__).parent / "fixtures" / "bundle-v1-llama"
 
 # bits of each stored configuration -> its plan's total bytes at context 64, 8-bit LoRA. The
-# plan has since counted the runtime's measured 120 MiB (was 64 MiB) and the fused copies held
+# plan has since counted the runtime's measured 120 MiB (was 64 MiB), the tokenizer as the
+# runtime measured it (``plan.TOKENIZER_RSS_FACTOR``), the matrices as MatMulNBits holds them
+# prepacked (``plan.prepacked_bytes``), and the fused copies held
 # while building (``build_scratch_bytes``), and the tied head's 8-bit codes serve the
-# embedding in place of the fp32 table (``plan.embedding_from_head``); the bundle's own
-# figures are as they were.
-PLANS = {4.9: 126006485, 5.5667: 126007765, 9.8667: 126021141, 6.9167: 126003637}
+# embedding in place of the fp32 table (``plan.embedding_from_head``), held once: a run is fed
+# its tokens' rows from the file (``runtime.table_rows``); the bundle's own figures are as
+# they were.
+PLANS = {4.9: 126027531, 5.5667: 126025625, 9.8667: 126038919, 6.9167: 126023089}
 
 
 def test_v1_bundle_opens_and_verifies() -> None:
@@ -39,14 +42,14 @@ def test_v1_bundle_plans_and_selects_as_before() -> None:
     plans = {round(e.bits, 4): rt.plan(e.config).total for e in rt.pareto.entries}
     assert plans == PLANS
     assert rt.plan(rt.pareto.entries[0].config).to_dict() == {
-        "quantized_weights_bytes": 9408,
-        "other_weights_bytes": 61379,
+        "quantized_weights_bytes": 17412,
+        "other_weights_bytes": 54867,
         "lora_bytes": 11776,
         "kv_cache_bytes": 16384,
-        "runtime_overhead_bytes": 125900818,
+        "runtime_overhead_bytes": 125920372,
         "build_scratch_bytes": 6720,
-        "total": 126006485,
-        "address_space_bytes": 84069853,
+        "total": 126027531,
+        "address_space_bytes": 84088844,
     }
     assert rt.selection.reason == (
         "perplexity 314.3 at 4.90 bits (seen configuration, plan 126.1 MB): best of 4/4 "

@@ -119,8 +119,9 @@ def _session(model_proto, initializers=None, threads: int = 1) -> ort.InferenceS
     return sess
 
 
-def _onnx_generate(sess: ort.InferenceSession, arch: LlamaArch, steps: int):
-    """Prefill PROMPT then greedy-decode ``steps`` tokens; returns (per-step logits, tokens)."""
+def _onnx_generate(sess: ort.InferenceSession, arch: LlamaArch, steps: int, rows=None):
+    """Prefill PROMPT then greedy-decode ``steps`` tokens; returns (per-step logits, tokens).
+    ``rows``: ids -> (ids onto the fed rows, the rows' feeds), for a graph fed its rows."""
     kv, hd = arch.num_key_value_heads, arch.head_dim
     feeds: dict[str, np.ndarray] = {}
     for i in range(arch.num_hidden_layers):
@@ -131,6 +132,9 @@ def _onnx_generate(sess: ort.InferenceSession, arch: LlamaArch, steps: int):
     logits_seen, tokens = [], []
     out_names = [o.name for o in sess.get_outputs()]
     for _ in range(steps + 1):
+        if rows is not None:
+            ids, fed = rows(ids)
+            feeds.update(fed)
         feeds["input_ids"] = ids
         feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         outs = dict(zip(out_names, sess.run(None, feeds), strict=True))
@@ -227,11 +231,13 @@ def test_quantized_embedding_and_head() -> None:
         assert _max_diff(got, want) < 0.03 * scale
 
 
-def test_the_embedding_gathers_from_the_quantized_heads_codes() -> None:
-    """A tied model with a quantized head: the rows come from the head's own arrays (one
-    set of codes, no fp32 table in the graph) and decode as torch with that table."""
+def test_the_embedding_gathers_the_quantized_heads_rows_fed_per_run() -> None:
+    """A tied model with a quantized head: the graph holds no table at all (no fp32 one, no
+    second set of codes); each run is fed just its tokens' rows of the head's own arrays,
+    with ``input_ids`` indexing them, and decodes as torch with that table."""
     from coalora.kernels.matmulnbits import to_matmulnbits
     from coalora.kernels.quantize import quantize_rtn
+    from coalora.runtime.graphs.llama import EMBED_ROWS, embedding_rows
 
     model = _tiny_llama(tied=True, seed=5)
     arch, weights, lora = _prepare(model, "mixed", 4)
@@ -242,14 +248,32 @@ def test_the_embedding_gathers_from_the_quantized_heads_codes() -> None:
     proto = build_decoder(arch, weights, lora_rank=4, embedding_from_head=True, external=external)
     ops = [n.op_type for n in proto.graph.node]
     assert "GatherBlockQuantized" in ops and "Gemm" not in ops
-    names = {t.name for t in proto.graph.initializer}
-    assert "model.embed_tokens.weight" not in names
-    # the gather's codes are the head's array itself (a view, not a copy)
-    assert np.shares_memory(external["model.embed_tokens.qweight"], weights.lm_head.b)
+    names = {t.name for t in proto.graph.initializer} | set(external)
+    assert not any(n.startswith("model.embed_tokens") for n in names)
+    assert set(EMBED_ROWS) <= {i.name for i in proto.graph.input}
+    full = embedding_rows(weights.lm_head, arch.vocab_size, arch.hidden_size)
+    assert all(
+        np.shares_memory(f, a)
+        for f, a in zip(
+            full,
+            (weights.lm_head.b, weights.lm_head.scales, weights.lm_head.zero_points),
+            strict=True,
+        )
+    )
+    fed_counts: list[int] = []
+
+    def rows(ids: np.ndarray):
+        uniq, index = np.unique(ids, return_inverse=True)
+        fed_counts.append(len(uniq))
+        return index.reshape(ids.shape), {
+            n: np.ascontiguousarray(f[uniq]) for n, f in zip(EMBED_ROWS, full, strict=True)
+        }
+
     from coalora.runtime.session import create_session
 
     built = create_session(proto, threads=1, initializers=external)
-    got, got_tokens = _onnx_generate(built.session, arch, DECODE_STEPS)
+    got, got_tokens = _onnx_generate(built.session, arch, DECODE_STEPS, rows=rows)
+    assert fed_counts[0] == len(set(PROMPT)) and set(fed_counts[1:]) == {1}
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.from_numpy(dequantize(weights.lm_head)))
     want, want_tokens = _torch_generate(model, DECODE_STEPS)

@@ -17,6 +17,7 @@ def test_a_random_bundle_of_tiny_shapes_is_served(tmp_path: Path) -> None:
     from coalora.export.models import tiny_llama, tiny_tokenizer
     from coalora.kernels import QuantOption
     from coalora.runtime.engine import Runtime
+    from coalora.runtime.plan import quantized_resident_bytes
 
     tok = tiny_tokenizer()
     tok.chat_template = CHATML
@@ -34,4 +35,6 @@ def test_a_random_bundle_of_tiny_shapes_is_served(tmp_path: Path) -> None:
     assert len(rt.generate_ids([2, 70, 80], 4)) == 4
     rt.switch(budget="4bits")
     assert rt.selection.entry.bits == stored[0]
-    assert rt.plan(rt.config).quantized_weights_bytes == rt.bundle.space.nbytes(rt.config)
+    resident = quantized_resident_bytes(rt.bundle.space, rt.config)  # prepacked
+    assert rt.plan(rt.config).quantized_weights_bytes == resident
+    assert resident > rt.bundle.space.nbytes(rt.config)

@@ -73,6 +73,7 @@ SUMMARIES = {
     "runtime_speed": "runtime_speed",
     "scaling": "scaling",
     "quantizer_quality": "quantizer_quality",
+    "serving_memory": "serving_memory",
 }
 
 
@@ -96,6 +97,14 @@ def test_scaling_report() -> None:
     from benchmarks.scaling import render
 
     assert render(_json("scaling")) == (RESULTS / "scaling.md").read_text(encoding="utf-8")
+
+
+def test_serving_memory_report() -> None:
+    from benchmarks.serving_memory import render
+
+    assert render(_json("serving_memory")) == (RESULTS / "serving_memory.md").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_speed_prediction_report(tmp_path: Path) -> None:

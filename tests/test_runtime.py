@@ -16,6 +16,7 @@ from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.profiles import ProfileError
 from coalora.runtime.sampling import SamplingParams
 from coalora.runtime.selection import SelectionError
+from coalora.runtime.table_rows import reads_fed_rows
 
 LOW, HIGH = "4bits", "6bits"
 PROMPT_IDS = [5, 9, 17, 33, 8, 12]
@@ -75,8 +76,14 @@ def _greedy(sess: ort.InferenceSession, rt: Runtime, ids: list[int], steps: int)
         for k in ("key", "value")
     }
     names = [o.name for o in sess.get_outputs()]
+    rows = None
+    if reads_fed_rows(sess):  # a fast graph of a tied quantized head
+        rows = assemble.head_table_rows(rt._mapped, arch, assemble.DEFAULT_ACCURACY_LEVEL)
     cur, total, tokens, first = np.array([ids], np.int64), len(ids), [], None
     for _ in range(steps):
+        if rows is not None:
+            cur, fed = rows.feeds(cur)
+            feeds.update(fed)
         feeds["input_ids"] = cur
         feeds["attention_mask"] = np.ones((1, total), np.int64)
         outs = dict(zip(names, sess.run(None, feeds), strict=True))
@@ -268,14 +275,15 @@ def test_the_plan_counts_the_lora_slots_the_graph_builds(high: Runtime) -> None:
     assert mixed  # a configuration where the rule said no
 
 
-def test_a_tied_head_serves_the_embedding_and_the_plan_drops_the_fp32_table(
+def test_a_tied_head_serves_the_embedding_and_the_plan_holds_the_table_once(
     tiny_llama_bundle: Path, high: Runtime
 ) -> None:
-    """The fast graph gathers rows from the quantized head's codes: no fp32 table in the
-    graph, and the plan counts the head's codes twice (prepacked, and mapped for the gather)
-    instead of the fp32 table; the exact graph keeps the fp32 table (torch's)."""
+    """The fast graph gathers rows from the quantized head's codes: no table in the graph,
+    and the plan counts the head's codes once (prepacked) plus the rows of a full-context
+    prefill instead of the fp32 table; the exact graph keeps the fp32 table (torch's)."""
     from coalora.kernels import QuantOption
-    from coalora.runtime.plan import embedding_from_head
+    from coalora.runtime.graphs.llama import EMBED_ROWS, embedding_rows
+    from coalora.runtime.plan import embedding_from_head, fed_rows_bytes, prepacked_bytes
 
     option = embedding_from_head(high.bundle, high.arch, high.accuracy_level)
     assert option == QuantOption.parse(high.bundle.lm_head)
@@ -285,6 +293,17 @@ def test_a_tied_head_serves_the_embedding_and_the_plan_drops_the_fp32_table(
     ops = {n.op_type for n in proto.graph.node}
     assert "GatherBlockQuantized" in ops
     assert "model.embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
+    # the rows a run is fed are the head's own rows, read from the file
+    rows = high._decoder.rows
+    head = assemble._lm_head(high.bundle, high._mapped.base(), high.arch)
+    views = embedding_rows(head, high.arch.vocab_size, high.arch.hidden_size)
+    ids = np.array([[5, 3, 5, high.arch.vocab_size - 1]])
+    index, fed = rows.feeds(ids)
+    assert index.tolist() == [[1, 0, 1, 2]]
+    for name, view in zip(EMBED_ROWS, views, strict=True):
+        np.testing.assert_array_equal(fed[name], view[[3, 5, high.arch.vocab_size - 1]])
+    with pytest.raises(IndexError, match="token ids"):
+        rows.feeds(np.array([[high.arch.vocab_size]]))
     exact = Runtime.open(
         tiny_llama_bundle,
         budget=HIGH,
@@ -300,4 +319,7 @@ def test_a_tied_head_serves_the_embedding_and_the_plan_drops_the_fp32_table(
     exact_other = exact.accountant.other_weights_bytes
     # the exact graph also holds its dequantized head (3 x fp32): take that out first
     exact_base = exact_other - 3 * 4 * v * h
-    assert exact_base - fast_other == 4 * v * h - option.nbytes(v, h)
+    rows = fed_rows_bytes(high.arch, option, high.context_length)
+    prepack = prepacked_bytes(option, v, h) - option.nbytes(v, h)  # the fast head's copy
+    assert exact_base - fast_other == 4 * v * h - rows - prepack
+    assert rows == min(v, high.context_length) * option.nbytes(1, h) < option.nbytes(v, h)

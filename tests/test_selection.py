@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from coalora.runtime.budget import parse_budget
 from coalora.runtime.format.pareto import ParetoEntry, ParetoError, ParetoSet
 from coalora.runtime.plan import (
     DEFAULT_OVERHEAD,
+    PREPACKED_FACTOR,
     MemoryPlan,
     kv_cache_bytes_per_token,
     plan_memory,
@@ -82,12 +84,15 @@ def _plan_fn(space: ConfigSpace, context_length: int) -> Callable[[Configuration
 def test_plan_counts_every_part(space: ConfigSpace) -> None:
     config = space.uniform(QuantOption(4, 64))
     plan = _plan_fn(space, 1024)(config)
-    assert plan.quantized_weights_bytes == space.nbytes(config)
+    # the matrices as MatMulNBits holds them once prepacked: more than their stored bytes
+    resident = sum(
+        math.ceil(PREPACKED_FACTOR[4] * QuantOption(4, 64).nbytes(m.out_features, m.in_features))
+        for m in space.matrices
+    )
+    assert plan.quantized_weights_bytes == resident > space.nbytes(config)
     assert plan.kv_cache_bytes == 1024 * KV_PER_TOKEN
     assert plan.runtime_overhead_bytes == DEFAULT_OVERHEAD
-    assert (
-        plan.total == space.nbytes(config) + OTHER + LORA + 1024 * KV_PER_TOKEN + DEFAULT_OVERHEAD
-    )
+    assert plan.total == resident + OTHER + LORA + 1024 * KV_PER_TOKEN + DEFAULT_OVERHEAD
     assert plan.to_dict()["total"] == plan.total
     with pytest.raises(ValueError, match="context_length"):
         plan_memory(

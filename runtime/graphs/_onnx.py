@@ -69,8 +69,10 @@ class GraphBuilder:
         self._init_names: set[str] = set()
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
 
-    def input(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str | None] | None) -> str:
+        """``shape`` None: rank and dims unstated (shape inference then leaves them alone)."""
+        dims = None if shape is None else list(shape)
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, dims))
         return name
 
     def output(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> None:

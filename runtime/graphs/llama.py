@@ -51,6 +51,23 @@ from coalora.runtime.graphs.weights import (
 )
 
 ARCH_METADATA_KEY = "coalora.arch"
+# A tied head's rows, fed per run (``embedding_from_head``): codes, scales and packed zero
+# points of the run's tokens only, in GatherBlockQuantized's layout (``embedding_rows``);
+# ``input_ids`` then index these rows, not the vocabulary.
+EMBED_ROWS = ("embed_rows.qweight", "embed_rows.scales", "embed_rows.qzeros")
+
+
+def embedding_rows(
+    w: MatMulNBitsWeights, vocab: int, hidden: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A MatMulNBits matrix's arrays as GatherBlockQuantized reads a table: codes
+    [V, H * bits / 8] (the padding of a last partial block dropped), scales [V, n_blocks],
+    packed zero points [V, bytes]. Views, not copies: of a mapped file, they say which bytes
+    of it each row is."""
+    if hidden * w.bits % 8:
+        raise ValueError(f"hidden size {hidden} cannot hold whole bytes of {w.bits}-bit codes")
+    data = w.b.reshape(vocab, -1)[:, : hidden * w.bits // 8]
+    return data, w.scales.reshape(vocab, w.n_blocks), w.zero_points.reshape(vocab, -1)
 
 
 def rope_settings(
@@ -242,8 +259,8 @@ class _DecoderBuilder:
             head = w.lm_head
             if not isinstance(head, MatMulNBitsWeights) or not a.tie_word_embeddings:
                 raise ValueError("embedding_from_head needs a tied model with a quantized head")
-            self._embed_q[head.option] = head  # the gather reads the head's own codes
-            hidden = self._quantized_embedding(ids, head.option, quant_method)
+            self._embed_q[head.option] = head  # the head and the fed rows: the same codes
+            hidden = self._gather_rows(ids, head.option, fed=True)
             embed = ""
         elif quantize_embedding is None:
             embed = g.initializer("model.embed_tokens.weight", w.embed_tokens)
@@ -417,22 +434,28 @@ class _DecoderBuilder:
         return self._embed_q[option]
 
     def _quantized_embedding(self, ids: str, option: QuantOption, method: str) -> str:
-        """GatherBlockQuantized reads the MatMulNBits codes as [V, H * bits / 8] (the padding
-        of a last partial block dropped), scales [V, n_blocks], packed zero points per row."""
-        g, h = self.g, self.arch.hidden_size
-        if h * option.bits % 8:
-            raise ValueError(f"hidden size {h} cannot hold whole bytes of {option.bits}-bit codes")
-        w = self._quantize_embed(option, method)
-        v = self.arch.vocab_size
-        data = np.ascontiguousarray(w.b.reshape(v, -1)[:, : h * option.bits // 8])
+        self._quantize_embed(option, method)
+        return self._gather_rows(ids, option, fed=False)
+
+    def _gather_rows(self, ids: str, option: QuantOption, *, fed: bool) -> str:
+        """GatherBlockQuantized over the table quantized at ``option``: its arrays as
+        initializers, or (``fed``) graph inputs holding only the rows a run needs."""
+        g, a = self.g, self.arch
+        if fed:
+            # Shapes unstated: onnxruntime 1.32's shape inference for GatherBlockQuantized
+            # refuses zero points and scales whose row count is symbolic (measured).
+            u8, f32 = TensorProto.UINT8, TensorProto.FLOAT
+            arrays = [g.input(n, t, None) for n, t in zip(EMBED_ROWS, (u8, f32, u8), strict=True)]
+        else:
+            data, scales, zeros = embedding_rows(self._embed_q[option], a.vocab_size, a.hidden_size)
+            arrays = [
+                g.initializer("model.embed_tokens.qweight", np.ascontiguousarray(data)),
+                g.initializer("model.embed_tokens.scales", scales),
+                g.initializer("model.embed_tokens.qzeros", zeros),
+            ]
         return g.op(
             "GatherBlockQuantized",
-            [
-                g.initializer("model.embed_tokens.qweight", data),
-                ids,
-                g.initializer("model.embed_tokens.scales", w.scales.reshape(v, w.n_blocks)),
-                g.initializer("model.embed_tokens.qzeros", w.zero_points.reshape(v, -1)),
-            ],
+            [arrays[0], ids, arrays[1], arrays[2]],
             "/model/embed_tokens/GatherBlockQuantized",
             domain=MS,
             bits=option.bits,
@@ -519,8 +542,12 @@ def build_decoder(
                       needs; the head then runs once per prefill instead of once per token.
     embedding_from_head
                       a tied model whose head is given quantized: gather the token rows from
-                      the head's own codes (GatherBlockQuantized), the fp32 table unused
-                      (``plan.embedding_from_head`` decides; the plan counts it so).
+                      the head's own codes (GatherBlockQuantized), the fp32 table unused. The
+                      rows come in as inputs (``EMBED_ROWS``, ``embedding_rows``'s layout) with
+                      ``input_ids`` indexing them: the runtime reads them from the bundle file
+                      (``runtime.table_rows``), so the table is held once, as the head's
+                      prepacked copy (``plan.embedding_from_head`` decides; the plan counts
+                      it so).
     """
     if weights.embed_tokens is None:
         if not embedding_from_head:
