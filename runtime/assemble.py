@@ -191,7 +191,10 @@ def build_graph(
     held: dict[str, np.ndarray] | None = {} if external else None
     try:
         if isinstance(arch, LlamaArch):
-            weights = decoder_weights_from_arrays(arch, base, linears, adapters)
+            try:
+                weights = decoder_weights_from_arrays(arch, base, linears, adapters)
+            except ValueError as exc:
+                raise BundleError(f"{bundle.root}: {exc}") from None
             head = _lm_head(bundle, base, arch)
             if head is not None:
                 weights.lm_head = head

@@ -127,3 +127,22 @@ def test_embedding_rows_of_a_base_file_cut_after_open_are_refused(
     with pytest.raises(BundleError, match="base.safetensors: row"):
         rows.feeds(last)
     rows.close()
+
+
+def test_an_architecture_the_matrices_do_not_fit_is_refused_at_open(
+    tiny_llama_bundle: Path, tmp_path: Path
+) -> None:
+    """Heads that disagree with the stored k/v matrices (here num_key_value_heads dropped, so
+    it defaults to the query heads): one BundleError when the graph is built, not an
+    onnxruntime failure on the first run (the fed embedding rows leave shape inference
+    blind to it)."""
+    import json
+
+    root = Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    cfg = manifest["architecture"]["config"]
+    assert cfg["num_key_value_heads"] != cfg["num_attention_heads"]
+    del cfg["num_key_value_heads"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="k_proj is .* the architecture says"):
+        Runtime.open(root, budget="32bits", threads=1, context_length=128)

@@ -301,9 +301,18 @@ def decoder_weights_from_arrays(
 ) -> DecoderWeights:
     """Collect HF-named fp32 arrays (``model.embed_tokens.weight``, ...) and quantized linears."""
     n = arch.num_hidden_layers  # type: ignore[attr-defined]
-    missing = [k for k in llama_linear_shapes(arch) if k not in linears]
+    shapes = llama_linear_shapes(arch)
+    missing = [k for k in shapes if k not in linears]
     if missing:
         raise KeyError(f"quantized weights missing for {missing[:3]} ({len(missing)} in all)")
+    # Checked here, not left to the session: a graph fed its embedding rows has inputs of
+    # unstated shape, so onnxruntime would only fail on the first run.
+    for k, want in shapes.items():
+        got = (linears[k].N, linears[k].K)
+        if got != want:
+            raise ValueError(
+                f"{k} is {got[0]} x {got[1]}, the architecture says {want[0]} x {want[1]}"
+            )
 
     def f32(key: str) -> np.ndarray:
         if key not in arrays:
