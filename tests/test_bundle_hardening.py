@@ -138,11 +138,13 @@ def test_an_architecture_the_matrices_do_not_fit_is_refused_at_open(
     blind to it)."""
     import json
 
+    from coalora.runtime.format.spec import MANIFEST, Arch, Key
+
     root = Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))
-    manifest = json.loads((root / "manifest.json").read_text())
-    cfg = manifest["architecture"]["config"]
+    manifest = json.loads((root / MANIFEST).read_text())
+    cfg = manifest[Key.ARCHITECTURE][Arch.CONFIG]
     assert cfg["num_key_value_heads"] != cfg["num_attention_heads"]
     del cfg["num_key_value_heads"]
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="k_proj is .* the architecture says"):
         Runtime.open(root, budget="32bits", threads=1, context_length=128)
