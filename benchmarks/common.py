@@ -175,6 +175,18 @@ class LimitedRun:
     cgroup: str  # "cgroup v1 <path>" or "cgroup v2 <path>"
 
 
+def proc_status() -> dict[str, int]:
+    """This process's resident memory in bytes: VmRSS, its peak VmHWM, and RSS split into
+    anonymous and file-backed pages (RssAnon, RssFile)."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
 def _vm_hwm(pid: int) -> int | None:
     """The peak RSS so far of process ``pid`` (VmHWM), or None once it has exited."""
     try:

@@ -15,17 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import proc_status
 from benchmarks.runtime_speed import CONTEXT, NEW_TOKENS, PROMPT, THREADS, _ours
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def _reset_peak() -> None:
@@ -39,24 +30,24 @@ def child_memory(bundle: str, budget: str, switch_to: str) -> dict[str, Any]:
     ``budget``, steady RSS after 128 tokens, then peak RSS while switching to ``switch_to``."""
     from coalora.runtime.engine import Runtime
 
-    start = _status()
+    start = proc_status()
     _reset_peak()
     t0 = time.perf_counter()
     rt = Runtime.open(bundle, budget=budget, threads=THREADS, context_length=CONTEXT)
     open_s = time.perf_counter() - t0
-    opened = _status()
+    opened = proc_status()
     plan = rt.selection.plan
     open_bits = rt.selection.entry.bits
     open_timings = rt.timings.to_dict()
     ids = rt.encode_prompt(PROMPT)
     _ours(rt, ids)
-    served = _status()
+    served = proc_status()
     served_peak = served["VmHWM"]
     _reset_peak()
     t0 = time.perf_counter()
     rt.switch(switch_to)
     switch_s = time.perf_counter() - t0
-    switched = _status()
+    switched = proc_status()
     return {
         "budget": budget,
         "bits": open_bits,

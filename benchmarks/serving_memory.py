@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, read_result, report_only_parser, write_result
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    machine,
+    proc_status,
+    read_result,
+    report_only_parser,
+    write_result,
+)
 
 STEM = "serving_memory"
 DEFAULT_BUNDLE = ".cache/demo/smollm2-bbc"
@@ -36,59 +44,51 @@ PROMPTS = (
 )
 MB = 1e6
 
-CHILD = r"""
-import json, re, sys
-from coalora.runtime.engine import Runtime
-from coalora.runtime.sampling import SamplingParams
 
-bundle, budget, tokens, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-prompts = json.loads(sys.argv[5])
-
-def status():
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024
-            for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
-
-def mapped_base():
-    # Rss of every mapping of the bundle's base file
+def mapped_base_bytes() -> int:
+    """Resident bytes of this process's mappings of a bundle's base file (``/proc/self/smaps``)."""
     total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-            inside = line.rstrip().endswith("/base.safetensors")
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith("/base.safetensors")
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
     return total
 
-rt = Runtime.open(bundle, budget=budget, threads=2, context_length=512)
-plan = rt.plan(rt.config)
-rows = [{"tokens": 0, **status(), "mapped_base": mapped_base()}]
-served, i = 0, 0
-while served < tokens:
-    pieces = rt.stream(prompts[i % len(prompts)], max_new_tokens=max_new,
-                       sampling=SamplingParams(temperature=1.0, seed=i))
-    for _ in pieces:
-        pass
-    served += rt.last_stats.new_tokens
-    i += 1
-    rows.append({"tokens": served, **status(), "mapped_base": mapped_base()})
-print(json.dumps({"bits": rt.selection.entry.bits, "plan_total": plan.total,
-                  "plan_other_weights": plan.other_weights_bytes, "requests": i, "rows": rows}))
-"""
+
+def child(bundle: str, budget: str, tokens: int, max_new: int) -> dict[str, Any]:
+    """In a fresh process that imports only the runtime: open, then serve sampled requests
+    until ``tokens`` new tokens, reading the memory after each."""
+    from coalora.runtime.engine import Runtime
+    from coalora.runtime.sampling import SamplingParams
+
+    rt = Runtime.open(bundle, budget=budget, threads=2, context_length=512)
+    plan = rt.plan(rt.config)
+    rows = [{"tokens": 0, **proc_status(), "mapped_base": mapped_base_bytes()}]
+    served, i = 0, 0
+    while served < tokens:
+        sampling = SamplingParams(temperature=1.0, seed=i)
+        for _ in rt.stream(PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new, sampling=sampling):
+            pass
+        served += rt.last_stats.new_tokens
+        i += 1
+        rows.append({"tokens": served, **proc_status(), "mapped_base": mapped_base_bytes()})
+    return {
+        "bits": rt.selection.entry.bits,
+        "plan_total": plan.total,
+        "plan_other_weights": plan.other_weights_bytes,
+        "requests": i,
+        "rows": rows,
+    }
 
 
 def measure(bundle: str, budget: str, tokens: int, max_new: int) -> dict[str, Any]:
     t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "benchmarks.serving_memory", "--child"]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            bundle,
-            budget,
-            str(tokens),
-            str(max_new),
-            json.dumps(PROMPTS),
-        ],
+        [*cmd, str(Path(bundle).resolve()), budget, str(tokens), str(max_new)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -159,6 +159,11 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["--child"]:
+        bundle, budget, tokens, max_new = args_in[1:5]
+        print(json.dumps(child(bundle, budget, int(tokens), int(max_new))))
+        return 0
     p = report_only_parser(__doc__)
     p.add_argument("--bundle", default=DEFAULT_BUNDLE)
     p.add_argument("--budgets", default="3.5bits,4.5bits")
