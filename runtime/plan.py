@@ -359,15 +359,15 @@ class Accountant:
             base_bytes -= table if shipped else 0
         elif table and not shipped:
             base_bytes += table  # dequantized from the head's codes (spec.EMBED_TOKENS)
-        head = bundle.lm_head
-        if head and not exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
-            # the base file holds the head's stored bytes; its prepacked copy is larger
-            option, v, h = QuantOption.parse(head), arch.vocab_size, arch.hidden_size
-            base_bytes += prepacked_bytes(option, v, h) - option.nbytes(v, h)
-        if head and exact_as_fp32(QuantOption.parse(head).bits, accuracy_level):
-            # the exact graph holds the quantized head dequantized next to its codes, twice,
-            # plus the transient of dequantizing it (the graph's largest matrix)
-            base_bytes += (EXACT_FP32_COPIES + 1) * 4 * arch.vocab_size * arch.hidden_size
+        if bundle.lm_head:
+            head, v, h = QuantOption.parse(bundle.lm_head), arch.vocab_size, arch.hidden_size
+            if exact_as_fp32(head.bits, accuracy_level):
+                # the exact graph holds the quantized head dequantized next to its codes,
+                # twice, plus the transient of dequantizing it (the graph's largest matrix)
+                base_bytes += (EXACT_FP32_COPIES + 1) * 4 * v * h
+            else:
+                # the base file holds the head's stored bytes; its prepacked copy is larger
+                base_bytes += prepacked_bytes(head, v, h) - head.nbytes(v, h)
         return cls(
             bundle=bundle,
             lora_bits=lora_bits,

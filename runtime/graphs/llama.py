@@ -259,8 +259,7 @@ class _DecoderBuilder:
             head = w.lm_head
             if not isinstance(head, MatMulNBitsWeights) or not a.tie_word_embeddings:
                 raise ValueError("embedding_from_head needs a tied model with a quantized head")
-            self._embed_q[head.option] = head  # the head and the fed rows: the same codes
-            hidden = self._gather_rows(ids, head.option, fed=True)
+            hidden = self._gather_rows(ids, head, fed=True)  # the head's codes, row by row
             embed = ""
         elif quantize_embedding is None:
             embed = g.initializer("model.embed_tokens.weight", w.embed_tokens)
@@ -434,12 +433,11 @@ class _DecoderBuilder:
         return self._embed_q[option]
 
     def _quantized_embedding(self, ids: str, option: QuantOption, method: str) -> str:
-        self._quantize_embed(option, method)
-        return self._gather_rows(ids, option, fed=False)
+        return self._gather_rows(ids, self._quantize_embed(option, method), fed=False)
 
-    def _gather_rows(self, ids: str, option: QuantOption, *, fed: bool) -> str:
-        """GatherBlockQuantized over the table quantized at ``option``: its arrays as
-        initializers, or (``fed``) graph inputs holding only the rows a run needs."""
+    def _gather_rows(self, ids: str, w: MatMulNBitsWeights, *, fed: bool) -> str:
+        """GatherBlockQuantized over the table ``w``: its arrays as initializers, or (``fed``)
+        graph inputs holding only the rows a run needs."""
         g, a = self.g, self.arch
         if fed:
             # Shapes unstated: onnxruntime 1.32's shape inference for GatherBlockQuantized
@@ -447,7 +445,7 @@ class _DecoderBuilder:
             u8, f32 = TensorProto.UINT8, TensorProto.FLOAT
             arrays = [g.input(n, t, None) for n, t in zip(EMBED_ROWS, (u8, f32, u8), strict=True)]
         else:
-            data, scales, zeros = embedding_rows(self._embed_q[option], a.vocab_size, a.hidden_size)
+            data, scales, zeros = embedding_rows(w, a.vocab_size, a.hidden_size)
             arrays = [
                 g.initializer("model.embed_tokens.qweight", np.ascontiguousarray(data)),
                 g.initializer("model.embed_tokens.scales", scales),
@@ -458,8 +456,8 @@ class _DecoderBuilder:
             [arrays[0], ids, arrays[1], arrays[2]],
             "/model/embed_tokens/GatherBlockQuantized",
             domain=MS,
-            bits=option.bits,
-            block_size=option.block_size,
+            bits=w.bits,
+            block_size=w.block_size,
             gather_axis=0,
             quantize_axis=1,
         )
