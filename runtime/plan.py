@@ -58,8 +58,9 @@ measured before the runtime imported onnx; a tiny bundle then peaked at 1.8x its
 # MatMulNBits prepacks its weights into buffers larger than the stored codes, scales and zero
 # points (block sums and per-block figures for the int8 kernels, padding). Measured as the
 # anonymous RSS a one-node session holds once its mapped arrays are dropped (onnxruntime
-# 1.32, x86-64, accuracy level 4), over SmolLM2-, Gemma- and Qwen2.5-0.5B-shaped matrices:
-# 2-bit 1.36-1.82x (2b32 the most), 4-bit 1.25-1.44x, 8-bit 1.13-1.23x the option's bytes.
+# 1.32, x86-64, accuracy level 4; benchmarks/results/prepacked_memory.md), over SmolLM2-,
+# Gemma- and Qwen2.5-0.5B-shaped matrices: 2-bit 1.36-1.83x (2b32 the most), 4-bit
+# 1.25-1.45x, 8-bit 1.13-1.23x the option's bytes.
 # The plan takes each width's largest, rounded up. Where a kernel reads the originals instead
 # (2/8 bits on a Cortex-A72) it holds the stored bytes, fewer.
 PREPACKED_FACTOR = {2: 1.85, 4: 1.45, 8: 1.25}

@@ -74,6 +74,7 @@ SUMMARIES = {
     "scaling": "scaling",
     "quantizer_quality": "quantizer_quality",
     "serving_memory": "serving_memory",
+    "prepacked_memory": "prepacked_memory",
 }
 
 
@@ -105,6 +106,17 @@ def test_serving_memory_report() -> None:
     assert render(_json("serving_memory")) == (RESULTS / "serving_memory.md").read_text(
         encoding="utf-8"
     )
+
+
+def test_prepacked_memory_report_and_the_plans_factors() -> None:
+    from benchmarks.prepacked_memory import render
+    from coalora.runtime.plan import PREPACKED_FACTOR
+
+    res = _json("prepacked_memory")
+    assert render(res) == (RESULTS / "prepacked_memory.md").read_text(encoding="utf-8")
+    # the plan's factor for each width is at least the largest measured ratio
+    for bits, r in res["summary"]["prepacked_over_stored"].items():
+        assert PREPACKED_FACTOR[int(bits)] >= r["max"]
 
 
 def test_speed_prediction_report(tmp_path: Path) -> None:
