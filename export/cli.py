@@ -497,6 +497,7 @@ def main() -> None:
     ``error:`` line and exit code 2, as the commands' own errors are."""
     import sys
 
+    from coalora.runtime.entry import interrupted
     from coalora.runtime.tempfiles import exit_on_sigterm
 
     exit_on_sigterm()  # so a killed `export bundle` removes its partial output
@@ -510,6 +511,11 @@ def main() -> None:
             typer.echo(f"error: {' '.join(message.split())}", err=True)
         sys.exit(USAGE_ERROR)
     except (typer.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a Ctrl-C inside a lazily imported extension's initialisation
+        if not interrupted(exc):
+            raise
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -270,6 +270,42 @@ def test_sigint_while_the_command_loads_is_one_line(monkeypatch, capsys) -> None
     assert exc.value.code == 130 and one_error_line(capsys.readouterr().err)
 
 
+def test_sigint_inside_an_extensions_initialisation_is_one_line(monkeypatch, capsys) -> None:
+    """A Ctrl-C that lands while onnxruntime's extension initialises comes back as an
+    ``ImportError`` caused by the interrupt (seen on a slow machine): still one line, 130."""
+    from coalora.runtime import entry
+
+    class InterruptedInit:
+        def find_spec(self, name, path=None, target=None):
+            if name == "coalora.runtime.cli":
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt as cause:
+                    raise ImportError("initialization failed") from cause
+            return None
+
+    monkeypatch.delitem(sys.modules, "coalora.runtime.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedInit(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exc:
+        entry.coalora_run()
+    assert exc.value.code == 130 and one_error_line(capsys.readouterr().err)
+
+
+def test_an_import_error_that_is_no_interrupt_still_propagates(monkeypatch) -> None:
+    from coalora.runtime import entry
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name == "coalora.runtime.cli":
+                raise ImportError("a genuinely missing module")
+            return None
+
+    monkeypatch.delitem(sys.modules, "coalora.runtime.cli")
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(ImportError, match="genuinely missing"):
+        entry.coalora_run()
+
+
 def test_sigint_while_serving_is_one_line(tiny_llama_bundle: Path) -> None:
     argv = [str(tiny_llama_bundle), "--budget", "6bits", "--prompt", "hi", "--max-tokens", "60"]
     for delay in (1.0, 2.5):
