@@ -103,6 +103,17 @@ def write_result(stem: str, res: dict[str, Any], markdown: str, indent: int = 2)
         tmp.replace(RESULTS / name)
 
 
+def child_json(module: str, *args: str, what: str = "the child") -> dict[str, Any]:
+    """Run ``python -m module --child args`` (a fresh process: its RSS and imports are its own)
+    and return the JSON object its last stdout line holds; a failed child ends the benchmark
+    with one error line and the tail of its stderr."""
+    cmd = [sys.executable, "-m", module, "--child", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"error: {what} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def read_result(path: Path) -> dict[str, Any]:
     """A committed result JSON, for ``--report-only``."""
     if not path.is_file():

@@ -14,7 +14,6 @@ writes benchmarks/results/prepacked_memory.md and .json.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from benchmarks.common import (
     ROOT,
+    child_json,
     machine,
     proc_status,
     read_result,
@@ -141,14 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = []
         for shape in SHAPES:
-            cmd = [sys.executable, "-m", "benchmarks.prepacked_memory", "--child", *map(str, shape)]
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(child_json("benchmarks.prepacked_memory", *map(str, shape)))
         res = {"rows": rows, "command": "python -m benchmarks.prepacked_memory",
                "machine": machine(("coalora", "numpy", "onnxruntime"))}  # fmt: skip
         res["summary"] = summary(res)
-    write_result(STEM, res, render(res))
-    print(render(res))
+    text = render(res)
+    write_result(STEM, res, text)
+    print(text)
     return 0
 
 

@@ -49,6 +49,7 @@ from benchmarks.common import (
     RESULTS,
     ROOT,
     busy_core,
+    child_json,
     interleaved,
     machine,
     median,
@@ -175,9 +176,7 @@ def _ours(rt: Any, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict[str, fl
 
 
 def _child(kind: str, *args: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "--child", kind, *args]
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json("benchmarks.runtime_speed", kind, *args, what=f"the {kind} child")
 
 
 def peer_engines(threads: int) -> dict[str, anchors.Run]:

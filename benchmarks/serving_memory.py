@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from benchmarks.common import (
     RESULTS,
-    ROOT,
+    child_json,
     machine,
     proc_status,
     read_result,
@@ -85,17 +84,8 @@ def child(bundle: str, budget: str, tokens: int, max_new: int) -> dict[str, Any]
 
 def measure(bundle: str, budget: str, tokens: int, max_new: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "benchmarks.serving_memory", "--child"]
-    out = subprocess.run(
-        [*cmd, str(Path(bundle).resolve()), budget, str(tokens), str(max_new)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode:
-        raise SystemExit(f"error: the serving child failed at {budget}:\n{out.stderr[-2000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    args = (str(Path(bundle).resolve()), budget, str(tokens), str(max_new))
+    res = child_json("benchmarks.serving_memory", *args, what=f"the serving child at {budget}")
     res.update(budget=budget, wall_s=time.perf_counter() - t0)
     return res
 
@@ -194,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": runs,
     }
     res["summary"] = summary(res)
-    write_result(STEM, res, render(res))
-    print(render(res))
+    text = render(res)
+    write_result(STEM, res, text)
+    print(text)
     return 0
 
 
