@@ -254,38 +254,48 @@ def test_sigterm_cleans_up_owned_directories(tmp_path: Path) -> None:
     assert not made.exists()
 
 
-def test_sigint_while_the_command_loads_is_one_line(monkeypatch, capsys) -> None:
-    from coalora.runtime import entry
+def _loading_the_cli_raises(monkeypatch, raise_it) -> None:
+    """Make importing ``coalora.runtime.cli`` call ``raise_it`` (as a Ctrl-C or a broken
+    install would, while ``coalora-run`` loads its modules)."""
 
-    class Interrupting:
+    class Failing:
         def find_spec(self, name, path=None, target=None):
             if name == "coalora.runtime.cli":
-                raise KeyboardInterrupt
+                raise_it()
             return None
 
     monkeypatch.delitem(sys.modules, "coalora.runtime.cli")
-    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
-    with pytest.raises(SystemExit) as exc:
-        entry.coalora_run()
-    assert exc.value.code == 130 and one_error_line(capsys.readouterr().err)
+    monkeypatch.setattr(sys, "meta_path", [Failing(), *sys.meta_path])
 
 
-def test_sigint_inside_an_extensions_initialisation_is_one_line(monkeypatch, capsys) -> None:
-    """A Ctrl-C that lands while onnxruntime's extension initialises comes back as an
-    ``ImportError`` caused by the interrupt (seen on a slow machine): still one line, 130."""
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted_extension_init() -> None:
+    # what CPython raises when a Ctrl-C lands inside an extension module's initialisation
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as cause:
+        raise ImportError("initialization failed") from cause
+
+
+def _missing_module() -> None:
+    raise ImportError("a genuinely missing module")
+
+
+@pytest.mark.parametrize(
+    "raise_it",
+    [_interrupt, _interrupted_extension_init],
+    ids=["while-the-command-loads", "inside-an-extensions-initialisation"],
+)
+def test_sigint_while_loading_is_one_line(monkeypatch, capsys, raise_it) -> None:
+    """A Ctrl-C while the command loads, also one that lands while onnxruntime's extension
+    initialises and comes back as an ``ImportError`` caused by the interrupt (seen on a slow
+    machine): one line, exit 130."""
     from coalora.runtime import entry
 
-    class InterruptedInit:
-        def find_spec(self, name, path=None, target=None):
-            if name == "coalora.runtime.cli":
-                try:
-                    raise KeyboardInterrupt
-                except KeyboardInterrupt as cause:
-                    raise ImportError("initialization failed") from cause
-            return None
-
-    monkeypatch.delitem(sys.modules, "coalora.runtime.cli")
-    monkeypatch.setattr(sys, "meta_path", [InterruptedInit(), *sys.meta_path])
+    _loading_the_cli_raises(monkeypatch, raise_it)
     with pytest.raises(SystemExit) as exc:
         entry.coalora_run()
     assert exc.value.code == 130 and one_error_line(capsys.readouterr().err)
@@ -294,14 +304,7 @@ def test_sigint_inside_an_extensions_initialisation_is_one_line(monkeypatch, cap
 def test_an_import_error_that_is_no_interrupt_still_propagates(monkeypatch) -> None:
     from coalora.runtime import entry
 
-    class Broken:
-        def find_spec(self, name, path=None, target=None):
-            if name == "coalora.runtime.cli":
-                raise ImportError("a genuinely missing module")
-            return None
-
-    monkeypatch.delitem(sys.modules, "coalora.runtime.cli")
-    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    _loading_the_cli_raises(monkeypatch, _missing_module)
     with pytest.raises(ImportError, match="genuinely missing"):
         entry.coalora_run()
 
