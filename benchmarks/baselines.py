@@ -280,6 +280,15 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
         "of each fine-tune (CoA-LoRA's search adds forward passes on held-out batches, which its "
         "seconds include).",
     ]
+    epochs = res.get("coa_search_epochs") or []
+    if epochs:
+        total = sum(e["seconds"] for e in epochs)
+        lines += [
+            "",
+            f"CoA-LoRA's search: {total:.0f} s of its {res['train_seconds']['coa-lora']:.0f} s "
+            f"over {len(epochs)} epochs ({sum(e['evaluated'] for e in epochs)} configurations "
+            f"scored on held-out batches; GP fits {sum(e['fit_seconds'] for e in epochs):.0f} s).",
+        ]
     lines += ["", f"## Targets (positive = CoA-LoRA better, in {what})", ""]
     for key, label in (
         ("vs_per-config-lora", "vs per-configuration LoRA"),

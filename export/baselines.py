@@ -60,6 +60,9 @@ class BaselineResults:
     # (bits, metric) of every configuration in CoA-LoRA's last training set, measured on the
     # held-out batches (``measure_final_set``): what its search found, for a hypervolume
     coa_final_set: list[tuple[float, float]] = field(default_factory=list)
+    # what each of CoA-LoRA's search epochs did and cost (``SearchEpochLog``): the part of its
+    # fine-tuning seconds that the other methods do not spend
+    coa_search_epochs: list[dict[str, Any]] = field(default_factory=list)
     eval_examples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +77,7 @@ class BaselineResults:
             "coa_budget_seen": self.coa_budget_seen,
             "coa_seen_allocations": [list(p) for p in self.coa_seen_allocations],
             "coa_final_set": [list(p) for p in self.coa_final_set],
+            "coa_search_epochs": self.coa_search_epochs,
             "eval_examples": self.eval_examples,
         }
 
@@ -258,6 +262,7 @@ def run_baselines(
         coa_budget_seen=coa_seen,
         coa_seen_allocations=sorted(coa_alloc),
         coa_final_set=sorted(coa_final),
+        coa_search_epochs=[e.to_dict() for e in search.history],
         eval_examples=sum(_batch_size(b) for b in held_out),
     )
 

@@ -197,6 +197,9 @@ def test_baselines_measure_on_batches_the_search_did_not_see(inputs, tmp_path):
     assert res.eval_examples == 2 * opts.batch_size  # the two batches after the search's one
     assert len(res.coa_budget_seen) == 2
     assert res.coa_seen_allocations, "the starting allocations near the budgets are measured"
+    # one search per epoch (steps 2, one step each), its seconds part of the fine-tuning's
+    assert [e["epoch"] for e in res.coa_search_epochs] == [0, 1]
+    assert 0 < sum(e["seconds"] for e in res.coa_search_epochs) < res.train_seconds["coa-lora"]
     assert all(v > 0 for _, v in res.coa_seen_allocations)
     t = targets(res.to_dict())
     assert len(t["vs_per-config-lora"]) == 2 and len(t["within_per_config"]) == 2
