@@ -109,6 +109,10 @@ bench-serving-memory: install  ## resident memory against the plan over long ser
 bench-speed-prediction: install  ## --min-speed's predicted decode speed against measured, 5 configurations of the demo bundle; --exact against fast
 	$(PYTHON) -m benchmarks.speed_prediction --bundle $(DEMO_BUNDLE)
 
+.PHONY: bench-zero-points
+bench-zero-points: install  ## MatMulNBits with float zero points (a group-constant adapter folded into them) against uint8
+	$(PYTHON) -m benchmarks.zero_points
+
 .PHONY: bench-contention
 bench-contention: install  ## decode quiet and beside one busy core, threads spinning or not (the --spin auto rule)
 	$(PYTHON) -m benchmarks.contention --bundle $(DEMO_BUNDLE)

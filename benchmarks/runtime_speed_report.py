@@ -32,6 +32,10 @@ NOTES = [
     "change numerics and need a quality check on a trained bundle: quantizing A' at the "
     "base matrix's option and stacking it under W (one MatMulNBits + Split instead of a "
     "separate A node), or stacking B next to W along K.",
+    "- A group-constant adapter (QA-LoRA style) folds exactly into the zero points, but "
+    "only as float zero points: MatMulNBits then leaves its fast path at 2 and 4 bits and "
+    "refuses them at 8 bits (measured: benchmarks/results/zero_points.md), so that fold is "
+    "not taken.",
     "- Logits are computed for the last position only (a prefill runs the LM head once): "
     "a 128-token prompt held 25 MB more activations and ran the head 128 times before.",
     "- After a switch drops the old session, glibc keeps the freed heap (~120 MB measured); "

@@ -75,6 +75,7 @@ SUMMARIES = {
     "quantizer_quality": "quantizer_quality",
     "serving_memory": "serving_memory",
     "prepacked_memory": "prepacked_memory",
+    "zero_points": "zero_points",
 }
 
 
@@ -106,6 +107,12 @@ def test_serving_memory_report() -> None:
     assert render(_json("serving_memory")) == (RESULTS / "serving_memory.md").read_text(
         encoding="utf-8"
     )
+
+
+def test_zero_points_report() -> None:
+    from benchmarks.zero_points import report
+
+    assert report(_json("zero_points")) == (RESULTS / "zero_points.md").read_text(encoding="utf-8")
 
 
 def test_prepacked_memory_report_and_the_plans_factors() -> None:
