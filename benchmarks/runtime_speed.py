@@ -278,6 +278,7 @@ def prefill_rounds(bundle: Path, rounds: int) -> dict[str, Any]:
 
 
 def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[str, Any]:
+    from benchmarks import speed_prediction  # it imports this module's constants
     from coalora.runtime.engine import Runtime
 
     load_before = os.getloadavg()
@@ -312,8 +313,14 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
     engines[ONE_LLAMA] = lambda: llm1(ids)
     for b in BUDGETS:
         engines[b] = lambda b=b: _ours(runtimes[b], ids)
-    for run_once in engines.values():  # warm-up
-        run_once()
+    mean_pos = len(ids) + NEW_TOKENS // 2
+    # --min-speed's prediction of every budget, from costs measured here before any decode
+    costs, predicted = speed_prediction.predict(runtimes, mean_pos)
+    warm = {k: run_once() for k, run_once in engines.items()}  # warm-up
+    # the warm-up decode at the reference calibrates, as the runtime's first decode does
+    calibration = speed_prediction.calibrate(
+        predicted, REFERENCE_BUDGET, warm[REFERENCE_BUDGET]["decode_tok_s"]
+    )
     order = [REFERENCE_BUDGET, *PEERS, ONE_OURS, ONE_LLAMA]
     order += [b for b in BUDGETS if b != REFERENCE_BUDGET]
 
@@ -338,11 +345,11 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             if best is None or timing.total_s < best.total_s:
                 best = timing
         adapters[b] = {"theta_s": best.theta_s, "fold_s": best.fold_s, "total_s": best.total_s}
-    mean_pos = len(ids) + NEW_TOKENS // 2
     per_budget = {}
     for b, rt in runtimes.items():
         bpt = bytes_per_token(rt, mean_pos)
         dec = [x["decode_tok_s"] for x in runs[b]]
+        speed_prediction.score(predicted[b], median(dec))
         per_budget[b] = {
             "bits": rt.selection.entry.bits,
             "config_options": sorted({o.name for o in rt.config.values()}),
@@ -352,6 +359,8 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
             "bytes_per_token": bpt,
             "bandwidth_bound_tok_s": bw["read_gb_s"] * 1e9 / bpt["total"],
             "adapter": adapters[b],
+            "predicted_tok_s": predicted[b]["calibrated_tok_s"],
+            "prediction_error": predicted[b]["error"],
         }
     lc = [x["decode_tok_s"] for x in runs[LLAMA]]
     gguf_bytes = gguf_path().stat().st_size
@@ -401,6 +410,13 @@ def run(bundle: Path, rounds: int, profile: bool, random_weights: bool) -> dict[
                 for k in (ONE_OURS, ONE_LLAMA)
             },
         },
+        "prediction": {
+            "calibrated_by": REFERENCE_BUDGET,
+            "calibration": calibration,
+            "position": mean_pos,
+            "costs": costs.to_json(),
+            "rows": predicted,
+        },
         "runs": runs,
         "memory": memory,
         "profile": profile_res,
@@ -420,7 +436,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "ratio_vs_ort_genai": peers.get(ORT_GENAI, {}).get("ours_over_peer"),
         "lora_share": profile.get("lora_share"),
         "bound_fraction": ref["decode_tok_s_median"] / ref["bandwidth_bound_tok_s"],
-        "predicted_vs_measured_max_error": None,
+        "predicted_vs_measured_max_error": max(
+            (r["prediction_error"] for r in res["budgets"].values() if "prediction_error" in r),
+            default=None,
+        ),
         "ratio_vs_best_peer_contended": (res.get("contended") or {}).get("ours_over_best_peer"),
         "decode_tok_s": {b: r["decode_tok_s_median"] for b, r in res["budgets"].items()},
     }

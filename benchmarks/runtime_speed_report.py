@@ -112,6 +112,39 @@ def _peers(res: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _prediction(res: dict[str, Any]) -> list[str]:
+    """``--min-speed``'s predicted tok/s against the measured median, per budget (absent from
+    results before the prediction was part of this benchmark)."""
+    pred = res.get("prediction")
+    if not pred:
+        return []
+    rows = [(b, r) for b, r in res["budgets"].items() if "prediction_error" in r]
+    worst = max(r["prediction_error"] for _, r in rows)
+    c = pred["costs"]
+    return [
+        "## Predicted against measured (`--min-speed`)",
+        "",
+        "The runtime's prediction (runtime/speed.py: bytes read per option x the measured "
+        "seconds per weight, fp32 values, nodes x the measured seconds per node) at position "
+        f"{pred['position']}, from costs measured in this run before any decode ("
+        + ", ".join(f"{k} {v * 1e12:.0f} ps/weight" for k, v in c["seconds_per_weight"].items())
+        + f", {c['node_seconds'] * 1e6:.1f} us/node), calibrated by the warm-up decode at "
+        f"{pred['calibrated_by']} (x{pred['calibration']:.2f}, as the runtime's first decode "
+        "calibrates; the warm-up is not one of the measured rounds).",
+        "",
+        "| budget | predicted tok/s | measured tok/s (median) | error |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {b} | {r['predicted_tok_s']:.1f} | {r['decode_tok_s_median']:.1f} | "
+            f"{100 * r['prediction_error']:.1f}% |"
+            for b, r in rows
+        ),
+        "",
+        f"Largest error: **{100 * worst:.1f}%**.",
+        "",
+    ]
+
+
 def report(res: dict[str, Any]) -> str:
     m, bw = res["machine"], res["bandwidth"]
     v = m.get("versions", m)  # results before benchmarks/common.py kept versions at the top
@@ -194,6 +227,7 @@ def report(res: dict[str, Any]) -> str:
         + ").",
         "",
         *_peers(res),
+        *_prediction(res),
         "## Memory (each row a fresh process that imports only the runtime)",
         "",
         "Opened with a byte budget equal to the plan of the configuration (so 'peak <= "

@@ -46,9 +46,45 @@ def _spread(entries: list[Any], n: int) -> list[Any]:
     return [by_bits[round(i * (len(by_bits) - 1) / (n - 1))] for i in range(n)]
 
 
+def predict(runtimes: dict[str, Any], position: int) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The runtime's own prediction (``runtime/speed.py``) for each opened runtime at
+    ``position``, from costs measured afresh here (not the cache): the costs, and per key a
+    row with the uncalibrated ``predicted_tok_s`` and the work behind it."""
+    from coalora.runtime.speed import decode_work, measure, options_read
+
+    first = next(iter(runtimes.values()))
+    costs = measure(options_read(first.accountant), first.threads, first.accuracy_level)
+    rows = {}
+    for key, rt in runtimes.items():
+        work = decode_work(rt.accountant, rt.arch, rt.config, position)
+        rows[key] = {
+            "configuration": key,
+            "bits": rt.selection.entry.bits,
+            "predicted_tok_s": costs.tok_s(work),
+            "nodes": work.nodes,
+            "weights_read": {o.name: n for o, n in sorted(work.weights.items())},
+            "fp32_values_read": work.fp32_values,
+        }
+    return costs, rows
+
+
+def calibrate(rows: dict[str, dict[str, Any]], key: str, measured_tok_s: float) -> float:
+    """Scale every prediction by one decode of ``key`` (as the runtime's first decode
+    calibrates its costs): sets ``calibrated_tok_s`` on each row, returns the factor."""
+    calibration = measured_tok_s / rows[key]["predicted_tok_s"]
+    for row in rows.values():
+        row["calibrated_tok_s"] = row["predicted_tok_s"] * calibration
+    return calibration
+
+
+def score(row: dict[str, Any], measured_tok_s: float) -> None:
+    """|predicted - measured| / measured, calibrated (``error``) and not."""
+    row["uncalibrated_error"] = abs(row["predicted_tok_s"] - measured_tok_s) / measured_tok_s
+    row["error"] = abs(row["calibrated_tok_s"] - measured_tok_s) / measured_tok_s
+
+
 def run(bundle: str, rounds: int) -> dict[str, Any]:
     from coalora.runtime.engine import Runtime
-    from coalora.runtime.speed import decode_work, measure, options_read
 
     t_start = time.perf_counter()
     probe = Runtime.open(
@@ -76,26 +112,12 @@ def run(bundle: str, rounds: int) -> dict[str, Any]:
         accuracy_level=0,
     )
     ids = next(iter(runtimes.values())).encode_prompt(PROMPT)
-    costs = measure(options_read(probe.accountant), THREADS, probe.accuracy_level)
     position = len(ids) + NEW_TOKENS // 2
-    rows_by_key = {}
-    for key, rt in runtimes.items():
-        work = decode_work(rt.accountant, rt.arch, rt.config, position)
-        rows_by_key[key] = {
-            "configuration": key,
-            "bits": rt.selection.entry.bits,
-            "predicted_tok_s": costs.tok_s(work),
-            "nodes": work.nodes,
-            "weights_read": {o.name: n for o, n in sorted(work.weights.items())},
-            "fp32_values_read": work.fp32_values,
-        }
+    costs, rows_by_key = predict(runtimes, position)
     # one decode of the middle configuration calibrates, as the runtime's first decode does
     # (``speed.record_decode``); it is not one of the measured rounds
     mid_key = f"{middle.bits:.2f} bits"
-    mid = runtimes[mid_key]
-    calibration = _ours(mid, ids)["decode_tok_s"] / rows_by_key[mid_key]["predicted_tok_s"]
-    for row in rows_by_key.values():
-        row["calibrated_tok_s"] = row["predicted_tok_s"] * calibration
+    calibration = calibrate(rows_by_key, mid_key, _ours(runtimes[mid_key], ids)["decode_tok_s"])
     order = list(runtimes)
     runs = {k: (lambda rt=rt: _ours(rt, ids)) for k, rt in runtimes.items()}
     runs[exact_key] = lambda: _ours(exact, ids)
@@ -108,10 +130,7 @@ def run(bundle: str, rounds: int) -> dict[str, Any]:
         row["measured_tok_s_rounds"] = [r["decode_tok_s"] for r in rs]
         row["measured_tok_s"] = median(row["measured_tok_s_rounds"])
         row["load1"] = [r["load1"] for r in rs]
-        row["uncalibrated_error"] = (
-            abs(row["predicted_tok_s"] - row["measured_tok_s"]) / row["measured_tok_s"]
-        )
-        row["error"] = abs(row["calibrated_tok_s"] - row["measured_tok_s"]) / row["measured_tok_s"]
+        score(row, row["measured_tok_s"])
     rows = [rows_by_key[k] for k in order]
     return {
         "summary": {

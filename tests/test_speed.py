@@ -121,6 +121,33 @@ def test_a_prediction_adds_what_a_step_reads_and_runs() -> None:
     assert board.weight_seconds(QuantOption(4, 32)) == pytest.approx(per_weight / 1e9)
 
 
+def test_the_benchmarks_predict_calibrate_and_score_as_the_runtime_does(
+    rt: Runtime, tiny_llama_bundle: Path
+) -> None:
+    from benchmarks import speed_prediction
+
+    cheapest = min(rt.pareto.entries, key=lambda e: e.bits)
+    cheap = Runtime.open(
+        tiny_llama_bundle,
+        budget=f"{cheapest.bits + 1e-9:.9f}bits",
+        threads=1,
+        context_length=64,
+        build=False,
+    )
+    costs, rows = speed_prediction.predict({"cheap": cheap, "dear": rt}, position=20)
+    for key, r in (("cheap", cheap), ("dear", rt)):
+        work = decode_work(r.accountant, r.arch, r.config, 20)
+        assert rows[key]["predicted_tok_s"] == pytest.approx(costs.tok_s(work))
+        assert rows[key]["nodes"] == work.nodes
+    # one decode of "dear" at twice its prediction scales every prediction by 2
+    p = rows["dear"]["predicted_tok_s"]
+    assert speed_prediction.calibrate(rows, "dear", 2 * p) == pytest.approx(2.0)
+    assert rows["cheap"]["calibrated_tok_s"] == pytest.approx(2 * rows["cheap"]["predicted_tok_s"])
+    speed_prediction.score(rows["dear"], 3 * p)  # measured 3p: calibrated 2p, raw p
+    assert rows["dear"]["error"] == pytest.approx(1 / 3)
+    assert rows["dear"]["uncalibrated_error"] == pytest.approx(2 / 3)
+
+
 def test_measured_costs_are_cached_and_reused(monkeypatch: pytest.MonkeyPatch) -> None:
     opts = {QuantOption(4, 32), QuantOption(8, 32)}
     first = speed.device_speed(opts, threads=1)
