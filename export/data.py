@@ -20,26 +20,29 @@ from coalora.runtime.data import (  # noqa: F401  (re-exported: the exporter's d
     Task,
     TextDataset,
     bbc_news_dir,
+    lm_block_ids,
     load_bbc_news,
     load_dataset,
     load_jsonl,
     load_text_folder,
+    text_lead,
     train_val_split,
 )
 
 
 # -- tokenisation and batches ----------------------------------------------------------------
 def lm_blocks(texts: Sequence[str], tokenizer: Any, block_size: int) -> torch.Tensor:
-    """Concatenate documents (EOS between them) and cut into [n_blocks, block_size] ids."""
+    """Concatenate documents (EOS between them) and cut into [n_blocks, block_size] ids, each
+    block led by what the tokenizer puts before a text (``runtime.data.lm_block_ids``)."""
     if block_size < 2:
         raise DataError(f"block_size must be >= 2, got {block_size}")
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [t for doc in enc for t in (*doc, *sep)]
-    n = len(ids) // block_size
-    if n == 0:
-        raise DataError(f"{len(ids)} tokens are fewer than one block of {block_size}")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    probe = "a"
+    lead = text_lead(
+        tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"]
+    )
+    return torch.from_numpy(lm_block_ids(enc, sep, lead, block_size))
 
 
 def classification_tensors(

@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 
 from coalora.runtime.budget import Budget, BudgetError
-from coalora.runtime.data import DataError, TextDataset, load_dataset
+from coalora.runtime.data import (
+    TextDataset,
+    lm_block_ids,
+    load_dataset,
+    text_lead,
+)
 from coalora.runtime.engine import Runtime
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
 from coalora.runtime.format.spec import Key, Training
@@ -174,15 +179,16 @@ def _bundle_split(ds: TextDataset, record: dict[str, Any]) -> tuple[TextDataset,
 
 # -- measuring -------------------------------------------------------------------------------
 def lm_blocks(rt: Runtime, texts: Sequence[str], seq_len: int) -> np.ndarray:
-    """Documents joined with EOS between them, cut into [n, seq_len] ids (the exporter's
-    ``lm_blocks``, with the bundle's tokenizer)."""
-    enc = rt.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    eos = rt.eos_token_ids[:1]
-    ids = [t for e in enc for t in (*e.ids, *eos)]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise DataError(f"{len(ids)} tokens are fewer than one block of {seq_len}")
-    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    """Documents joined with EOS between them, cut into [n, seq_len] ids, each led by what the
+    tokenizer puts before a text (the exporter's ``lm_blocks``, with the bundle's tokenizer)."""
+    tok = rt.tokenizer
+    enc = tok.encode_batch(list(texts), add_special_tokens=False)
+    probe = "a"
+    lead = text_lead(
+        tok.encode(probe, add_special_tokens=True).ids,
+        tok.encode(probe, add_special_tokens=False).ids,
+    )
+    return lm_block_ids([e.ids for e in enc], rt.eos_token_ids[:1], lead, seq_len)
 
 
 def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:

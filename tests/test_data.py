@@ -149,6 +149,43 @@ def test_lm_blocks_and_batches(tokenizer):
         lm_blocks(["hi"], tokenizer, 64)
 
 
+def test_every_block_starts_as_the_tokenizer_starts_a_text():
+    from coalora.runtime.data import lm_block_ids, text_lead
+
+    assert text_lead([2, 10, 11], [10, 11]) == [2]  # Gemma: BOS first
+    assert text_lead([10, 11], [10, 11]) == []  # SmolLM2: nothing
+    assert text_lead([101, 10, 11, 102], [10, 11]) == [101]  # BERT: [CLS] before, [SEP] after
+    blocks = lm_block_ids([[5, 6, 7], [8, 9]], [1], [2], 4)
+    assert blocks.tolist() == [[2, 5, 6, 7], [2, 1, 8, 9]]
+    assert lm_block_ids([[5, 6, 7], [8, 9]], [1], [], 3).tolist() == [[5, 6, 7], [1, 8, 9]]
+    with pytest.raises(DataError, match="block_size must be >= 3"):
+        lm_block_ids([[5] * 10], [1], [2], 2)
+
+
+def test_the_exporter_and_the_device_cut_the_same_blocks_with_a_bos_tokenizer():
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from coalora.export.models import tiny_tokenizer
+    from coalora.runtime import evaluate
+
+    hf = tiny_tokenizer()
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", hf.bos_token_id)]
+    )
+    assert hf("hi")["input_ids"][0] == hf.bos_token_id
+    texts = ["first article text", "a second, longer article about something else entirely"]
+    exported = lm_blocks(texts, hf, 12)
+    device = evaluate.lm_blocks(
+        SimpleNamespace(tokenizer=hf.backend_tokenizer, eos_token_ids=[hf.eos_token_id]),
+        texts,
+        12,
+    )
+    assert exported.tolist() == device.tolist()
+    assert (exported[:, 0] == hf.bos_token_id).all() and exported.shape[1] == 12
+
+
 def test_classification_batches_trim_padding(tokenizer):
     ds = TextDataset(
         texts=["short", "a much longer text here", "mid text"] * 4,
