@@ -45,12 +45,11 @@ ZERO_POINTS = ("uint8", "float")
 
 
 def _session(k: int, n: int, option: str, zero_points: str, rng: np.random.Generator) -> Any:
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, DOMAIN
     from coalora.kernels.options import QuantOption
-    from coalora.runtime.graphs._onnx import external_tensor
-    from coalora.runtime.session import create_session
+    from coalora.runtime.speed import _session as probe_session
 
     o = QuantOption.parse(option)
     blocks = o.n_blocks(k)
@@ -74,18 +73,8 @@ def _session(k: int, n: int, option: str, zero_points: str, rng: np.random.Gener
         block_size=o.block_size,
         accuracy_level=DEFAULT_ACCURACY_LEVEL,
     )
-    graph = helper.make_graph(
-        [node],
-        "coalora_zero_points",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        initializer=[external_tensor(name, a) for name, a in arrays.items()],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
-    )
-    # a BuiltSession: it keeps alive the arrays onnxruntime reads in place
-    return create_session(model, threads=THREADS, initializers=arrays)
+    # the speed probes' session (the runtime's path; a BuiltSession keeps the arrays alive)
+    return probe_session([node], arrays, k, n, THREADS)
 
 
 def _timed(built: Any, feed: dict[str, np.ndarray]) -> dict[str, float]:
