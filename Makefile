@@ -134,6 +134,10 @@ bench-baselines: install  ## CoA-LoRA vs the baselines on MiniLM and SmolLM2 (ab
 	$(PYTHON) -m benchmarks.baselines --model minilm --threads 2
 	$(PYTHON) -m benchmarks.baselines --model smollm2 --threads 2
 
+.PHONY: bench-baselines-gemma3
+bench-baselines-gemma3: install  ## CoA-LoRA vs the baselines on Gemma 3 270M (about 1 h, 2 cores)
+	$(PYTHON) -m benchmarks.baselines --model gemma3 --threads 2
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 

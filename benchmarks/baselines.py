@@ -7,9 +7,11 @@ on held-out batches the configuration search never selected by.
 
 - MiniLM-L6 + BBC News topic classification: accuracy on held-out articles.
 - SmolLM2-135M + BBC News article text: held-out perplexity.
+- Gemma 3 270M (base) + BBC News article text: held-out perplexity.
 
     python -m benchmarks.baselines --model minilm
     python -m benchmarks.baselines --model smollm2
+    python -m benchmarks.baselines --model gemma3
 
 writes benchmarks/results/baselines_<model>.md, .json and .png. ``--quick`` runs a few steps
 on a subset (minutes; checks the harness, not a result to quote).
@@ -61,8 +63,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
         val_fraction=0.1,
         initial_budgets=16,
     ),
+    # A forward+backward pass costs ~2.5x SmolLM2's (6-7 s at batch 4 x 128 on 2 threads:
+    # the 262k-row head), and calibration plus the 1,134-entry cost table take ~11 minutes,
+    # so fewer steps fit the hour (measured with --quick).
+    "gemma3": dict(
+        steps=24,
+        batch_size=4,
+        seq_len=128,
+        steps_per_epoch=8,
+        eval_batches=2,  # the search's held-out batches (1,024 tokens)
+        val_fraction=0.1,
+        initial_budgets=12,
+    ),
 }
-EVAL_BATCHES = {"minilm": 20, "smollm2": 12}  # measured on (at most) this many more batches
+# measured on (at most) this many more batches
+EVAL_BATCHES = {"minilm": 20, "smollm2": 12, "gemma3": 8}
 QUICK = dict(steps=4, steps_per_epoch=2, limit=200, initial_budgets=8, search_candidates=32)
 
 

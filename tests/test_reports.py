@@ -47,7 +47,7 @@ def test_parity_report(tmp_path: Path) -> None:
     _same(out, "parity")
 
 
-@pytest.mark.parametrize("model", ["minilm", "smollm2"])
+@pytest.mark.parametrize("model", ["minilm", "smollm2", "gemma3"])
 def test_baselines_report(model: str, tmp_path: Path) -> None:
     from benchmarks.baselines import targets, train_passes, write_report
 
@@ -67,6 +67,7 @@ SUMMARIES = {
     "allocation": "allocation",
     "baselines_minilm": "baselines",
     "baselines_smollm2": "baselines",
+    "baselines_gemma3": "baselines",
     "parity": "parity",
     "parity_gemma3": "parity",
     "runtime_speed_gemma3": "runtime_speed_gemma3",
