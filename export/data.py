@@ -14,6 +14,7 @@ import torch
 
 from coalora.runtime.data import (  # noqa: F401  (re-exported: the exporter's data API)
     BBC_NAMES,
+    LEAD_PROBE,
     TASKS,
     DataError,
     Split,
@@ -34,13 +35,11 @@ from coalora.runtime.data import (  # noqa: F401  (re-exported: the exporter's d
 def lm_blocks(texts: Sequence[str], tokenizer: Any, block_size: int) -> torch.Tensor:
     """Concatenate documents (EOS between them) and cut into [n_blocks, block_size] ids, each
     block led by what the tokenizer puts before a text (``runtime.data.lm_block_ids``)."""
-    if block_size < 2:
-        raise DataError(f"block_size must be >= 2, got {block_size}")
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = "a"
     lead = text_lead(
-        tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"]
+        tokenizer(LEAD_PROBE)["input_ids"],
+        tokenizer(LEAD_PROBE, add_special_tokens=False)["input_ids"],
     )
     return torch.from_numpy(lm_block_ids(enc, sep, lead, block_size))
 

@@ -238,6 +238,9 @@ def train_val_split(ds: TextDataset, val_fraction: float = 0.1, seed: int = 0) -
 
 
 # -- language-model blocks ---------------------------------------------------------------------
+LEAD_PROBE = "a"  # a text to encode with and without special tokens (``text_lead``)
+
+
 def text_lead(with_specials: Sequence[int], plain: Sequence[int]) -> list[int]:
     """The ids a tokenizer puts before every text (Gemma's BOS; nothing for SmolLM2): the
     encoding of one text with special tokens, up to where its plain encoding starts."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from coalora.runtime.budget import Budget, BudgetError
 from coalora.runtime.data import (
+    LEAD_PROBE,
     TextDataset,
     lm_block_ids,
     load_dataset,
@@ -183,10 +184,9 @@ def lm_blocks(rt: Runtime, texts: Sequence[str], seq_len: int) -> np.ndarray:
     tokenizer puts before a text (the exporter's ``lm_blocks``, with the bundle's tokenizer)."""
     tok = rt.tokenizer
     enc = tok.encode_batch(list(texts), add_special_tokens=False)
-    probe = "a"
     lead = text_lead(
-        tok.encode(probe, add_special_tokens=True).ids,
-        tok.encode(probe, add_special_tokens=False).ids,
+        tok.encode(LEAD_PROBE, add_special_tokens=True).ids,
+        tok.encode(LEAD_PROBE, add_special_tokens=False).ids,
     )
     return lm_block_ids([e.ids for e in enc], rt.eos_token_ids[:1], lead, seq_len)
 
