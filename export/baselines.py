@@ -3,7 +3,7 @@ training configuration set and held-out batches as ``run_export``; only the adap
 
 Methods (quality at the optimal allocation of every budget):
 
-- ``coa-lora``        the method: shared LoRA + θ, Pareto search every epoch (as ``run_export``)
+- ``coa-lora``        the method: shared LoRA + θ, Pareto search between epochs (as ``run_export``)
 - ``shared-lora``     one LoRA for every configuration (``use_theta=False``), trained over the
                       same starting configuration set
 - ``per-config-lora`` one LoRA fine-tuned per evaluated configuration (its own single-config

@@ -275,7 +275,10 @@ def export_train(
     steps_per_epoch: Annotated[int | None, typer.Option(help=_flag_help("steps_per_epoch"))] = None,
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", help="Pareto searches over the run (sets --steps-per-epoch)."),
+        typer.Option(
+            "--epochs",
+            help="Epochs over the run, a Pareto search between each two (sets --steps-per-epoch).",
+        ),
     ] = None,
     eval_batches: Annotated[int | None, typer.Option(help=_flag_help("eval_batches"))] = None,
     sweep_batches: Annotated[int | None, typer.Option(help=_flag_help("sweep_batches"))] = None,

@@ -6,7 +6,7 @@
     4. quantize + cost table: each (matrix, option) once, with that importance (the codes the
        bundle ships), then the calibration-weighted error of each
     5. initial training set: optimal (MILP) allocations at budgets over the whole bit range
-    6. train CoA-LoRA, the Pareto search growing/pruning the training set every epoch
+    6. train CoA-LoRA, the Pareto search growing/pruning the training set between epochs
     7. dense sweep on held-out data: allocations at 2.5 ... 8 bits and unseen random
        configurations, each measured with the trained adapter; keep the non-dominated ones
     8. write the bundle (atomically), with a record of how it was trained
@@ -229,7 +229,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
             sets = TrainingSets(work / TRAINING_SETS_FILE, initial, space, write=main)
             log.info("initial training set: %d configurations", len(initial))
 
-        # 6. train, the Pareto search refreshing the set every epoch
+        # 6. train, the Pareto search refreshing the set between epochs
         with phase("train"):
             train_dir = work / TRAIN_DIR
             done_before = checkpoint_step(train_dir)

@@ -192,12 +192,12 @@ def test_baselines_give_a_metric_per_method_and_budget(inputs, tmp_path):
 def test_baselines_measure_on_batches_the_search_did_not_see(inputs, tmp_path):
     from benchmarks.baselines import targets
 
-    opts = _opts(inputs, tmp_path, steps=2, steps_per_epoch=1)
+    opts = _opts(inputs, tmp_path, steps=3, steps_per_epoch=1)
     res = run_baselines(opts, [3.5, 5.0], methods=("coa-lora", "per-config-lora"), eval_batches=2)
     assert res.eval_examples == 2 * opts.batch_size  # the two batches after the search's one
     assert len(res.coa_budget_seen) == 2
     assert res.coa_seen_allocations, "the starting allocations near the budgets are measured"
-    # one search per epoch (steps 2, one step each), its seconds part of the fine-tuning's
+    # a search between each two of the 3 one-step epochs, its seconds part of the fine-tuning's
     assert [e["epoch"] for e in res.coa_search_epochs] == [0, 1]
     assert 0 < sum(e["seconds"] for e in res.coa_search_epochs) < res.train_seconds["coa-lora"]
     assert all(v > 0 for _, v in res.coa_seen_allocations)

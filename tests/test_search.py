@@ -197,12 +197,12 @@ def test_search_runs_as_the_training_epoch_hook():
         model,
         _lm_batches(),
         start,
-        steps=4,
+        steps=6,
         steps_per_epoch=2,
         on_epoch_end=search,
         progress=False,
     )
-    assert [h.epoch for h in search.history] == [0, 1]
+    assert [h.epoch for h in search.history] == [0, 1]  # between epochs, none after the last
     assert all(h.proposed == 2 for h in search.history)
     # the second epoch re-evaluated exactly the set the first returned
     assert search.history[1].set_size == search.history[0].next_size

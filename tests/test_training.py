@@ -257,11 +257,12 @@ def test_epoch_callback_replaces_config_set():
         model,
         _lm_batches(),
         first,
-        steps=4,
+        steps=6,
         steps_per_epoch=2,
         on_epoch_end=on_epoch_end,
         progress=False,
     )
+    # between the three epochs only: a set returned after the last step would never train
     assert seen == [(0, 3), (1, 1)]
     assert result.configs == second
     assert result.history[-1]["losses"][0]["bits"] == pytest.approx(

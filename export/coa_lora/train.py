@@ -212,9 +212,10 @@ def train(
     """Train ``model`` for ``steps`` steps on ``batches(step)``.
 
     ``configs`` is the training configuration set. With ``steps_per_epoch``, ``on_epoch_end``
-    is called after every epoch with (epoch, model, current set) and may return the next set
-    (the Pareto search's hook). With ``out_dir`` the loop writes ``train_log.jsonl`` and a
-    checkpoint every ``checkpoint_every`` steps and at the end; ``resume`` continues from it.
+    is called after every epoch but the last with (epoch, model, current set) and may return
+    the next set (the Pareto search's hook). With ``out_dir`` the loop writes
+    ``train_log.jsonl`` and a checkpoint every ``checkpoint_every`` steps and at the end;
+    ``resume`` continues from it.
     The learning-rate schedule spans ``steps``: resume with the same ``steps``.
     ``stop_after`` ends this call early at that step (checkpointed), for time-sliced jobs.
     """
@@ -275,7 +276,14 @@ def train(
                 for c, v in zip(eval_configs, metrics, strict=True)
             ]
             model.train()
-        if steps_per_epoch and on_epoch_end is not None and done % steps_per_epoch == 0:
+        # No hook after the last step: a set returned then would never be trained on (the
+        # deployable set is the sweep's), and the search's measurements are its whole cost.
+        if (
+            steps_per_epoch
+            and on_epoch_end is not None
+            and done % steps_per_epoch == 0
+            and done < steps
+        ):
             new_set = on_epoch_end(done // steps_per_epoch - 1, model, config_set)
             model.train()
             if new_set is not None:
