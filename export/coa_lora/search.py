@@ -6,7 +6,7 @@ Two objectives per configuration, both minimised:
 - task loss (mean token NLL / cross-entropy) on held-out batches, measured with the CURRENT
   adapter (``evaluate_configs(..., metric="loss")``).
 
-Every epoch (``ParetoSearch.__call__``, the ``train(..., on_epoch_end=)`` hook):
+Between epochs (``ParetoSearch.__call__``, the ``train(..., on_epoch_end=)`` hook):
 
 1. re-evaluate the current set with the current adapter (older losses belong to an older
    adapter and are not comparable);
