@@ -505,6 +505,20 @@ def _cost_array(space: ConfigSpace, costs: CostTable | np.ndarray | None) -> np.
     return arr
 
 
+def _without_compiled_acquisition() -> None:
+    """Keep botorch on its PyTorch qLogEHVI path.
+
+    On first use, botorch 0.18 JIT-compiles a fused C++ kernel for this acquisition and caches
+    it under ``~/.cache/torch_extensions``. The compile took 45 s of SmolLM2's first search on
+    2 cores, and every fresh machine or CI runner pays it again (a machine with no compiler
+    only gets a warning). The PyTorch path picks the same configurations about 0.7 s slower
+    per epoch on 256 candidates. A kernel that is already loaded is kept."""
+    from botorch.acquisition.multi_objective import logei
+
+    if getattr(logei, "_C", None) is None:
+        logei._load_attempted = True
+
+
 class ParetoSearch:
     """The epoch hook that grows and prunes the training configuration set.
 
@@ -766,6 +780,7 @@ class ParetoSearch:
         )
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
+        _without_compiled_acquisition()
         dt = torch.float64
         X = torch.as_tensor(self.features(configs), dtype=dt)
         Y = -torch.as_tensor(losses, dtype=dt).unsqueeze(-1)  # botorch maximises
