@@ -627,6 +627,9 @@ class Runtime:
             return
         position = stats.prompt_tokens + stats.new_tokens // 2
         work = decode_work(self.accountant, self.arch, self.config, position)
+        # costs measured for another bundle's options: nothing to calibrate (the answer is out)
+        if not known.prices(work):
+            return
         predicted = known.tok_s(work)
         record_decode(self.threads, self.accuracy_level, predicted, stats.decode_tok_s)
         self._speeds[""] = replace(known, calibration=stats.decode_tok_s / predicted)

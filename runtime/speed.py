@@ -192,6 +192,12 @@ class DeviceSpeed:
     def tok_s(self, work: DecodeWork) -> float:
         return self.calibration / self.seconds(work)
 
+    def prices(self, work: DecodeWork) -> bool:
+        """Whether every option ``work`` reads has a cost here (measured, or by bandwidth)."""
+        return bool(self.bandwidth_bytes_per_s) or all(
+            o.name in self.seconds_per_weight for o in work.weights
+        )
+
     def weight_seconds(self, option: QuantOption) -> float:
         s = self.seconds_per_weight.get(option.name)
         if s is not None:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,26 @@ def _write_cache(rt: Runtime, costs: DeviceSpeed) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     key = speed._machine_key(rt.threads, rt.accuracy_level)
     path.write_text(json.dumps({"version": 1, "machines": {key: costs.to_json()}}))
+
+
+def test_a_cache_measured_for_other_options_does_not_break_a_decode(
+    tiny_llama_bundle: Path,
+) -> None:
+    """The machine's cache holds the options of the bundle that measured it; a decode of a
+    bundle reading another option is served and leaves the cache uncalibrated."""
+    opened = Runtime.open(tiny_llama_bundle, budget="8bits", threads=1, build=False)
+    costs = _costs()
+    work = decode_work(opened.accountant, opened.arch, opened.config, 8)
+    missing = sorted({o.name for o in work.weights} & set(costs.seconds_per_weight))[0]
+    partial = replace(
+        costs,
+        seconds_per_weight={n: v for n, v in costs.seconds_per_weight.items() if n != missing},
+    )
+    _write_cache(opened, partial)
+    served = Runtime.open(tiny_llama_bundle, budget="8bits", threads=1, context_length=64)
+    out = served.generate_ids([2, 5, 7], speed.CALIBRATION_TOKENS, None)
+    assert len(out) >= 1
+    assert speed.cached_speed(1).calibration == 1.0
 
 
 def test_min_speed_picks_the_best_configuration_fast_enough(tiny_llama_bundle: Path) -> None:
