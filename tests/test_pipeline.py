@@ -65,6 +65,26 @@ def _opts(inputs: dict[str, Path], tmp_path: Path, **kw) -> ExportOptions:
     return ExportOptions(out=tmp_path / "bundle", **values)
 
 
+def test_each_matrix_is_quantized_once_per_option(inputs, tmp_path, monkeypatch):
+    """The residual init, the cost table, training, the sweep and the bundle share one
+    quantization of each (matrix, option): with gptq it is most of a fresh export's time."""
+    from coalora.export.coa_lora import layer as layer_module
+
+    calls: list[tuple[tuple[int, ...], float, str]] = []
+    real = layer_module.quantize_matrix
+
+    def counted(w, option, *args, **kwargs):
+        calls.append((w.shape, float(abs(w).sum()), option.name))
+        return real(w, option, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "quantize_matrix", counted)
+    opts = _opts(inputs, tmp_path, quantizer="gptq")
+    res = run_export(opts)
+    assert Bundle.open(res.bundle, verify="all")
+    n_matrices = len(Bundle.open(res.bundle).space.matrices)
+    assert len(calls) == len(set(calls)) == n_matrices * len(opts.options)
+
+
 def test_export_end_to_end_then_reuse(inputs, tmp_path, caplog):
     opts = _opts(inputs, tmp_path)
     res = run_export(opts)
