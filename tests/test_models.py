@@ -327,6 +327,21 @@ def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path: Path) -> No
         load_model(str(path))
 
 
+def test_a_gguf_is_parsed_once_per_load(tmp_path: Path) -> None:
+    """The config, the weights and the tokenizer each open a reader; they share one."""
+    import gguf
+
+    from coalora.export.models import _one_gguf_reader
+
+    path = _tiny_gguf(tmp_path / "m.gguf", "llama")
+    real = gguf.GGUFReader
+    with _one_gguf_reader():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is first
+        assert first.fields["general.architecture"].contents() == "llama"
+    assert gguf.GGUFReader is real and real(str(path)) is not first
+
+
 def test_a_truncated_gguf_is_refused(tmp_path: Path) -> None:
     from coalora.export.models import ModelLoadError
 
