@@ -273,7 +273,10 @@ def test_export_classifier_from_labelled_jsonl(tmp_path):
 
 def test_presets_layer_model_fast_and_overrides():
     lm = ExportOptions.for_model("smollm2", "out", fast=True)
-    assert (lm.steps, lm.batch_size, lm.eval_batches) == (16, 2, 2)
+    # SmolLM2's own fast row trains longer, with the fast row's 3 searches
+    assert (lm.steps, lm.steps_per_epoch, lm.batch_size, lm.eval_batches) == (72, 18, 2, 2)
+    gemma = ExportOptions.for_model("gemma3", "out", fast=True)
+    assert (gemma.steps, gemma.steps_per_epoch) == (16, 4)
     # a classifier's fast preset measures accuracy on 8x more held-out articles
     clf = ExportOptions.for_model("MiniLM", "out", fast=True)
     assert (clf.steps, clf.batch_size, clf.eval_batches, clf.val_fraction) == (16, 8, 4, 0.2)
