@@ -113,10 +113,16 @@ def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
 
 
 # The quality levers as they were before the recipe (the search quantizer, uniform draws,
-# B = 0, cross-entropy only, the whole set re-scored): what a result with no recorded levers
-# trained with, and where every row of the quality ablation starts.
+# B = 0, cross-entropy only, the whole set re-scored, unweighted output error in the allocator):
+# what a result with no recorded levers trained with, and where every row of the quality
+# ablation starts.
 LEVERS_BEFORE: dict[str, Any] = dict(
-    quantizer="search", sampler="uniform", lora_init="zero", distill_weight=0.0, search_rescore=0
+    quantizer="search",
+    sampler="uniform",
+    lora_init="zero",
+    distill_weight=0.0,
+    search_rescore=0,
+    cost_weights="output",
 )
 
 

@@ -30,11 +30,12 @@ from coalora.export.phases import (
     TrainingSets,
     cached_calibration,
     cached_cost_table,
+    cached_row_weights,
     held_out_batches,
     input_hessians,
     torch_threads,
 )
-from coalora.export.workdir import CALIBRATION_FILE, COSTS_FILE, work_dir_for
+from coalora.export.workdir import CALIBRATION_FILE, COSTS_FILE, GRADIENTS_FILE, work_dir_for
 from coalora.kernels import Configuration
 
 log = logging.getLogger("coalora.export.baselines")
@@ -138,6 +139,7 @@ def run_baselines(
         moments, _ = cached_calibration(
             loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
         )
+        row_weights = cached_row_weights(opts, loaded, texts, work / GRADIENTS_FILE, opts.fresh)
         hessians = input_hessians(opts, loaded, texts)
         coa = CoALoRAModel(
             loaded.model,
@@ -148,7 +150,9 @@ def run_baselines(
             method=opts.quantizer,
             hessians=hessians,
         )
-        costs, _ = cached_cost_table(coa, moments, work / COSTS_FILE, opts.fresh, opts.progress)
+        costs, _ = cached_cost_table(
+            coa, moments, work / COSTS_FILE, opts.fresh, opts.progress, row_weights=row_weights
+        )
         try:
             configs = [allocate(space, costs, float(b)) for b in budgets]
         except BudgetError as exc:

@@ -151,3 +151,86 @@ def activation_second_moments(
         else np.zeros(lin.in_features)
         for name, lin in linears.items()
     }
+
+
+def output_gradient_moments(
+    loaded: LoadedModel, texts: list[str], max_length: int = 256, batch_size: int = 2
+) -> dict[str, np.ndarray] | None:
+    """E[(dL/dy_j)^2] of every quantizable linear's output channel j over the (non-padding)
+    tokens, L the summed next-token cross-entropy of the model as loaded: how much an error in
+    that output moves the loss (the diagonal Fisher of the outputs).
+
+    The cost table weighs a matrix's per-row output error by it, so the allocator spends bits
+    where the loss feels them, not where the output error is merely large. ``None`` for an
+    encoder: its task head is not trained yet, so there is no loss to differentiate.
+    """
+    import torch
+
+    if loaded.kind != "causal-lm":
+        return None
+    if not texts:
+        raise CalibrationError("calibration needs at least one text")
+    linears = quantizable_linears(loaded.model)
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    keep: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.detach().reshape(-1, g.shape[-1])[keep["mask"]].double()
+            s = g.pow(2).sum(0)
+            sums[name] = s if name not in sums else sums[name] + s
+            counts[name] = counts.get(name, 0) + g.shape[0]
+
+        def hook(_module, _args, out):
+            if out.requires_grad:
+                out.register_hook(on_grad)
+
+        return hook
+
+    def needs_grad(_module, _args, out):
+        # Gradients reach every activation without computing any weight's.
+        return out.requires_grad_()
+
+    model = loaded.model
+    tok = loaded.tokenizer
+    side = getattr(tok, "padding_side", "right")
+    tok.padding_side = "right"
+    handles = [lin.register_forward_hook(hook_for(n)) for n, lin in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+    device = next(model.parameters()).device
+    # No weight gets a gradient (a third of the backward pass, and the model's size in memory).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(texts), batch_size):
+                enc = tok(
+                    texts[start : start + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                )
+                ids = enc["input_ids"].to(device)
+                mask = enc["attention_mask"].to(device)
+                keep["mask"] = mask.reshape(-1).bool()
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
+                )
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        tok.padding_side = side
+    return {
+        name: (sums[name] / max(counts[name], 1)).cpu().numpy()
+        if name in sums
+        else np.zeros(lin.out_features)
+        for name, lin in linears.items()
+    }

@@ -21,6 +21,10 @@ TASKS = ("auto", "causal-lm", "classify")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LAYERWISE = ("auto", "on", "off")
+# How the allocator weighs output error. "loss" is the default by measurement: on the SmolLM2
+# demo it lowers the stored perplexity at 3 / 3.5 / 4 / 5 bits from 49.8 / 38.9 / 33.5 / 23.9
+# ("output") to 41.7 / 32.1 / 26.8 / 23.0, for a 6 s backward pass (PRESETS["fast:smollm2"]).
+COST_WEIGHTS = ("loss", "output")
 
 
 class ExportError(ValueError):
@@ -106,6 +110,13 @@ class ExportOptions:
         DEFAULT_QUANTIZER,
         "gptq (error feedback through the input Hessian), gptq-act (the same, costliest "
         "input columns first), search (per-block clipping search) or rtn (round-to-nearest).",
+    )
+    # The choices and the default's measurement: COST_WEIGHTS.
+    cost_weights: str = _opt(
+        "loss",
+        "How the bit allocator weighs a matrix's output error: loss (each output channel by "
+        "E[(dL/dy)^2], one backward pass over the calibration texts; causal LMs) or output "
+        "(every channel alike).",
     )
     # the deployable Pareto set
     sweep_lo: float = _opt(2.5, "Lowest sweep budget, bits per weight.")
@@ -250,6 +261,10 @@ class ExportOptions:
             raise ExportError(
                 f"unknown quantizer {self.quantizer!r}: expected one of {', '.join(QUANTIZERS)}"
             )
+        if self.cost_weights not in COST_WEIGHTS:
+            raise ExportError(
+                f"unknown cost-weights {self.cost_weights!r}: expected {' or '.join(COST_WEIGHTS)}"
+            )
         if self.search_rescore == 1 or self.search_rescore < 0:
             raise ExportError(f"search-rescore must be 0 (all) or >= 2, got {self.search_rescore}")
         if self.sweep_step <= 0 or self.sweep_lo > self.sweep_hi:
@@ -365,6 +380,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 27.1 / 24.6 (72), 1 thread each beside another run. The 3.5 / 5-bit ratio stays 1.58-1.82
     # and the 3.5-bit answer stays wrong; at 48 steps, lr 4e-3 (45.1 at 3.5 bits) and KL-only
     # distillation (50.5 at 3.5 bits, 38.6 at 5) did not help.
+    # Loss-weighted allocation costs (COST_WEIGHTS; 2 threads, one run after another on a quiet
+    # machine): 2.5 / 3.5 / 4.5 / 5 bits 55.8 / 38.9 / 27.3 / 23.9 -> 56.0 / 32.1 / 24.2 / 23.0,
+    # the 3.5 / 5-bit ratio 1.63 -> 1.40; calibration 8.1 -> 13.8 s. The 3.5-bit answer is wrong
+    # ("France is a country with a capital of 192,000 people ..."), on --exact too. Tried with
+    # it and not kept, all wrong at 3.5 bits: distillation at 0.5 (34.4), gptq-act (32.4: "the
+    # capital of the 2017 Paris Agreement"), 144 steps (28.9, 303 s), gptq-act + 144 (30.6).
     "fast:smollm2": dict(quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18),
 }
 FAST = "fast"

@@ -2,9 +2,10 @@
 
     1. data: load and validate, fixed-seed held-out split (recorded)
     2. model: load it, its configuration space; every bad input has failed by now
-    3. calibration: E[x_k^2] of every quantized matrix's input on a few training texts
+    3. calibration: E[x_k^2] of every quantized matrix's input on a few training texts, and
+       (causal LMs) E[(dL/dy_j)^2] of its outputs, which weigh each output's error in step 4
     4. quantize + cost table: each (matrix, option) once, with that importance (the codes the
-       bundle ships), then the calibration-weighted error of each
+       bundle ships), then the calibration- (and loss-) weighted error of each
     5. initial training set: optimal (MILP) allocations at budgets over the whole bit range
     6. train CoA-LoRA, the Pareto search growing/pruning the training set between epochs
     7. dense sweep on held-out data: allocations at 2.5 ... 8 bits and unseen random
@@ -42,6 +43,7 @@ from coalora.export.phases import (
     TrainingSets,
     cached_calibration,
     cached_cost_table,
+    cached_row_weights,
     cached_sweep,
     final_loss,
     held_out_batches,
@@ -52,6 +54,7 @@ from coalora.export.phases import (
 from coalora.export.workdir import (
     CALIBRATION_FILE,
     COSTS_FILE,
+    GRADIENTS_FILE,
     LOG_FILE,
     SEARCH_LOG_FILE,
     SUMMARY_FILE,
@@ -193,6 +196,9 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
                     loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
                 )
             )
+            row_weights = distributed.main_first(
+                lambda: cached_row_weights(opts, loaded, texts, work / GRADIENTS_FILE, opts.fresh)
+            )
 
         # 4. the adapter model (quantizing with that importance, as the bundle will) and the
         # cost table read off its quantized weights
@@ -217,6 +223,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
                 opts.progress,
                 layerwise=layerwise,
                 write=main,
+                row_weights=row_weights,
             )
             costs = distributed.broadcast(costs)  # one table: the MILP starts must agree
 

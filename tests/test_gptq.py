@@ -117,6 +117,16 @@ def test_output_error_is_the_quadratic_form() -> None:
     assert output_error(d, importance=np.diag(h)) == pytest.approx(
         float(np.sum(d**2 * np.diag(h))), rel=1e-9
     )
+    # Row weights: E sum_j w_j (D x)_j^2, with or without the full Hessian.
+    wr = rng.uniform(0, 3, size=5)
+    weighted = float(np.mean(((x @ d.T) ** 2) @ wr))
+    assert output_error(d, hessian=Hessian(h), row_weights=wr) == pytest.approx(weighted, rel=1e-5)
+    assert output_error(d, importance=np.diag(h), row_weights=wr) == pytest.approx(
+        float((d**2 * np.diag(h)).sum(1) @ wr), rel=1e-9
+    )
+    assert output_error(d, hessian=Hessian(h), row_weights=np.ones(5)) == pytest.approx(direct)
+    with pytest.raises(ValueError, match="row_weights"):
+        output_error(d, hessian=Hessian(h), row_weights=np.ones(4))
 
 
 def test_cost_table_uses_the_quantizer_and_its_hessian() -> None:
@@ -174,6 +184,23 @@ def test_adapter_model_and_cost_table_run_gptq(tmp_path) -> None:
     np.testing.assert_array_equal(layer.quantized_weight(opts[0]).numpy(), expect.dequantize())
     costs, _ = cached_cost_table(model, moments, tmp_path / "costs.json", True, False)
     assert costs.costs[0, 0] == pytest.approx(hessian_error(w, expect, hess[name]), rel=1e-5)
+    # Per-output-channel weights: each row's error counts by its weight; the unweighted table
+    # on file is not taken for a weighted one.
+    rows = {m.name: np.linspace(0.0, 2.0, m.out_features) for m in space.matrices}
+    weighted, reused = cached_cost_table(
+        model, moments, tmp_path / "costs.json", False, False, row_weights=rows
+    )
+    assert not reused
+    d = (w - expect.dequantize()).astype(np.float64)
+    per_row = np.einsum("nk,nk->n", d @ hess[name].matrix, d)
+    assert weighted.costs[0, 0] == pytest.approx(float(per_row @ rows[name]), rel=1e-5)
+    assert weighted.costs[0, 0] != pytest.approx(costs.costs[0, 0], rel=1e-3)
+    again, reused = cached_cost_table(
+        model, moments, tmp_path / "costs.json", False, False, row_weights=rows
+    )
+    assert reused and np.array_equal(again.costs, weighted.costs)
     ExportOptions("smollm2", "out", quantizer="gptq").check()
     with pytest.raises(ExportError, match="unknown quantizer"):
         ExportOptions("smollm2", "out", quantizer="hqq").check()
+    with pytest.raises(ExportError, match="unknown cost-weights"):
+        ExportOptions("smollm2", "out", cost_weights="fisher").check()

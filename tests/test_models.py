@@ -14,6 +14,7 @@ from coalora.export.calibration import (
     CalibrationError,
     activation_second_moments,
     calibration_texts,
+    output_gradient_moments,
 )
 from coalora.export.cli import app, parse_budgets
 from coalora.export.models import (
@@ -217,6 +218,51 @@ def test_second_moments_ignore_padding(which: str, request: pytest.FixtureReques
 def test_second_moments_input_checks(llama: LoadedModel) -> None:
     with pytest.raises(CalibrationError):
         activation_second_moments(llama, [])
+
+
+def test_output_gradient_moments_are_the_loss_gradient_of_each_output(llama: LoadedModel) -> None:
+    llama.model.zero_grad(set_to_none=True)
+    trainable = [p.requires_grad for p in llama.model.parameters()]
+    grads = output_gradient_moments(llama, TEXTS[:1], max_length=32)
+    # The weights get no gradient, and keep whether they train.
+    assert all(p.grad is None for p in llama.model.parameters())
+    assert [p.requires_grad for p in llama.model.parameters()] == trainable
+    linears = quantizable_linears(llama.model)
+    assert grads is not None and list(grads) == list(linears)
+    # Brute force for one matrix: d(summed next-token CE)/d(output), squared, token mean.
+    name = next(n for n in linears if n.endswith("v_proj"))
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_m, _a, out):
+        out.retain_grad()
+        seen["y"] = out
+
+    handle = linears[name].register_forward_hook(keep)
+    ids = llama.tokenizer(TEXTS[:1], return_tensors="pt", truncation=True, max_length=32)
+    ids = ids["input_ids"]
+    try:
+        with torch.enable_grad():
+            emb = llama.model.get_input_embeddings()(ids).detach().requires_grad_()
+            logits = llama.model(inputs_embeds=emb).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            loss.backward()
+    finally:
+        handle.remove()
+    expect = seen["y"].grad.reshape(-1, seen["y"].shape[-1]).double().pow(2).mean(0)
+    np.testing.assert_allclose(grads[name], expect.numpy(), rtol=1e-4, atol=1e-12)
+    # Padding tokens add nothing: padded batches agree with one text at a time.
+    one = output_gradient_moments(llama, TEXTS, max_length=48, batch_size=1)
+    padded = output_gradient_moments(llama, TEXTS, max_length=48, batch_size=3)
+    assert one is not None and padded is not None
+    for n in one:
+        np.testing.assert_allclose(padded[n], one[n], rtol=1e-3, atol=1e-12)
+    llama.model.zero_grad(set_to_none=True)
+
+
+def test_output_gradient_moments_need_a_loss(bert: LoadedModel, llama: LoadedModel) -> None:
+    assert output_gradient_moments(bert, TEXTS) is None  # an untrained task head: no loss
+    with pytest.raises(CalibrationError):
+        output_gradient_moments(llama, [])
 
 
 def test_calibration_texts_cover_every_topic() -> None:

@@ -57,15 +57,32 @@ def quantize_matrix(
 
 
 def output_error(
-    diff: np.ndarray, *, importance: np.ndarray | None = None, hessian: Hessian | None = None
+    diff: np.ndarray,
+    *,
+    importance: np.ndarray | None = None,
+    hessian: Hessian | None = None,
+    row_weights: np.ndarray | None = None,
 ) -> float:
     """The layer's output error for ``diff = W - Q(W)``: tr(D H D^T) with a Hessian, else its
-    diagonal approximation sum_k E[x_k^2] ||D[:, k]||^2 (plain squared error without either)."""
+    diagonal approximation sum_k E[x_k^2] ||D[:, k]||^2 (plain squared error without either).
+
+    ``row_weights`` (one per output channel, e.g. E[(dL/dy_j)^2]) weigh each output's share of
+    that error: sum_j w_j d_j H d_j^T.
+    """
     d = np.asarray(diff, dtype=np.float64)
     if hessian is not None:
-        return quadratic_error(d, hessian)
-    col = np.einsum("nk,nk->k", d, d)
-    return float(col.sum() if importance is None else col @ np.asarray(importance, np.float64))
+        if row_weights is None:
+            return quadratic_error(d, hessian)
+        rows = np.einsum("nk,nk->n", d @ hessian.matrix.astype(np.float64), d)
+    else:
+        imp = np.ones(d.shape[1]) if importance is None else np.asarray(importance, np.float64)
+        if row_weights is None:
+            return float(np.einsum("nk,nk->k", d, d) @ imp)
+        rows = (d * d) @ imp
+    w = np.asarray(row_weights, dtype=np.float64)
+    if w.shape != (d.shape[0],):
+        raise ValueError(f"row_weights has shape {w.shape}, expected ({d.shape[0]},)")
+    return float(rows @ w)
 
 
 __all__ = [
