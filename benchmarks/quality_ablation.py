@@ -43,6 +43,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "residual-theta": dict(lora_init="residual-theta"),
     "distill": dict(distill_weight=0.5),
     "bounded-search": dict(search_rescore=8),
+    "loss-costs": dict(cost_weights="loss"),
 }
 # reduced from benchmarks.baselines' 64 steps and 12 measuring batches
 SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)

@@ -7,11 +7,14 @@ the 32 calibration texts (256 tokens), and the 12 held-out batches its curves ar
 (``gptq``, ``gptq-act``, ``search``, ``rtn``): quantize every (matrix, option), its cost
 table (gptq, gptq-act: the full tr((W-Q) H (W-Q)^T); search/rtn: the diagonal E[x_k^2]
 weighting they ran on until now), the MILP allocation at each budget, then the quantized
-model alone on the held-out batches.
+model alone on the held-out batches. ``--loss-costs`` adds, for every quantizer, a row on the
+same codes whose cost table weighs each output channel by E[(dL/dy_j)^2] (the exporter's
+``--cost-weights loss``): what the allocator alone changes.
 The reference row is the model as loaded ("the shipped weights": SmolLM2's package is a GGUF
 whose linear weights are Q4_1, 4-bit blocks of 32 with a float scale and minimum).
 
-    python -m benchmarks.quantizer_quality [--threads 1] [--quantizers gptq-act --keep] [--quick]
+    python -m benchmarks.quantizer_quality [--threads 1] [--quantizers gptq-act --keep]
+        [--loss-costs] [--quick]
 
 writes benchmarks/results/quantizer_quality.md and .json (``--quick``: a few examples, to check
 the harness; its figures are not a result).
@@ -36,18 +39,21 @@ BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
 # benchmarks/results/baselines_smollm2.json before this quantizer: no adapter, search.
 BEFORE = {2.5: 1164.39, 3.0: 448.97, 3.5: 360.78, 4.0: 117.00, 5.0: 36.91, 6.0: 36.46}
 TARGET_BUDGET, TARGET_FACTOR = 3.5, 3.0
+LOSS_ROW = "{}+loss-costs"  # a quantizer's row with loss-weighted costs
 
 
-def run(quantizers: tuple[str, ...], threads: int | None, quick: bool) -> dict[str, Any]:
+def run(
+    quantizers: tuple[str, ...], threads: int | None, quick: bool, loss_costs: bool = False
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from coalora.export.allocation import allocate
-    from coalora.export.calibration import activation_second_moments
+    from coalora.export.calibration import activation_second_moments, output_gradient_moments
     from coalora.export.coa_lora import CoALoRAModel, evaluate
     from coalora.export.inputs import load_data, load_for_training
     from coalora.export.options import ExportOptions
-    from coalora.export.phases import cached_cost_table, held_out_batches
+    from coalora.export.phases import ROW_WEIGHT_TEXTS, cached_cost_table, held_out_batches
     from coalora.export.quantizers import needs_hessian
     from coalora.export.quantizers.hessians import activation_hessians
 
@@ -78,6 +84,13 @@ def run(quantizers: tuple[str, ...], threads: int | None, quick: bool) -> dict[s
         t0 = time.perf_counter()
         hessians = activation_hessians(loaded, texts, max_length=opts.calib_len)
         seconds["hessians"] = time.perf_counter() - t0
+    row_weights = None
+    if loss_costs:  # the exporter's --cost-weights loss: the same texts, the same pass
+        t0 = time.perf_counter()
+        row_weights = output_gradient_moments(
+            loaded, texts[:ROW_WEIGHT_TEXTS], max_length=opts.calib_len
+        )
+        seconds["output gradients"] = time.perf_counter() - t0
 
     rows: dict[str, Any] = {}
     pristine = loaded.model
@@ -93,30 +106,36 @@ def run(quantizers: tuple[str, ...], threads: int | None, quick: bool) -> dict[s
             method=quantizer,
             hessians=hessians if needs_hessian(quantizer) else None,
         )
+        tables = {}
         t0 = time.perf_counter()
         with _tmp_path() as path:
-            costs, _ = cached_cost_table(model, moments, path, True, True)
+            tables[quantizer], _ = cached_cost_table(model, moments, path, True, True)
         seconds[f"quantize + costs ({quantizer})"] = time.perf_counter() - t0
+        if row_weights is not None:  # same codes (kept by the layers), other weights
+            with _tmp_path() as path:
+                tables[LOSS_ROW.format(quantizer)], _ = cached_cost_table(
+                    model, moments, path, True, True, row_weights=row_weights
+                )
         model.set_mode("no-lora")
-        t0 = time.perf_counter()
-        points = []
-        for budget in BUDGETS:
-            config = allocate(space, costs, budget)
-            ppl = evaluate(model, config, held_out)
-            points.append(
-                {
-                    "budget": budget,
-                    "bits": space.bits(config),
-                    "perplexity": ppl,
-                    "estimated_error": costs.total(dict(config.items())),
-                }
-            )
-            print(f"  {budget:g} bits: ppl {ppl:.2f}", file=sys.stderr, flush=True)
-        seconds[f"evaluate ({quantizer})"] = time.perf_counter() - t0
+        for row, costs in tables.items():
+            t0 = time.perf_counter()
+            rows[row] = []
+            for budget in BUDGETS:
+                config = allocate(space, costs, budget)
+                ppl = evaluate(model, config, held_out)
+                rows[row].append(
+                    {
+                        "budget": budget,
+                        "bits": space.bits(config),
+                        "perplexity": ppl,
+                        "estimated_error": costs.total(dict(config.items())),
+                    }
+                )
+                print(f"  {row}, {budget:g} bits: ppl {ppl:.2f}", file=sys.stderr, flush=True)
+            seconds[f"evaluate ({row})"] = time.perf_counter() - t0
         if reference is None:
             model.set_mode("fp-no-lora")
             reference = evaluate(model, None, held_out)
-        rows[quantizer] = points
         del model
     return {
         "budgets": list(BUDGETS),
@@ -168,6 +187,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         shipped_weights="Q4_1: 4-bit blocks of 32 with a float scale and minimum, as loaded",
         shipped_weights_perplexity=res["shipped_weights_perplexity"],
     )
+    loss = {q: LOSS_ROW.format(q) for q in QUANTIZERS if q in ppl and LOSS_ROW.format(q) in ppl}
+    if loss:
+        out["loss_costs_over_output_costs_ratio"] = {
+            q: {b: ppl[row][b] / ppl[q][b] for b in ppl[q]} for q, row in loss.items()
+        }
     if "gptq" in ppl and "gptq-act" in ppl:
         out["gptq_act_over_gptq_ratio"] = {
             b: ppl["gptq-act"][b] / ppl["gptq"][b] for b in ppl["gptq"]
@@ -191,7 +215,8 @@ def keep(res: dict[str, Any]) -> None:
     if not kept:
         return
     rows = {**old["perplexity"], **res["perplexity"]}
-    res["perplexity"] = {q: rows[q] for q in QUANTIZERS if q in rows}
+    order = [r for q in QUANTIZERS for r in (q, LOSS_ROW.format(q))]
+    res["perplexity"] = {r: rows[r] for r in order if r in rows}
     res["seconds"] = {
         **{k: v for k, v in old["seconds"].items() if any(f"({q})" in k for q in kept)},
         **res["seconds"],
@@ -217,6 +242,9 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
         "groups); `search`: per-block clipping search + least",
         "squares, cost weighted by E[x_k^2] (the exporter's quantizer until now); `rtn`:",
         "round-to-nearest. All emit the same MatMulNBits codes, fp32 scales, integer zeros.",
+        "A `+loss-costs` row allocates on the same codes with each output channel's error",
+        "weighted by E[(dL/dy_j)^2] (one backward pass over 16 of the calibration texts; the",
+        "exporter's `--cost-weights loss`).",
         "",
         *machine_md(info, command, wall, load),
         *(
@@ -255,6 +283,9 @@ def write(res: dict[str, Any], wall: float, command: str, load: str, quick: bool
         f"- target (>= 3x below 360.78, i.e. <= 120.26): {'met' if s['target_met'] else 'missed'}"
         f" (best: {s['best_quantizer_3_5bits']})"
     )
+    for q, ratios in s.get("loss_costs_over_output_costs_ratio", {}).items():
+        text = ", ".join(f"{b}: {v:.3f}" for b, v in ratios.items())
+        lines.append(f"- {q}: loss-weighted / plain output-error costs, perplexity: {text}")
     if "gptq_act_over_gptq_ratio" in s:
         ratios = ", ".join(f"{b}: {v:.3f}" for b, v in s["gptq_act_over_gptq_ratio"].items())
         lines.append(f"- gptq-act / gptq perplexity per budget: {ratios}")
@@ -273,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the committed rows of the other quantizers"
     )
     p.add_argument(
+        "--loss-costs",
+        action="store_true",
+        help="also allocate each quantizer's codes with loss-weighted costs",
+    )
+    p.add_argument(
         "--load",
         default="the machine was shared with other jobs; times are rough",
         help="how loaded the machine was, for the report",
@@ -285,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    res = run(quantizers, args.threads, args.quick)
+    res = run(quantizers, args.threads, args.quick, loss_costs=args.loss_costs)
     wall = time.perf_counter() - t0
     if args.keep and not args.quick:
         keep(res)
