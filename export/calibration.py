@@ -4,6 +4,8 @@ The quantizer and the allocator weight a matrix's error per input column by E[x_
 second moment of that column's activation: ``E ||(W - Q(W)) x||^2`` is then approximated by
 ``sum_k E[x_k^2] ||W[:, k] - Q(W)[:, k]||^2`` (the diagonal of the input covariance). The
 moments are collected with forward pre-hooks over a few batches of text, ignoring padding.
+``output_gradient_moments`` gives the other side, E[(dL/dy_j)^2] of each output channel, which
+weighs that channel's error in the allocator's cost table.
 
 Calibration text is BBC News (2,225 articles, 5 topics), read by ``coalora.export.data``.
 """
@@ -11,7 +13,8 @@ Calibration text is BBC News (2,225 articles, 5 topics), read by ``coalora.expor
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +64,33 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base if base is not None else model
 
 
+def _right_padded_batches(
+    loaded: LoadedModel, texts: list[str], max_length: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's inputs for ``texts``, ``batch_size`` at a time, on the model's device.
+    Right padding keeps a causal LM's real tokens at their true positions; the tokenizer's own
+    padding side is restored when the iterator is closed (use it under ``closing``)."""
+    tok = loaded.tokenizer
+    side = getattr(tok, "padding_side", "right")
+    tok.padding_side = "right"
+    device = next(loaded.model.parameters()).device
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tok(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+            inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            if loaded.kind == "encoder" and "token_type_ids" in enc:
+                inputs["token_type_ids"] = enc["token_type_ids"]
+            yield {k: v.to(device) for k, v in inputs.items()}
+    finally:
+        tok.padding_side = side
+
+
 def run_inputs(
     loaded: LoadedModel,
     texts: list[str],
@@ -98,33 +128,17 @@ def run_inputs(
 
         return hook
 
-    tok = loaded.tokenizer
-    side = getattr(tok, "padding_side", "right")
-    # Right padding keeps a causal LM's real tokens at their true positions.
-    tok.padding_side = "right"
     handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in linears.items()]
     base = _base_model(loaded.model)
-    device = next(loaded.model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                enc = tok(
-                    texts[start : start + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                )
-                inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-                if loaded.kind == "encoder" and "token_type_ids" in enc:
-                    inputs["token_type_ids"] = enc["token_type_ids"]
-                inputs = {k: v.to(device) for k, v in inputs.items()}
+        batches = _right_padded_batches(loaded, texts, max_length, batch_size)
+        with torch.no_grad(), closing(batches):
+            for inputs in batches:
                 token_mask["mask"] = inputs["attention_mask"].reshape(-1).bool()
                 base(**inputs)
     finally:
         for h in handles:
             h.remove()
-        tok.padding_side = side
         prev[0] = prev[1] = None
     return linears
 
@@ -193,28 +207,17 @@ def output_gradient_moments(
         return out.requires_grad_()
 
     model = loaded.model
-    tok = loaded.tokenizer
-    side = getattr(tok, "padding_side", "right")
-    tok.padding_side = "right"
     handles = [lin.register_forward_hook(hook_for(n)) for n, lin in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    device = next(model.parameters()).device
     # No weight gets a gradient (a third of the backward pass, and the model's size in memory).
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad():
-            for start in range(0, len(texts), batch_size):
-                enc = tok(
-                    texts[start : start + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                )
-                ids = enc["input_ids"].to(device)
-                mask = enc["attention_mask"].to(device)
+        batches = _right_padded_batches(loaded, texts, max_length, batch_size)
+        with torch.enable_grad(), closing(batches):
+            for inputs in batches:
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 keep["mask"] = mask.reshape(-1).bool()
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -227,7 +230,6 @@ def output_gradient_moments(
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-        tok.padding_side = side
     return {
         name: (sums[name] / max(counts[name], 1)).cpu().numpy()
         if name in sums
