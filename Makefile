@@ -118,8 +118,8 @@ bench-contention: install  ## decode quiet and beside one busy core, threads spi
 	$(PYTHON) -m benchmarks.contention --bundle $(DEMO_BUNDLE)
 
 .PHONY: bench-quantizer-quality
-bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget (about 45 min, 1 thread)
-	$(PYTHON) -m benchmarks.quantizer_quality --threads 1
+bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget each on plain and loss-weighted costs (about 45 min, 1 thread)
+	$(PYTHON) -m benchmarks.quantizer_quality --threads 1 --loss-costs
 
 .PHONY: bench-quality-ablation
 bench-quality-ablation: install  ## each quality lever alone on SmolLM2 at 2.5/3.5/4.5 bits (reduced scale)

@@ -214,6 +214,15 @@ def keep(res: dict[str, Any]) -> None:
     kept = [q for q in old["perplexity"] if q not in res["perplexity"]]
     if not kept:
         return
+    # Rows on other held-out batches or settings are not comparable (the baselines' settings
+    # move them: 3 search batches to 2 shifted every held-out batch).
+    if old.get("settings") != res["settings"] or old.get("held_out") != res["held_out"]:
+        print(
+            f"keep: the committed rows ({', '.join(kept)}) were measured with other settings or "
+            "held-out batches; not kept (run them again)",
+            file=sys.stderr,
+        )
+        return
     rows = {**old["perplexity"], **res["perplexity"]}
     order = [r for q in QUANTIZERS for r in (q, LOSS_ROW.format(q))]
     res["perplexity"] = {r: rows[r] for r in order if r in rows}

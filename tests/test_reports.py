@@ -172,3 +172,29 @@ def test_scaleout_report(tmp_path: Path) -> None:
     summary = _json("scaleout")["summary"]
     assert {"step_seconds_1proc", "step_seconds_2proc", "speedup_2proc"} <= set(summary)
     assert summary["gpu_ratio"] is not None or summary["gpu_reason"]
+
+
+def test_quantizer_quality_keeps_only_comparable_rows(tmp_path: Path, monkeypatch) -> None:
+    """``--keep`` takes the committed rows of other quantizers only when they were measured
+    with the same settings and held-out batches."""
+    import benchmarks.quantizer_quality as qq
+
+    committed = _json("quantizer_quality")
+    monkeypatch.setattr(qq, "RESULTS", tmp_path)
+    (tmp_path / "quantizer_quality.json").write_text(json.dumps(committed), encoding="utf-8")
+    fresh_row = next(iter(committed["perplexity"]))
+
+    def one_row(**settings) -> dict:
+        return {
+            "perplexity": {fresh_row: committed["perplexity"][fresh_row]},
+            "seconds": {},
+            "settings": {**committed["settings"], **settings},
+            "held_out": committed["held_out"],
+        }
+
+    same = one_row()
+    qq.keep(same)
+    assert sorted(same["perplexity"]) == sorted(committed["perplexity"])
+    other = one_row(eval_batches=-1)
+    qq.keep(other)
+    assert list(other["perplexity"]) == [fresh_row] and "kept" not in other
