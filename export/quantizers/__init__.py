@@ -25,9 +25,10 @@ from coalora.kernels.quantize import QuantizedMatrix, quantize
 Quantizer = Literal["gptq", "gptq-act", "search", "rtn"]
 QUANTIZERS: tuple[str, ...] = ("gptq", "gptq-act", "search", "rtn")
 # The exporter's default, chosen by measurement (benchmarks/results/quantizer_quality.md):
-# SmolLM2 with no adapter, MILP allocations, held-out perplexity at 2.5 / 3 / 3.5 bits
-# 202 / 130 / 106 with gptq-act, 392 / 188 / 137 with gptq, 1164 / 449 / 361 with search
-# (gptq-act is below gptq at every budget up to 6 bits).
+# SmolLM2 with no adapter, MILP allocations on plain output-error costs, held-out perplexity
+# at 2.5 / 3 / 3.5 bits 179 / 117 / 96.3 with gptq-act, 337 / 166 / 122 with gptq, 1050 / 417
+# / 331 with search (gptq-act is below gptq at every budget up to 6 bits, and stays so on
+# loss-weighted costs: 173 / 68.1 / 46.7 against 292 / 77.7 / 50.4).
 DEFAULT_QUANTIZER: Quantizer = "gptq-act"
 
 
