@@ -73,17 +73,15 @@ def cached_row_weights(
     (every output channel counts alike)."""
     from coalora.export.calibration import output_gradient_moments
 
+    # Checked here, not left to output_gradient_moments' None: no file for a model without a loss.
     if opts.cost_weights != "loss" or loaded.kind != "causal-lm":
         return None
     grads, _ = _cached_arrays(
         path,
         fresh,
         "output gradients",
-        lambda: (
-            output_gradient_moments(
-                loaded, list(texts)[:ROW_WEIGHT_TEXTS], max_length=opts.calib_len
-            )
-            or {}
+        lambda: output_gradient_moments(
+            loaded, list(texts)[:ROW_WEIGHT_TEXTS], max_length=opts.calib_len
         ),
     )
     return grads
