@@ -31,9 +31,12 @@ from coalora.export.phases import (
     cached_calibration,
     cached_cost_table,
     cached_row_weights,
+    cached_self_chat,
+    calibration_texts,
     held_out_batches,
     input_hessians,
     torch_threads,
+    with_self_chat,
 )
 from coalora.export.workdir import CALIBRATION_FILE, COSTS_FILE, GRADIENTS_FILE, work_dir_for
 from coalora.kernels import Configuration
@@ -132,10 +135,9 @@ def run_baselines(
     pristine = copy.deepcopy(loaded.model)  # the second adapter model wraps its own copy
 
     with torch_threads(opts.threads):
-        import numpy as np
-
-        pick = np.random.default_rng(opts.seed).permutation(len(inp.split.train))
-        texts = [inp.split.train.texts[int(i)] for i in pick[: opts.calib_texts]]
+        chat = cached_self_chat(opts, loaded, work, opts.fresh)
+        with_self_chat(opts, inp, chat)  # every method trains on the same mix
+        texts = calibration_texts(opts, inp.split.train.texts, chat)
         moments, _ = cached_calibration(
             loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh
         )

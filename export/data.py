@@ -114,6 +114,15 @@ def lm_batches(
     return Batches({"input_ids": blocks, "labels": blocks}, batch_size, seed)
 
 
+def with_extra_rows(batches: Batches, extra: torch.Tensor, share: float) -> Batches:
+    """``batches`` (causal LM) with the blocks ``extra`` added, repeated in turn until they make
+    ``share`` of all rows: a few conversations weigh as much in training as asked."""
+    n = max(1, round(share / (1.0 - share) * batches.n))
+    rows = extra[torch.arange(n) % extra.shape[0]]
+    tensors = {k: torch.cat([v, rows]) for k, v in batches.tensors.items()}
+    return Batches(tensors, batches.batch_size, batches.seed)
+
+
 def classification_batches(
     ds: TextDataset, tokenizer: Any, max_length: int, batch_size: int, seed: int = 0
 ) -> Batches:

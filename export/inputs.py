@@ -48,6 +48,8 @@ def load_data(opts: ExportOptions) -> Inputs:
         ds = ds.subset(sorted(int(i) for i in keep))
     if opts.distill_weight > 0 and task == "classify":
         raise ExportError("--distill-weight needs a causal LM (a classifier head has no teacher)")
+    if opts.chat_texts and task == "classify":
+        raise ExportError("--chat-texts needs a causal LM (a classifier does not chat)")
     if opts.dtype != "float32" and task == "classify":
         # the task head trains in the base's dtype: AdamW in bf16 loses the updates
         raise ExportError(f"--dtype {opts.dtype} needs a causal LM (a classifier's head trains)")
@@ -85,6 +87,11 @@ def load_for_training(opts: ExportOptions, inp: Inputs) -> Inputs:
         from coalora.export.exporter import train_on_the_shipped_head
 
         train_on_the_shipped_head(loaded.model, opts.lm_head_option())
+    if opts.chat_texts and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ExportError(
+            f"--chat-texts needs a chat template, and {opts.model}'s tokenizer has none "
+            "(a base model: leave --chat-texts at 0)"
+        )
     inp.loaded = loaded
     inp.space = config_space(loaded.model, opts.quant_options())
     make = classification_batches if classify else lm_batches

@@ -85,6 +85,15 @@ class ExportOptions:
         "Weight of the KL to the shipped weights' logits in the loss, 0 (cross-entropy only) "
         "to 1 (KL only); causal LMs.",
     )
+    chat_texts: int = _opt(
+        0,
+        "Conversations the shipped model writes itself (a sampled question, its greedy "
+        "answer), mixed into training and calibration so the fine-tune keeps its chat "
+        "behaviour; causal LMs with a chat template (0: none).",
+    )
+    chat_share: float = _opt(
+        0.25, "Share of the training examples and calibration texts those conversations take."
+    )
     steps_per_epoch: int = _opt(50, "Steps between Pareto searches (0: a frozen set).")
     proposals_per_epoch: int = _opt(6, "Configurations the Pareto search proposes per epoch.")
     search_candidates: int = _opt(256, "Random candidates the search's predictor ranks.")
@@ -257,6 +266,10 @@ class ExportOptions:
             )
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ExportError(f"distill-weight must be in [0, 1], got {self.distill_weight}")
+        if self.chat_texts < 0:
+            raise ExportError(f"chat-texts must be >= 0, got {self.chat_texts}")
+        if not 0.0 < self.chat_share < 1.0:
+            raise ExportError(f"chat-share must be in (0, 1), got {self.chat_share}")
         if self.quantizer not in QUANTIZERS:
             raise ExportError(
                 f"unknown quantizer {self.quantizer!r}: expected one of {', '.join(QUANTIZERS)}"
@@ -326,6 +339,8 @@ class ExportOptions:
         # where weights may come from, and which extra front the sweep keeps, neither
         skip |= {"allow_pickle", "device_class"}
         skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
+        if not self.chat_texts:  # off, its share changes nothing: earlier work dirs still match
+            skip |= {"chat_texts", "chat_share"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["options"] = list(d["options"])
         return d
@@ -386,7 +401,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ("France is a country with a capital of 192,000 people ..."), on --exact too. Tried with
     # it and not kept, all wrong at 3.5 bits: distillation at 0.5 (34.4), gptq-act (32.4: "the
     # capital of the 2017 Paris Agreement"), 144 steps (28.9, 303 s), gptq-act + 144 (30.6).
-    "fast:smollm2": dict(quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18),
+    # The model's own conversations (--chat-texts 64, export/self_chat; a share of 0.25 of the
+    # training rows and calibration texts) make the 3.5-bit answer right ("The capital of France
+    # is Paris, ..."), where the fine-tune on news alone had lost the chat turn. Of 8 general
+    # questions that none of the data asks, the 3.5 / 4.5-bit bundles answered 2 / 4 right
+    # before and 5 / 7 after (the shipped Q4_1 weights, 6). The task's stored perplexity
+    # rises at 3 / 3.5 / 4.5 / 5 bits from 41.7 / 32.1 / 24.2 / 23.0 to 46.4 / 33.4 / 25.9 /
+    # 24.7; writing them costs ~50 s. A share of 0.15 answered worse and scored worse.
+    "fast:smollm2": dict(
+        quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18, chat_texts=64
+    ),
 }
 FAST = "fast"
 

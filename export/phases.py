@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from coalora.export.workdir import SWEEP_FILE, file_digest, read_json, write_json
+from coalora.export.workdir import (
+    SELF_CHAT_FILE,
+    SWEEP_FILE,
+    file_digest,
+    read_json,
+    write_json,
+)
 from coalora.kernels import ConfigSpace, Configuration
 
 log = logging.getLogger("coalora.export.pipeline")
@@ -46,6 +52,54 @@ def _cached_arrays(path: Path, fresh: bool, what: str, compute: Callable[[], dic
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
     tmp.replace(path)
     return arrays, False
+
+
+def cached_self_chat(opts: Any, loaded: Any, work: Path, fresh: bool) -> list[str]:
+    """The conversations the shipped model writes (``export/self_chat``; ``opts.chat_texts``),
+    from the work directory when a previous run wrote them. Empty when the option is off."""
+    if opts.chat_texts <= 0:
+        return []
+    path = work / SELF_CHAT_FILE
+    cached = None if fresh else read_json(path)
+    if isinstance(cached, list) and all(isinstance(t, str) for t in cached):
+        log.info("reusing %d self-written conversations from %s", len(cached), path)
+        return cached
+    from coalora.export.self_chat import self_chat_texts
+
+    texts = self_chat_texts(loaded, opts.chat_texts, seed=opts.seed)
+    log.info("the shipped model wrote %d conversations", len(texts))
+    write_json(path, texts)
+    return texts
+
+
+def calibration_texts(opts: Any, train_texts: Sequence[str], chat: Sequence[str]) -> list[str]:
+    """``opts.calib_texts`` training texts drawn with the seed, ``opts.chat_share`` of them
+    replaced by the model's own conversations, spread evenly so that any prefix (the
+    gradient pass reads the first ``ROW_WEIGHT_TEXTS``) keeps that share."""
+    pick = np.random.default_rng(opts.seed).permutation(len(train_texts))[: opts.calib_texts]
+    texts = [train_texts[int(i)] for i in pick]
+    n_chat = min(len(chat), round(len(texts) * opts.chat_share)) if chat else 0
+    for i in range(n_chat):
+        texts[i * len(texts) // n_chat] = chat[i]
+    return texts
+
+
+def with_self_chat(opts: Any, inp: Any, chat: Sequence[str]) -> None:
+    """Mix the conversations into ``inp``'s training batches (``opts.chat_share`` of rows)."""
+    from coalora.export.data import lm_blocks, with_extra_rows
+
+    if not chat:
+        return
+    before = inp.train_batches.n
+    blocks = lm_blocks(chat, inp.loaded.tokenizer, opts.seq_len)
+    inp.train_batches = with_extra_rows(inp.train_batches, blocks, opts.chat_share)
+    log.info(
+        "training on %d blocks, %d of them from %d conversations (%d blocks, repeated)",
+        inp.train_batches.n,
+        inp.train_batches.n - before,
+        len(chat),
+        blocks.shape[0],
+    )
 
 
 def cached_calibration(loaded: Any, texts: Sequence[str], max_length: int, path: Path, fresh: bool):

@@ -35,8 +35,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from coalora.export.inputs import Inputs, load_data, load_for_training
 from coalora.export.options import ExportError, ExportOptions
 from coalora.export.phases import (
@@ -44,12 +42,15 @@ from coalora.export.phases import (
     cached_calibration,
     cached_cost_table,
     cached_row_weights,
+    cached_self_chat,
     cached_sweep,
+    calibration_texts,
     final_loss,
     held_out_batches,
     input_hessians,
     torch_threads,
     train_log,
+    with_self_chat,
 )
 from coalora.export.workdir import (
     CALIBRATION_FILE,
@@ -186,11 +187,17 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
     with log_to(work / LOG_FILE) if main else contextlib.nullcontext():
         log.info("work dir %s (%s)", work, "fresh" if opts.fresh else "reused when present")
 
-        # 3. calibration on a few training texts
+        # 3. calibration on a few training texts (and the model's own conversations, if asked)
+        if opts.chat_texts:
+            with phase("self chat"):
+                chat = distributed.main_first(
+                    lambda: cached_self_chat(opts, loaded, work, opts.fresh)
+                )
+                with_self_chat(opts, inp, chat)
+        else:
+            chat = []
         with phase("calibration"):
-            rng = np.random.default_rng(opts.seed)
-            pick = rng.permutation(len(split.train))[: opts.calib_texts]
-            texts = [split.train.texts[int(i)] for i in pick]
+            texts = calibration_texts(opts, split.train.texts, chat)
             moments, reused["calibration"] = distributed.main_first(
                 lambda: cached_calibration(
                     loaded, texts, opts.calib_len, work / CALIBRATION_FILE, opts.fresh

@@ -28,6 +28,7 @@ OPTIONS_FILE = "options.json"
 SPLIT_FILE = "split.json"
 CALIBRATION_FILE = "calibration.safetensors"
 GRADIENTS_FILE = "output_gradients.safetensors"
+SELF_CHAT_FILE = "self_chat.json"
 COSTS_FILE = "costs.json"
 TRAINING_SETS_FILE = "training_sets.json"
 SEARCH_LOG_FILE = "search_log.jsonl"
@@ -41,6 +42,8 @@ _WORK_FILES = (
     OPTIONS_FILE,
     SPLIT_FILE,
     CALIBRATION_FILE,
+    GRADIENTS_FILE,
+    SELF_CHAT_FILE,
     COSTS_FILE,
     TRAINING_SETS_FILE,
     SEARCH_LOG_FILE,
