@@ -109,6 +109,16 @@ bench-serving-memory: install  ## resident memory against the plan over long ser
 bench-speed-prediction: install  ## --min-speed's predicted decode speed against measured, 5 configurations of the demo bundle; --exact against fast
 	$(PYTHON) -m benchmarks.speed_prediction --bundle $(DEMO_BUNDLE)
 
+# The demo bundle against the same export trained on news alone (--chat-texts 0).
+NEWS_ONLY_BUNDLE ?= .cache/demo/smollm2-bbc-news-only
+
+.PHONY: bench-chat-answers
+bench-chat-answers: demo  ## general questions at 3.5 / 4.5 / 6 bits: the demo bundle, the same trained on news alone, the shipped weights
+	@[ -f $(NEWS_ONLY_BUNDLE)/manifest.json ] || HF_HUB_OFFLINE=1 $(BIN)/coalora export train smollm2 \
+		$(DEMO_EXPORT_FLAGS) --chat-texts 0 --out $(NEWS_ONLY_BUNDLE)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.chat_answers --bundle demo=$(DEMO_BUNDLE) \
+		--bundle news-only=$(NEWS_ONLY_BUNDLE)
+
 .PHONY: bench-zero-points
 bench-zero-points: install  ## MatMulNBits with float zero points (a group-constant adapter folded into them) against uint8
 	$(PYTHON) -m benchmarks.zero_points
