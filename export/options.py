@@ -401,13 +401,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ("France is a country with a capital of 192,000 people ..."), on --exact too. Tried with
     # it and not kept, all wrong at 3.5 bits: distillation at 0.5 (34.4), gptq-act (32.4: "the
     # capital of the 2017 Paris Agreement"), 144 steps (28.9, 303 s), gptq-act + 144 (30.6).
-    # The model's own conversations (--chat-texts 64, export/self_chat; a share of 0.25 of the
-    # training rows and calibration texts) make the 3.5-bit answer right ("The capital of France
-    # is Paris, ..."), where the fine-tune on news alone had lost the chat turn. Of 8 general
-    # questions that none of the data asks, the 3.5 / 4.5-bit bundles answered 2 / 4 right
-    # before and 5 / 7 after (the shipped Q4_1 weights, 6). The task's stored perplexity
-    # rises at 3 / 3.5 / 4.5 / 5 bits from 41.7 / 32.1 / 24.2 / 23.0 to 46.4 / 33.4 / 25.9 /
-    # 24.7; writing them costs ~50 s. A share of 0.15 answered worse and scored worse.
+    # The model's own conversations (--chat-texts 64, export/self_chat; --chat-share 0.25 of
+    # the training rows and calibration texts) make the 3.5-bit answer name Paris, where the
+    # fine-tune on news alone had lost the chat turn ("France is a country with a capital of
+    # 192,000 people"). Of 12 general questions none of the data asks, the bundle answers 8 / 9
+    # / 10 right at 3.5 / 4.5 / 6 bits against 1 / 6 / 9 on news alone; the shipped weights 10
+    # (benchmarks/results/chat_answers.md). Stored perplexity at 2.5 / 3 / 3.5 / 4 / 4.5 / 5
+    # bits: 56.0 / 41.7 / 32.1 / 26.8 / 24.2 / 23.0 on news alone, 54.7 / 44.3 / 31.8 / 27.9 /
+    # 24.1 / 23.6 with them (a second run of the same options: 33.4 at 3.5 bits, 24.7 at 5).
+    # Writing them took 51 s. A share of 0.15 answered worse and scored worse (37.6 at 3.5).
     "fast:smollm2": dict(
         quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18, chat_texts=64
     ),

@@ -3,7 +3,8 @@
 A fine-tune on task text alone (news articles) teaches a chat model to continue articles,
 and at low bits the quantized model also forgets how to answer. Conversations sampled from
 the teacher (the model as loaded, before our quantization) carry its own chat behaviour into
-training and calibration without any outside data, as LLM-QAT's data-free distillation does:
+training and calibration without any outside data, as LLM-QAT's data-free distillation does
+(a tied head already holds the codes the bundle ships, ``train_on_the_shipped_head``):
 
 1. the teacher writes a user turn, sampled after the template's ``user`` header;
 2. it answers that turn greedily, as ``coalora-run`` does.
