@@ -114,7 +114,7 @@ def chat_inputs(tmp_path_factory) -> dict[str, Path]:
     tiny_llama().save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     rng = random.Random(0)
-    words = "the cat sat on a mat ran to red house".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "ran", "to", "red", "house"]
     with (root / "text.jsonl").open("w") as f:
         for _ in range(48):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(24))}) + "\n")
@@ -122,27 +122,11 @@ def chat_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _export_opts(model: Path, data: Path, tmp_path: Path, **kw) -> ExportOptions:
-    values = dict(
-        data=str(data),
-        work_dir=tmp_path / "work",
-        steps=2,
-        batch_size=4,
-        seq_len=32,
-        rank=4,
-        steps_per_epoch=0,
-        initial_budgets=3,
-        eval_batches=1,
-        calib_texts=4,
-        calib_len=48,
-        options=("2b64", "4b64", "8b64"),
-        sweep_step=2.0,
-        sweep_random=0,
-        progress=False,
-        chat_texts=3,
-        chat_share=0.5,
-    )
-    values.update(kw)
-    return ExportOptions(model=str(model), out=tmp_path / "bundle", **values)
+    """test_pipeline's small run, with a few conversations in half the training rows."""
+    from tests.test_pipeline import _opts
+
+    values = dict(steps=2, steps_per_epoch=0, chat_texts=3, chat_share=0.5)
+    return _opts({"model": model, "data": data}, tmp_path, **(values | kw))
 
 
 def test_export_writes_the_conversations_once_and_reuses_them(chat_inputs, tmp_path, monkeypatch):

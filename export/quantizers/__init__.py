@@ -18,7 +18,13 @@ from typing import Literal
 
 import numpy as np
 
-from coalora.export.quantizers.gptq import Hessian, hessian_error, quadratic_error, quantize_gptq
+from coalora.export.quantizers.gptq import (
+    Hessian,
+    hessian_error,
+    quadratic_error,
+    quadratic_error_rows,
+    quantize_gptq,
+)
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import QuantizedMatrix, quantize
 
@@ -72,14 +78,12 @@ def output_error(
     """
     d = np.asarray(diff, dtype=np.float64)
     if hessian is not None:
-        if row_weights is None:
-            return quadratic_error(d, hessian)
-        rows = np.einsum("nk,nk->n", d @ hessian.matrix.astype(np.float64), d)
+        rows = quadratic_error_rows(d, hessian)
     else:
         imp = np.ones(d.shape[1]) if importance is None else np.asarray(importance, np.float64)
-        if row_weights is None:
-            return float(np.einsum("nk,nk->k", d, d) @ imp)
         rows = (d * d) @ imp
+    if row_weights is None:
+        return float(rows.sum())
     w = np.asarray(row_weights, dtype=np.float64)
     if w.shape != (d.shape[0],):
         raise ValueError(f"row_weights has shape {w.shape}, expected ({d.shape[0]},)")
@@ -95,6 +99,7 @@ __all__ = [
     "needs_hessian",
     "output_error",
     "quadratic_error",
+    "quadratic_error_rows",
     "quantize_gptq",
     "quantize_matrix",
 ]

@@ -183,11 +183,16 @@ def quantize_gptq(
     )
 
 
-def quadratic_error(diff: np.ndarray, hessian: Hessian | np.ndarray) -> float:
-    """tr(D H D^T) for ``diff = W - Q``: the output error E||D x||^2 that H = E[x x^T] implies."""
+def quadratic_error_rows(diff: np.ndarray, hessian: Hessian | np.ndarray) -> np.ndarray:
+    """d_j H d_j^T per output row j of ``diff = W - Q``: each output's E[(D x)_j^2]."""
     h = hessian.matrix if isinstance(hessian, Hessian) else np.asarray(hessian)
     d = np.asarray(diff, dtype=np.float64)
-    return float(np.einsum("nk,nk->", d @ h.astype(np.float64), d))
+    return np.einsum("nk,nk->n", d @ h.astype(np.float64), d)
+
+
+def quadratic_error(diff: np.ndarray, hessian: Hessian | np.ndarray) -> float:
+    """tr(D H D^T) for ``diff = W - Q``: the output error E||D x||^2 that H = E[x x^T] implies."""
+    return float(quadratic_error_rows(diff, hessian).sum())
 
 
 def hessian_error(w: np.ndarray, qm: QuantizedMatrix, hessian: Hessian | np.ndarray) -> float:
