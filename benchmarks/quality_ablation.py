@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.baselines import EVAL_BATCHES as BASELINE_BATCHES
 from benchmarks.baselines import LEVERS_BEFORE, SETTINGS
 from benchmarks.common import RESULTS, machine, machine_md, write_result
 
@@ -45,7 +46,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "bounded-search": dict(search_rescore=8),
     "loss-costs": dict(cost_weights="loss"),
 }
-# reduced from benchmarks.baselines' 64 steps and 12 measuring batches
+# reduced from benchmarks.baselines' steps and measuring batches
 SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)
 EVAL_BATCHES = 6
 QUICK = dict(
@@ -166,7 +167,8 @@ def write(rows: list[dict[str, Any]], wall: float, command: str, quick: bool, th
     lines = [
         "# Quality levers alone, SmolLM2 + BBC News (CoA-LoRA held-out perplexity)",
         "",
-        f"Reduced scale: {json.dumps(scale)} (benchmarks.baselines runs 64 steps, 12 batches)."
+        f"Reduced scale: {json.dumps(scale)} (benchmarks.baselines runs "
+        f"{SETTINGS['smollm2']['steps']} steps, {BASELINE_BATCHES['smollm2']} batches)."
         + (" QUICK RUN: checks the harness, not a result." if quick else ""),
         "",
         *machine_md(info, command, wall),
