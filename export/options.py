@@ -408,8 +408,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # / 10 right at 3.5 / 4.5 / 6 bits against 1 / 6 / 9 on news alone; the shipped weights 10
     # (benchmarks/results/chat_answers.md). Stored perplexity at 2.5 / 3 / 3.5 / 4 / 4.5 / 5
     # bits: 56.0 / 41.7 / 32.1 / 26.8 / 24.2 / 23.0 on news alone, 54.7 / 44.3 / 31.8 / 27.9 /
-    # 24.1 / 23.6 with them (a second run of the same options: 33.4 at 3.5 bits, 24.7 at 5).
-    # Writing them took 51 s. A share of 0.15 answered worse and scored worse (37.6 at 3.5).
+    # 24.1 / 23.6 with them; writing them took 51 s, and a fresh clone's `make demo` (5.5
+    # minutes, install included) reproduced those figures exactly. A share of 0.15 answered
+    # worse and scored worse than 0.25 (37.6 against 33.4 at 3.5 bits, both with an earlier
+    # rendering that ended each conversation without the template's last newline).
     "fast:smollm2": dict(
         quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18, chat_texts=64
     ),
