@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from coalora.runtime.chat import USER
+from coalora.runtime.chat import USER, ChatFormat
 
 QUESTION_TOKENS = 48  # a user turn longer than this is cut there
 ANSWER_TOKENS = 96
@@ -32,15 +32,14 @@ class SelfChatError(ValueError):
     """The model cannot write conversations (no chat template, no end-of-turn token)."""
 
 
-def _template_halves(tokenizer: Any) -> tuple[str, str]:
-    """The rendered template before and after the user's message (system turn included)."""
+def _chat_format(tokenizer: Any) -> ChatFormat:
+    """The template as the bundle stores it (``export/chat``), rendered once."""
     from coalora.export.chat import chat_format_from_tokenizer
 
     fmt = chat_format_from_tokenizer(tokenizer)
     if fmt is None:
         raise SelfChatError("the model has no chat template to write conversations in")
-    before, _, after = fmt.prompt.partition(USER)
-    return before, after
+    return fmt
 
 
 def _stop_ids(tokenizer: Any, after: str) -> list[int]:
@@ -153,7 +152,8 @@ def self_chat_texts(loaded: Any, n: int, seed: int = 0) -> list[str]:
     if n <= 0:
         return []
     tok, model = loaded.tokenizer, loaded.model
-    before, after = _template_halves(tok)
+    fmt = _chat_format(tok)
+    before, _, after = fmt.prompt.partition(USER)  # the template around the user's message
     stops = _stop_ids(tok, after)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -162,7 +162,7 @@ def self_chat_texts(loaded: Any, n: int, seed: int = 0) -> list[str]:
         questions = _generate(model, tok, [before] * n, QUESTION_TOKENS, stops, True, generator)
         asked = [tok.decode(q, skip_special_tokens=True).strip() for q in questions]
         asked = [q for q in asked if q]
-        prompts = [before + q + after for q in asked]
+        prompts = [fmt.render(q) for q in asked]  # as coalora-run renders a prompt
         answers = _generate(model, tok, prompts, ANSWER_TOKENS, stops, False, generator)
     finally:
         model.train(was_training)
