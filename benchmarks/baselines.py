@@ -119,7 +119,8 @@ def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
 
 
 # The quality levers as they were before the recipe (the search quantizer, uniform draws,
-# B = 0, cross-entropy only, the whole set re-scored, unweighted output error in the allocator):
+# B = 0, cross-entropy only, the whole set re-scored, unweighted output error in the allocator,
+# training over the space's whole bit range):
 # what a result with no recorded levers trained with, and where every row of the quality
 # ablation starts.
 LEVERS_BEFORE: dict[str, Any] = dict(
@@ -129,6 +130,7 @@ LEVERS_BEFORE: dict[str, Any] = dict(
     distill_weight=0.0,
     search_rescore=0,
     cost_weights="output",
+    train_range="space",
 )
 
 

@@ -45,6 +45,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "distill": dict(distill_weight=0.5),
     "bounded-search": dict(search_rescore=8),
     "loss-costs": dict(cost_weights="loss"),
+    "sweep-range": dict(train_range="sweep"),
 }
 # reduced from benchmarks.baselines' steps and measuring batches
 SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)

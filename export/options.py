@@ -25,6 +25,8 @@ LAYERWISE = ("auto", "on", "off")
 # demo it lowers the stored perplexity at 3 / 3.5 / 4 / 5 bits from 49.8 / 38.9 / 33.5 / 23.9
 # ("output") to 41.7 / 32.1 / 26.8 / 23.0, for a 6 s backward pass (PRESETS["fast:smollm2"]).
 COST_WEIGHTS = ("loss", "output")
+# What the starting set, the search and so the training cover (``ParetoSearch.bits_range``).
+TRAIN_RANGES = ("space", "sweep")
 
 
 class ExportError(ValueError):
@@ -93,6 +95,16 @@ class ExportOptions:
     )
     chat_share: float = _opt(
         0.25, "Share of the training examples and calibration texts those conversations take."
+    )
+    # "sweep" by measurement (benchmarks/results/baselines_smollm2.md, 128 steps). Over the
+    # space's range the sandwich's low end was every matrix at 2b128 (2.46 bits on SmolLM2) and
+    # the allocation a device runs at 2.5 bits went untrained; with the set starting at it,
+    # CoA-LoRA's perplexity at 2.5 / 3 / 3.5 / 4 bits fell from 60.9 / 41.8 / 32.3 / 27.6 to
+    # 54.6 / 41.2 / 32.2 / 27.5, level at 5 and 6.
+    train_range: str = _opt(
+        "sweep",
+        "Bits the training set and the Pareto search span: space (every configuration the "
+        "options allow) or sweep (the budgets of --budgets, those the bundle serves).",
     )
     steps_per_epoch: int = _opt(50, "Steps between Pareto searches (0: a frozen set).")
     proposals_per_epoch: int = _opt(6, "Configurations the Pareto search proposes per epoch.")
@@ -229,6 +241,7 @@ class ExportOptions:
             candidates=self.search_candidates,
             rescore=self.search_rescore or None,  # 0: the whole set
             seed=self.seed,
+            bits_range=(self.sweep_lo, self.sweep_hi) if self.train_range == "sweep" else None,
             log_path=log_path,
         )
 
@@ -285,6 +298,10 @@ class ExportOptions:
                 f"impossible sweep budgets {self.sweep_lo:g}-{self.sweep_hi:g} step "
                 f"{self.sweep_step:g}: need low <= high and a positive step"
             )
+        if self.train_range not in TRAIN_RANGES:
+            raise ExportError(
+                f"unknown train-range {self.train_range!r}: expected {' or '.join(TRAIN_RANGES)}"
+            )
         if self.sweep_batches is not None and self.sweep_batches < 1:
             raise ExportError(f"sweep-batches must be >= 1, got {self.sweep_batches}")
         if self.sweep_random < 0:
@@ -338,7 +355,9 @@ class ExportOptions:
         skip |= {"device", "layerwise", "ray", "ray_workers"}
         # where weights may come from, and which extra front the sweep keeps, neither
         skip |= {"allow_pickle", "device_class"}
-        skip |= {"sweep_lo", "sweep_hi", "sweep_step", "sweep_random", "sweep_batches"}
+        skip |= {"sweep_step", "sweep_random", "sweep_batches"}
+        if self.train_range == "space":  # the sweep's ends then train nothing (nor the default)
+            skip |= {"sweep_lo", "sweep_hi", "train_range"}
         if not self.chat_texts:  # off, its share changes nothing: earlier work dirs still match
             skip |= {"chat_texts", "chat_share"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}

@@ -254,3 +254,25 @@ def test_bounded_rescore_measures_a_fixed_subset_and_estimates_the_rest() -> Non
         ExportOptions("smollm2", "o", search_rescore=1).check()
     with pytest.raises(ExportError, match="search-rescore"):
         ExportOptions("smollm2", "o", search_rescore=-3).check()
+
+
+# -- the training range --------------------------------------------------------------------------
+def test_train_range_sweep_bounds_the_search_by_the_served_budgets() -> None:
+    base = tiny_llama()
+    space = config_space(base, OPTIONS)
+    held_out = _lm_batches(16).head(1)
+    lo, hi = 3.0, 5.0
+    opts = ExportOptions("smollm2", "o", train_range="sweep", sweep_lo=lo, sweep_hi=hi)
+    opts.check()
+    search = opts.pareto_search(space, held_out, None)
+    assert (search.lo, search.hi) == (max(lo, space.min_bits()), min(hi, space.max_bits()))
+    whole = ExportOptions("smollm2", "o", train_range="space").pareto_search(space, held_out, None)
+    assert (whole.lo, whole.hi) == (space.min_bits(), space.max_bits())
+    with pytest.raises(ExportError, match="train-range"):
+        ExportOptions("smollm2", "o", train_range="budget").check()
+    # the sweep's ends shape training only when they bound it: otherwise a cached run is reused
+    key = ExportOptions("smollm2", "o", train_range="space").training_key
+    assert key() == ExportOptions("smollm2", "o", train_range="space", sweep_lo=3.0).training_key()
+    assert "train_range" not in key() and "sweep_lo" not in key()
+    swept = ExportOptions("smollm2", "o", train_range="sweep").training_key()
+    assert swept != ExportOptions("smollm2", "o", train_range="sweep", sweep_lo=3.0).training_key()

@@ -148,6 +148,31 @@ def test_initial_set_spans_the_bit_range():
     assert min(map(space.bits, plain)) == pytest.approx(space.min_bits())
 
 
+def test_bits_range_keeps_the_set_and_the_proposals_within_the_served_budgets():
+    space = _space()
+    noise = np.random.default_rng(3).random((len(space), len(space.options)))
+    costs = (1 + noise) * np.array([4.0**-o.bits for o in space.options])
+    span = space.max_bits() - space.min_bits()
+    lo, hi = space.min_bits() + 0.3 * span, space.min_bits() + 0.7 * span  # cuts both ends
+    s = ParetoSearch(
+        space, eval_batches=_lm_batches(16).head(1), allocation_costs=costs, bits_range=(lo, hi)
+    )
+    start = s.initial_set(n_budgets=8)
+    bits = [space.bits(c) for c in start]
+    # the cheapest start is the allocation at lo (at most lo bits, and not much below)
+    assert lo - 0.1 * span < min(bits) <= lo and max(bits) <= hi
+    assert space.cheapest() not in start
+    floor = min(bits)
+    pool = s.generator.generate(start, 64, set(start), np.random.default_rng(0))
+    assert any(not s._served(c) for c in pool)  # mutations do leave the range
+    assert all(s._served(c) == (floor - 1e-9 <= space.bits(c) <= hi + 1e-9) for c in pool)
+    # a range beyond the space is clipped to it; an inverted one is refused
+    wide = ParetoSearch(space, eval_batches=_lm_batches(16).head(1), bits_range=(0.0, 99.0))
+    assert (wide.lo, wide.hi) == (space.min_bits(), space.max_bits())
+    with pytest.raises(ValueError, match="lo <= hi"):
+        ParetoSearch(space, eval_batches=_lm_batches(16).head(1), bits_range=(6.0, 3.0))
+
+
 # -- on a model -----------------------------------------------------------------------------
 def _model() -> CoALoRAModel:
     base = tiny_llama()

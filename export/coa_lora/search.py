@@ -525,6 +525,9 @@ class ParetoSearch:
     ``eval_batches``: held-out batches (a few), never training batches. ``allocation_costs``: a
     ``CostTable`` (or array, space order) enabling optimal-allocation starts and
     sensitivity-guided moves. ``log_path``: a JSONL file, one ``SearchEpochLog`` per line.
+    ``bits_range``: the budgets the bundle serves (its sweep); the starting set's allocations,
+    the segments and the proposals stay within it, so no step trains a configuration cheaper
+    than the cheapest a device can ask for. None: the space's whole range.
     """
 
     def __init__(
@@ -542,6 +545,7 @@ class ParetoSearch:
         allocation_budgets: int = 24,
         mc_samples: int = 128,
         rescore: int | None = None,
+        bits_range: tuple[float, float] | None = None,
     ) -> None:
         if segments < 1 or proposals_per_epoch < 1 or candidates < 1:
             raise ValueError("segments, proposals_per_epoch and candidates must be >= 1")
@@ -568,6 +572,13 @@ class ParetoSearch:
         self.features = ConfigFeatures(space, self.costs)
         self.generator = CandidateGenerator(self.features, self.costs)
         self.lo, self.hi = space.min_bits(), space.max_bits()
+        if bits_range is not None:
+            lo, hi = float(bits_range[0]), float(bits_range[1])
+            if lo > hi:
+                raise ValueError(f"bits_range must be (lo, hi) with lo <= hi, got {bits_range}")
+            self.lo, self.hi = min(max(self.lo, lo), self.hi), max(min(self.hi, hi), self.lo)
+        # a proposal below the allocation at ``lo`` serves no budget better (``_served``)
+        self._floor: float | None = None
         self.history: list[SearchEpochLog] = []
         self.seen: set[Configuration] = set()
         self._allocations: list[Configuration] | None = None
@@ -581,7 +592,7 @@ class ParetoSearch:
         budgets with a cost table, else the cheapest and every uniform configuration plus
         random mixes."""
         if self.costs is not None:
-            out = initial_configurations(self.space, self.costs, n_budgets)
+            out = initial_configurations(self.space, self.costs, n_budgets, self.lo, self.hi)
             self._allocations = list(out)
             return out
         # the cheapest configuration anchors the low end (no uniform one may reach it: padding
@@ -612,6 +623,14 @@ class ParetoSearch:
             )
         return self._allocations
 
+    def _served(self, config: Configuration) -> bool:
+        """Within the budgets the bundle serves: no cheaper than the allocation at ``lo``
+        (bits a little under ``lo`` still serve it), no dearer than ``hi``."""
+        if self._floor is None:
+            bases = self._allocation_bases()
+            self._floor = min(map(self.space.bits, bases)) if bases else self.lo
+        return self._floor - 1e-9 <= self.space.bits(config) <= self.hi + 1e-9
+
     # -- one epoch ------------------------------------------------------------------------
     def _evaluate(self, model: CoALoRAModel, configs: Sequence[Configuration]) -> list[float]:
         return [float(v) for v in evaluate_configs(model, configs, self.eval_batches, "loss")]
@@ -634,6 +653,7 @@ class ParetoSearch:
         pool = self.generator.generate(
             bases, self.n_candidates, self.seen, rng, include=self._allocation_bases()
         )
+        pool = [c for c in pool if self._served(c)] or pool
         t_fit = time.perf_counter()
         # rank 0's picks: a GP fitted in two processes need not agree to the last bit
         picks, method = distributed.broadcast(
