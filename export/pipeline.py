@@ -6,7 +6,7 @@
        (causal LMs) E[(dL/dy_j)^2] of its outputs, which weigh each output's error in step 4
     4. quantize + cost table: each (matrix, option) once, with that importance (the codes the
        bundle ships), then the calibration- (and loss-) weighted error of each
-    5. initial training set: optimal (MILP) allocations at budgets over the whole bit range
+    5. initial training set: optimal (MILP) allocations at budgets over the trained bit range
     6. train CoA-LoRA, the Pareto search growing/pruning the training set between epochs
     7. dense sweep on held-out data: allocations at 2.5 ... 8 bits and unseen random
        configurations, each measured with the trained adapter; keep the non-dominated ones
@@ -234,7 +234,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
             )
             costs = distributed.broadcast(costs)  # one table: the MILP starts must agree
 
-        # 5. the starting training set: optimal allocations over the whole bit range
+        # 5. the starting training set: optimal allocations over the trained range (--train-range)
         with phase("initial set"):
             search = opts.pareto_search(
                 space, search_batches, costs, log_path=work / SEARCH_LOG_FILE

@@ -588,9 +588,8 @@ class ParetoSearch:
 
     # -- starting set ---------------------------------------------------------------------
     def initial_set(self, n_budgets: int = 50) -> list[Configuration]:
-        """The starting set over the whole bit range: optimal allocations at ``n_budgets``
-        budgets with a cost table, else the cheapest and every uniform configuration plus
-        random mixes."""
+        """The starting set: optimal allocations at ``n_budgets`` budgets over [lo, hi] with a
+        cost table, else the cheapest and every uniform configuration plus random mixes."""
         if self.costs is not None:
             out = initial_configurations(self.space, self.costs, n_budgets, self.lo, self.hi)
             self._allocations = list(out)
