@@ -431,6 +431,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minutes, install included) reproduced those figures exactly. A share of 0.15 answered
     # worse and scored worse than 0.25 (37.6 against 33.4 at 3.5 bits, both with an earlier
     # rendering that ended each conversation without the template's last newline).
+    # With the set over the served budgets (--train-range sweep: here only its top end moves,
+    # 8 bits, not 8.625; all at 2b64 is 2.54 bits) stored perplexity at 2.5 / 3 / 3.5 / 4 / 4.5 /
+    # 5 bits: 55.8 / 44.6 / 32.1 / 28.1 / 24.0 / 23.4; the 3.5-bit answer still names Paris,
+    # and of the 12 questions it answers 6 / 10 / 10 at 3.5 / 4.5 / 6 bits (news alone 2 / 9 / 8).
     "fast:smollm2": dict(
         quantizer="gptq", calib_texts=64, steps=72, steps_per_epoch=18, chat_texts=64
     ),
