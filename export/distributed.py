@@ -81,6 +81,10 @@ def process_group(device: torch.device) -> Iterator[bool]:
     dist.init_process_group(backend_for(device), timeout=TIMEOUT)
     try:
         yield True
+        # Every rank done before any tears its connections down: a gloo rank destroying its
+        # group while a peer still finishes its last collective aborted the peer (SIGABRT,
+        # "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

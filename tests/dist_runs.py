@@ -84,6 +84,7 @@ def rank_main(rank: int, world: int, port: int, root: str) -> None:
         metrics = sweep_metrics(model)
         if rank == 0:
             (out / "sweep.json").write_text(json.dumps(metrics))
+        torch.distributed.barrier()  # no rank tears its pairs down while another still talks
     finally:
         torch.distributed.destroy_process_group()
 
