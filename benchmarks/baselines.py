@@ -133,6 +133,7 @@ LEVERS_BEFORE: dict[str, Any] = dict(
     search_rescore=0,
     cost_weights="output",
     train_range="space",
+    theta_lr_scale=1.0,
 )
 
 

@@ -5,7 +5,9 @@ with today's settings except its lever: the quantizer (``gptq``), configuration 
 (``sandwich``), LoRA init from the quantization residual (``residual-init``; ``residual-theta``
 also fits θ to each option's residual), KL distillation
 from the shipped weights (``distill``, weight 0.5) and the bounded search (``bounded-search``,
-8 configurations re-measured per epoch). Reported: held-out perplexity at the optimal
+8 configurations re-measured per epoch), the Pareto search over the served budgets
+(``sweep-range``), the cheapest configuration every step (``floor-sampler``) and θ at 5x the
+learning rate (``theta-lr``). Reported: held-out perplexity at the optimal
 allocation of each budget, the fine-tuning seconds (search included), the variant's whole
 wall time (quantization included) and the hypervolume of the configuration set its search
 ended with (every configuration of it measured on the same held-out batches; objectives bits
@@ -46,6 +48,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "bounded-search": dict(search_rescore=8),
     "loss-costs": dict(cost_weights="loss"),
     "sweep-range": dict(train_range="sweep"),
+    "floor-sampler": dict(sampler="floor"),
+    "theta-lr": dict(theta_lr_scale=5.0),
 }
 # reduced from benchmarks.baselines' steps and measuring batches
 SCALE = dict(steps=32, steps_per_epoch=16, eval_batches=3)

@@ -73,8 +73,9 @@ class ExportOptions:
     # 2.5 and 3.5 bits; the bounded search also halves the search's cost.
     sampler: str = _opt(
         "sandwich",
-        "A step's configurations: uniform, or sandwich (cheapest and dearest of the set plus "
-        "others weighted by their loss).",
+        "A step's configurations: uniform, sandwich (cheapest and dearest of the set plus "
+        "others weighted by their loss) or floor (the cheapest every step plus others "
+        "weighted by their loss).",
     )
     lora_init: str = _opt(
         "residual",
@@ -86,6 +87,9 @@ class ExportOptions:
         0.0,
         "Weight of the KL to the shipped weights' logits in the loss, 0 (cross-entropy only) "
         "to 1 (KL only); causal LMs.",
+    )
+    theta_lr_scale: float = _opt(
+        1.0, "θ's learning rate as a multiple of --lr (the shared LoRA keeps --lr)."
     )
     chat_texts: int = _opt(
         0,
@@ -224,6 +228,7 @@ class ExportOptions:
             sampler=self.sampler,
             lora_init=self.lora_init,
             distill_weight=self.distill_weight,
+            theta_lr_scale=self.theta_lr_scale,
             **overrides,
         )
 
@@ -272,7 +277,13 @@ class ExportOptions:
         from coalora.export.coa_lora.config import LORA_INITS, SAMPLERS
 
         if self.sampler not in SAMPLERS:
-            raise ExportError(f"unknown sampler {self.sampler!r}: expected {' or '.join(SAMPLERS)}")
+            raise ExportError(
+                f"unknown sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}"
+            )
+        if self.theta_lr_scale <= 0:
+            raise ExportError(f"theta-lr-scale must be positive, got {self.theta_lr_scale}")
+        if self.sampler == "floor" and self.configs_per_step < 2:
+            raise ExportError("the floor sampler needs --configs-per-step 2 or more")
         if self.lora_init not in LORA_INITS:
             raise ExportError(
                 f"unknown lora-init {self.lora_init!r}: expected one of {', '.join(LORA_INITS)}"
@@ -358,6 +369,8 @@ class ExportOptions:
         skip |= {"sweep_step", "sweep_random", "sweep_batches"}
         if self.train_range == "space":  # the sweep's ends then train nothing (nor the default)
             skip |= {"sweep_lo", "sweep_hi", "train_range"}
+        if self.theta_lr_scale == 1.0:  # the default: earlier work dirs still match
+            skip.add("theta_lr_scale")
         if not self.chat_texts:  # off, its share changes nothing: earlier work dirs still match
             skip |= {"chat_texts", "chat_share"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}

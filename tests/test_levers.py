@@ -80,6 +80,47 @@ def test_sandwich_with_two_per_step_alternates_the_ends() -> None:
         ConfigSampler("greedy", 2, 0, space)
 
 
+def test_floor_takes_the_cheapest_every_step_and_weights_the_rest_by_loss() -> None:
+    space = _space()
+    configs = _configs(space)
+    bits = [space.bits(c) for c in configs]
+    cheapest = configs[int(np.argmin(bits))]
+    sampler = ConfigSampler("floor", 2, seed=0, space=space)
+    rest = [c for c in configs if c != cheapest]
+    sampler.observe(rest, [10.0] + [0.1] * (len(rest) - 1))
+    counts: Counter = Counter()
+    for step in range(200):
+        chosen = sampler.sample(configs, step)
+        assert chosen[0] == cheapest and len(set(chosen)) == 2
+        counts[chosen[1]] += 1
+    assert counts[rest[0]] > 150  # the dearest is not forced in: the loss decides
+    with pytest.raises(ValueError, match="at least 2"):
+        ConfigSampler("floor", 1, seed=0, space=space)
+
+
+def test_theta_lr_scale_moves_theta_alone_faster(tmp_path) -> None:
+    space = _space()
+    configs = _configs(space)
+    moved = {}
+    for scale in (1.0, 10.0):
+        cfg = CoALoRAConfig(rank=4, lr=1e-3, theta_lr_scale=scale)
+        model = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+        before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+        train(model, _lm_batches(), configs, steps=2, progress=False)
+        after = model.trainable_state_dict()
+        delta = {k: float((after[k] - before[k]).abs().max()) for k in before}
+        moved[scale] = (
+            max(v for k, v in delta.items() if k.startswith("theta.")),
+            max(v for k, v in delta.items() if not k.startswith("theta.")),
+        )
+    # Adam's step is ~lr per weight: θ's grows with the scale, the shared LoRA's does not
+    assert moved[10.0][0] > 5 * moved[1.0][0]
+    assert moved[10.0][1] == pytest.approx(moved[1.0][1], rel=0.5)
+    with pytest.raises(ExportError, match="theta-lr-scale"):
+        ExportOptions.for_model("smollm2", "o", theta_lr_scale=0).check()
+    assert "theta_lr_scale" not in ExportOptions.for_model("smollm2", "o").training_key()
+
+
 def test_sandwich_training_records_what_it_drew(tmp_path) -> None:
     base = tiny_llama()
     space = config_space(base, OPTIONS)

@@ -63,6 +63,7 @@ def test_coalora_config_reads_the_export_defaults() -> None:
         "sampler",
         "lora_init",
         "distill_weight",
+        "theta_lr_scale",
     }
     cfg = CoALoRAConfig()
     for name in shared:

@@ -8,7 +8,7 @@ from typing import Any
 from coalora.export.options import default_of
 
 LORA_INITS: tuple[str, ...] = ("zero", "residual", "residual-theta")
-SAMPLERS: tuple[str, ...] = ("uniform", "sandwich")
+SAMPLERS: tuple[str, ...] = ("uniform", "sandwich", "floor")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class CoALoRAConfig:
     # training
     configs_per_step: int = default_of("configs_per_step")
     lr: float = default_of("lr")
+    theta_lr_scale: float = default_of("theta_lr_scale")  # θ's lr = lr * this
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -45,7 +46,7 @@ class CoALoRAConfig:
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of ``lr``
     seed: int = default_of("seed")
     # quality levers (each measured in benchmarks/results/quality_ablation.md when run)
-    # how a step picks its configurations: "uniform" or "sandwich" (``sampling``)
+    # how a step picks its configurations: "uniform", "sandwich" or "floor" (``sampling``)
     sampler: str = default_of("sampler")
     # LoRA start: "zero" (B = 0) or "residual" (top-r SVD of W - Q(W) at ``lora_init_option``,
     # default the cheapest option of the space; ``init``), or "residual-theta" (that, with θ
@@ -61,8 +62,8 @@ class CoALoRAConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.configs_per_step < 1:
             raise ValueError(f"configs_per_step must be >= 1, got {self.configs_per_step}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr <= 0 or self.theta_lr_scale <= 0:
+            raise ValueError(f"lr and theta_lr_scale must be positive, got {self.lr}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.lora_init not in LORA_INITS:

@@ -8,6 +8,9 @@
                 With ``k = 2`` the step takes one end of the set (cheapest on even steps,
                 dearest on odd ones) and one loss-weighted draw, with ``k = 1`` one
                 loss-weighted draw: the ends then stay covered without a third pass per step.
+- ``floor``     the cheapest configuration every step, the others loss-weighted as above
+                (the dearest is not forced): the allocation a device runs at the lowest
+                served budget gets as many passes as a LoRA trained on it alone.
 
 Every draw is a function of (seed, step) and the losses recorded so far, so a resumed run
 repeats an uninterrupted one when the sampler's state is checkpointed (``state``).
@@ -34,6 +37,8 @@ class ConfigSampler:
             raise ValueError(f"unknown sampler {kind!r}: expected one of {', '.join(SAMPLERS)}")
         if k < 1:
             raise ValueError(f"configurations per step must be >= 1, got {k}")
+        if kind == "floor" and k < 2:  # one per step would train the cheapest alone
+            raise ValueError("the floor sampler needs at least 2 configurations per step")
         self.kind, self.k, self.seed, self.space = kind, k, seed, space
         self.losses: dict[Configuration, float] = {}
 
@@ -46,7 +51,9 @@ class ConfigSampler:
         k = min(self.k, len(configs))
         bits = [self.space.bits(c) for c in configs]
         cheapest, dearest = int(np.argmin(bits)), int(np.argmax(bits))
-        if k >= 3 or (k == 2 and cheapest == dearest):
+        if self.kind == "floor":
+            ends = [cheapest]
+        elif k >= 3 or (k == 2 and cheapest == dearest):
             ends = list(dict.fromkeys([cheapest, dearest]))
         elif k == 2:
             ends = [cheapest if step % 2 == 0 else dearest]

@@ -116,9 +116,17 @@ def initial_configurations(
 
 
 def make_optimizer(model: CoALoRAModel) -> torch.optim.AdamW:
+    """AdamW over the trainables. With ``theta_lr_scale`` other than 1, θ gets a group of its
+    own whose ``lr_scale`` the schedule multiplies in (one group otherwise, as checkpoints
+    written before the lever hold)."""
     cfg = model.cfg
-    params = list(model.trainable_parameters().values())
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    named = model.trainable_parameters()
+    groups: list[dict[str, Any]] = [{"params": list(named.values())}]
+    theta = [p for n, p in named.items() if n.startswith("theta.")]
+    if theta and cfg.theta_lr_scale != 1.0:
+        rest = [p for n, p in named.items() if not n.startswith("theta.")]
+        groups = [{"params": rest}, {"params": theta, "lr_scale": cfg.theta_lr_scale}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def counted_targets(model: CoALoRAModel, batch: Batch) -> int:
@@ -249,7 +257,7 @@ def train(
     for step in bar:
         lr = get_lr(step, cfg.lr, steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only
         chosen = sampler.sample(config_set, step)
         model.retain(chosen)  # layer-at-a-time: only this step's options stay dequantized
