@@ -93,16 +93,28 @@ EVAL_BATCHES = {"minilm": 20, "smollm2": 12, "gemma3": 8}
 QUICK = dict(steps=4, steps_per_epoch=2, limit=200, initial_budgets=8, search_candidates=32)
 
 
-def run(model: str, quick: bool, threads: int | None) -> dict[str, Any]:
-    from coalora.export.baselines import run_baselines
+def run(
+    model: str,
+    quick: bool,
+    threads: int | None,
+    methods: tuple[str, ...] | None = None,
+    levers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from coalora.export.baselines import METHODS, run_baselines
     from coalora.export.options import ExportOptions
 
     values = dict(SETTINGS[model])
     if quick:
         values.update(QUICK)
+    values.update(levers or {})
     opts = ExportOptions.for_model(model, out="unused", threads=threads, **values)
     t0 = time.perf_counter()
-    res = run_baselines(opts, BUDGETS, eval_batches=EVAL_BATCHES[model] if not quick else 2)
+    res = run_baselines(
+        opts,
+        BUDGETS,
+        methods or METHODS,
+        eval_batches=EVAL_BATCHES[model] if not quick else 2,
+    )
     wall = time.perf_counter() - t0
     out = res.to_dict()
     out["model"] = model
@@ -135,6 +147,23 @@ LEVERS_BEFORE: dict[str, Any] = dict(
     train_range="space",
     theta_lr_scale=1.0,
 )
+
+
+def parse_levers(pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs of quality levers, each value typed like the lever's default."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in LEVERS_BEFORE:
+            raise ValueError(
+                f"--lever {pair!r}: expected NAME=VALUE, NAME one of {', '.join(LEVERS_BEFORE)}"
+            )
+        kind = type(LEVERS_BEFORE[name])
+        try:
+            out[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--lever {pair!r}: {text!r} is not a {kind.__name__}") from None
+    return out
 
 
 def levers_of(opts: Any) -> dict[str, Any]:
@@ -411,7 +440,28 @@ def main(argv: list[str] | None = None) -> None:
         "--report-only", action="store_true", help="rewrite the .md and .png from the .json"
     )
     p.add_argument("--machine-note", help="how the machine was loaded during the run")
+    p.add_argument(
+        "--methods", help="comma-separated methods to run (a probe; needs --out-dir) [all]"
+    )
+    p.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a quality lever for every method (a probe; needs --out-dir)",
+    )
     args = p.parse_args(argv)
+    try:
+        levers = parse_levers(args.lever)
+    except ValueError as exc:
+        p.error(str(exc))
+    methods = tuple(m for m in (args.methods or "").split(",") if m) or None
+    unknown = [m for m in methods or () if m not in METHOD_LABELS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}: expected some of {', '.join(METHOD_LABELS)}")
+    # a probe must not replace the committed report, which is one whole run of every method
+    if (methods or levers) and args.out_dir.resolve() == RESULTS.resolve():
+        p.error("--methods and --lever write a probe: give --out-dir outside the results")
     stem = args.out_dir / f"baselines_{args.model}"
     if args.report_only:
         res = json.loads(stem.with_suffix(".json").read_text())
@@ -419,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         res["targets"] = targets(res)
     else:
         old = stem.with_suffix(".json")
-        res = run(args.model, args.quick, args.threads)
+        res = run(args.model, args.quick, args.threads, methods, levers)
         if old.is_file() and not args.quick:
             res["before"] = before_of(json.loads(old.read_text(encoding="utf-8")))
             res["targets"] = targets(res)  # with the before / now ratios

@@ -198,3 +198,25 @@ def test_quantizer_quality_keeps_only_comparable_rows(tmp_path: Path, monkeypatc
     other = one_row(eval_batches=-1)
     qq.keep(other)
     assert list(other["perplexity"]) == [fresh_row] and "kept" not in other
+
+
+def test_baselines_probe_flags_are_typed_and_never_replace_the_committed_report() -> None:
+    from benchmarks.baselines import main, parse_levers
+
+    assert parse_levers(["sampler=floor", "theta_lr_scale=5"]) == {
+        "sampler": "floor",
+        "theta_lr_scale": 5.0,
+    }
+    for bad in ("sampler", "nope=1", "theta_lr_scale=fast"):
+        with pytest.raises(ValueError, match="--lever"):
+            parse_levers([bad])
+    committed = (RESULTS / "baselines_smollm2.json").read_bytes()
+    for argv in (
+        ["--model", "smollm2", "--lever", "sampler=floor"],
+        ["--model", "smollm2", "--methods", "coa-lora"],
+        ["--model", "smollm2", "--methods", "coa-lora,nope", "--out-dir", "/nonexistent"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert (RESULTS / "baselines_smollm2.json").read_bytes() == committed
