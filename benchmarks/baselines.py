@@ -354,6 +354,13 @@ def write_report(res: dict[str, Any], command: str, stem: Path) -> None:
             f"over {len(epochs)} epochs ({sum(e['evaluated'] for e in epochs)} configurations "
             f"scored on held-out batches; GP fits {sum(e['fit_seconds'] for e in epochs):.0f} s).",
         ]
+    if res.get("prepare_seconds"):
+        lines += [
+            "",
+            f"Every option's quantized weights were built before any method's clock started "
+            f"({res['prepare_seconds']:.0f} s, shared by every method, like calibration and the "
+            "cost table).",
+        ]
     lines += ["", f"## Targets (positive = CoA-LoRA better, in {what})", ""]
     for key, label in (
         ("vs_per-config-lora", "vs per-configuration LoRA"),

@@ -228,6 +228,37 @@ def test_baselines_measure_on_batches_the_search_did_not_see(inputs, tmp_path):
         run_baselines(opts, [3.5], methods=("no-lora",), eval_batches=0)
 
 
+def test_baselines_build_every_quantized_weight_before_any_clock(inputs, tmp_path, monkeypatch):
+    """With the cost table read back from the work dir, no method's seconds include quantizing:
+    the weights are built before any clock (lazily, CoA-LoRA, timed first, paid for them all)."""
+    import coalora.export.coa_lora as coa_pkg
+    import coalora.export.coa_lora.layer as layer_mod
+
+    opts = _opts(inputs, tmp_path, steps=1, steps_per_epoch=0)
+    run_baselines(opts, [3.5], methods=("no-lora",))  # writes the cost table to the work dir
+    training = [False]
+    quantized_while_training: list[str] = []
+    real_quantize, real_train = layer_mod.quantize_matrix, coa_pkg.train
+
+    def quantize(*args, **kw):
+        if training[0]:
+            quantized_while_training.append(str(args[1]))
+        return real_quantize(*args, **kw)
+
+    def timed_train(*args, **kw):
+        training[0] = True
+        try:
+            return real_train(*args, **kw)
+        finally:
+            training[0] = False
+
+    monkeypatch.setattr(layer_mod, "quantize_matrix", quantize)
+    monkeypatch.setattr(coa_pkg, "train", timed_train)
+    res = run_baselines(opts, [3.5], methods=("coa-lora", "shared-lora"))
+    assert quantized_while_training == []
+    assert res.prepare_seconds > 0 and res.to_dict()["prepare_seconds"] == res.prepare_seconds
+
+
 def test_baselines_measure_coa_lora_final_set_for_its_hypervolume(inputs, tmp_path):
     from benchmarks.quality_ablation import hypervolumes
 
