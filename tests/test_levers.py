@@ -118,7 +118,10 @@ def test_theta_lr_scale_moves_theta_alone_faster(tmp_path) -> None:
     assert moved[10.0][1] == pytest.approx(moved[1.0][1], rel=0.5)
     with pytest.raises(ExportError, match="theta-lr-scale"):
         ExportOptions.for_model("smollm2", "o", theta_lr_scale=0).check()
-    assert "theta_lr_scale" not in ExportOptions.for_model("smollm2", "o").training_key()
+    # 1.0 was the default before: work dirs written then still match
+    at_one = ExportOptions.for_model("smollm2", "o", theta_lr_scale=1.0).training_key()
+    assert "theta_lr_scale" not in at_one
+    assert "theta_lr_scale" in ExportOptions.for_model("smollm2", "o").training_key()
 
 
 def test_sandwich_training_records_what_it_drew(tmp_path) -> None:
@@ -228,7 +231,9 @@ def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_quantized() -> None:
 def test_distillation_loss_is_what_training_minimises() -> None:
     base = tiny_llama()
     space = config_space(base, OPTIONS)
-    cfg = CoALoRAConfig(rank=4, lr=3e-3, configs_per_step=1, distill_weight=1.0, distill_topk=8)
+    cfg = CoALoRAConfig(
+        rank=4, lr=3e-3, configs_per_step=1, sampler="sandwich", distill_weight=1.0, distill_topk=8
+    )
     model = CoALoRAModel(base, space, cfg, kind="causal-lm")
     configs = [space.uniform(OPTIONS[0])]
     batches = _lm_batches()
@@ -258,7 +263,11 @@ def test_export_options_check_the_levers() -> None:
     assert (cfg.sampler, cfg.distill_weight, cfg.lora_init) == ("uniform", 0.25, "residual")
     # the chosen recipe is the default, and the search's bound can be lifted (0: the whole set)
     opts = ExportOptions("smollm2", "o")
-    assert (opts.sampler, opts.lora_init, opts.search_rescore) == ("sandwich", "residual", 8)
+    assert (opts.sampler, opts.lora_init, opts.search_rescore) == ("floor", "residual", 8)
+    assert opts.theta_lr_scale == 4.0
+    # the demos (--fast) keep the recipe their figures were measured with
+    fast = ExportOptions.for_model("smollm2", "o", fast=True)
+    assert (fast.sampler, fast.theta_lr_scale) == ("sandwich", 1.0)
     ExportOptions("smollm2", "o", search_rescore=0).check()
 
 
