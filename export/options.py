@@ -74,7 +74,9 @@ class ExportOptions:
     # "floor" with θ at 4x --lr, not "sandwich" at 1x, by measurement on SmolLM2 (128 steps,
     # benchmarks/results/probes/smollm2-floor-theta4): CoA-LoRA's perplexity at 2.5 / 3 / 3.5
     # / 4 / 5 / 6 bits went from 54.6 / 41.2 / 32.2 / 27.5 / 24.0 / 23.5 to 51.4 / 40.6 / 32.3
-    # / 27.7 / 24.3 / 23.9: the allocation a device runs at 2.5 bits trains every step.
+    # / 27.7 / 24.3 / 23.9: the allocation a device runs at 2.5 bits trains every step. The
+    # full comparison with it (baselines_smollm2.md, 2 threads): 53.3 / 40.8 / 32.3 / 27.6 /
+    # 24.3 / 23.9, and fine-tuning 0.77x three per-configuration LoRAs.
     sampler: str = _opt(
         "floor",
         "A step's configurations: uniform, sandwich (cheapest and dearest of the set plus "
