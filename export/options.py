@@ -71,12 +71,13 @@ class ExportOptions:
     # The defaults of the four levers below are the recipe chosen by measurement
     # (benchmarks/results/quality_ablation.md): each alone lowered CoA-LoRA's perplexity at
     # 2.5 and 3.5 bits; the bounded search also halves the search's cost.
-    # "floor" with θ at 4x --lr, not "sandwich" at 1x, by measurement on SmolLM2 (128 steps,
-    # benchmarks/results/probes/smollm2-floor-theta4): CoA-LoRA's perplexity at 2.5 / 3 / 3.5
-    # / 4 / 5 / 6 bits went from 54.6 / 41.2 / 32.2 / 27.5 / 24.0 / 23.5 to 51.4 / 40.6 / 32.3
-    # / 27.7 / 24.3 / 23.9: the allocation a device runs at 2.5 bits trains every step. The
-    # full comparison with it (baselines_smollm2.md, 2 threads): 53.3 / 40.8 / 32.3 / 27.6 /
-    # 24.3 / 23.9, and fine-tuning 0.77x three per-configuration LoRAs.
+    # "floor" with θ at 4x --lr, not "sandwich" at 1x, by measurement on SmolLM2 (128 steps):
+    # CoA-LoRA's perplexity at 2.5 / 3 / 3.5 / 4 / 5 / 6 bits was 54.6 / 41.2 / 32.2 / 27.5 /
+    # 24.0 / 23.5 with the sandwich (2 threads, a Xeon), 51.4 / 40.6 / 32.3 / 27.7 / 24.3 / 23.9
+    # with the floor (benchmarks/results/probes/smollm2-floor-theta4, 1 thread, an EPYC) and
+    # 53.3 / 40.8 / 32.3 / 27.6 / 24.3 / 23.9 in the full comparison (baselines_smollm2.md, 2
+    # threads, the EPYC), with fine-tuning 0.77x three per-configuration LoRAs: the allocation
+    # a device runs at 2.5 bits trains every step.
     sampler: str = _opt(
         "floor",
         "A step's configurations: uniform, sandwich (cheapest and dearest of the set plus "
