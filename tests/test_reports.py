@@ -220,3 +220,17 @@ def test_baselines_probe_flags_are_typed_and_never_replace_the_committed_report(
             main(argv)
         assert exc.value.code == 2
     assert (RESULTS / "baselines_smollm2.json").read_bytes() == committed
+
+
+def test_quality_ablation_default_row_is_the_exporters_recipe() -> None:
+    from benchmarks.baselines import LEVERS_BEFORE, levers_of
+    from benchmarks.quality_ablation import LEVERS, recipe
+    from coalora.export.options import ExportOptions
+
+    # every lever row changes only lever fields, so recipes compose over LEVERS_BEFORE
+    assert all(set(fields) <= set(LEVERS_BEFORE) for fields in LEVERS.values())
+    # the default row sets every lever as `coalora export train smollm2` would, not as
+    # LEVERS_BEFORE left it
+    opts = ExportOptions.for_model("smollm2", out="unused")
+    assert recipe(["default"]) == levers_of(opts)
+    assert recipe(["default"]) != LEVERS_BEFORE
