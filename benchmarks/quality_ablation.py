@@ -82,7 +82,6 @@ def recipe(names: list[str]) -> dict[str, Any]:
 
 def run_variant(name: str, fields: dict[str, Any], threads: int, quick: bool) -> dict[str, Any]:
     from coalora.export.baselines import run_baselines
-    from coalora.export.options import ExportOptions
 
     values = {**SETTINGS["smollm2"], **SCALE, **fields}
     if quick:
