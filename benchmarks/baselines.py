@@ -146,6 +146,7 @@ LEVERS_BEFORE: dict[str, Any] = dict(
     cost_weights="output",
     train_range="space",
     theta_lr_scale=1.0,
+    theta_anchor="none",
 )
 
 

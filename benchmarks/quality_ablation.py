@@ -3,18 +3,18 @@
 Every variant is CoA-LoRA trained by ``export.baselines.run_baselines`` (method ``coa-lora``)
 with today's settings except its lever: the quantizer (``gptq``), configuration sampling
 (``sandwich``), LoRA init from the quantization residual (``residual-init``; ``residual-theta``
-also fits θ to each option's residual), KL distillation
-from the shipped weights (``distill``, weight 0.5) and the bounded search (``bounded-search``,
-8 configurations re-measured per epoch), the Pareto search over the served budgets
-(``sweep-range``), the cheapest configuration every step (``floor-sampler``), θ at 4x the
-learning rate (``theta-lr``) and every lever at the exporter's default (``default``: the
-recipe ``coalora export`` trains with, read from ``ExportOptions``, so the row follows the
-defaults wherever they move). Reported: held-out perplexity at the optimal
-allocation of each budget, the fine-tuning seconds (search included), the variant's whole
-wall time (quantization included) and the hypervolume of the configuration set its search
-ended with (every configuration of it measured on the same held-out batches; objectives bits
-and log perplexity, one reference point for all rows). The scale is reduced (``SCALE``) to
-fit an hour on 2 cores and is written into the results.
+also fits θ to each option's residual), KL distillation from the shipped weights (``distill``,
+weight 0.5) and the bounded search (``bounded-search``, 8 configurations re-measured per
+epoch), the Pareto search over the served budgets (``sweep-range``), the cheapest configuration
+every step (``floor-sampler``), θ at 4x the learning rate (``theta-lr``), U = θ(c) - θ(floor)
+(``theta-anchor``) and every lever at the exporter's default (``default``: the recipe ``coalora
+export`` trains with, read from ``ExportOptions``, so the row follows the defaults wherever
+they move). Reported: held-out perplexity at the optimal allocation of each budget, the
+fine-tuning seconds (search included), the variant's whole wall time (quantization included)
+and the hypervolume of the configuration set its search ended with (every configuration of it
+measured on the same held-out batches; objectives bits and log perplexity, one reference point
+for all rows). The scale is reduced (``SCALE``) to fit an hour on 2 cores and is written into
+the results.
 
     python -m benchmarks.quality_ablation [--variants before,gptq,...] [--recipe gptq,sandwich]
                                           [--threads 1] [--keep] [--quick]
@@ -53,6 +53,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "sweep-range": dict(train_range="sweep"),
     "floor-sampler": dict(sampler="floor"),
     "theta-lr": dict(theta_lr_scale=4.0),
+    "theta-anchor": dict(theta_anchor="floor"),
     # the chosen recipe: every lever as `coalora export train smollm2` sets it (one home:
     # export/options.py), so the row follows the defaults wherever they move
     "default": levers_of(ExportOptions.for_model("smollm2", out="unused")),

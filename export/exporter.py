@@ -53,6 +53,13 @@ class _ThetaForExport(nn.Module):
         self.theta = model.theta
         self.rank = model.cfg.rank
         self.use_global = bool(self.theta is not None and self.theta.use_global_feature)
+        # U(c) = θ(c) - θ(anchor): the anchor's term is a constant of the graph (the device
+        # always asks for every matrix of the space, in its order)
+        anchor = None
+        if self.theta is not None and model.anchor is not None:
+            with torch.no_grad():
+                anchor = model.raw_U(model.anchor).detach().float()
+        self.register_buffer("anchor_U", anchor)
 
     def forward(self, bits, block, layer, module, global_feature):  # type: ignore[no-untyped-def]
         if self.theta is None:
@@ -62,7 +69,8 @@ class _ThetaForExport(nn.Module):
                 )
                 * global_feature.sum()
             )
-        return self.theta(bits, block, layer, module, global_feature if self.use_global else None)
+        U = self.theta(bits, block, layer, module, global_feature if self.use_global else None)
+        return U if self.anchor_U is None else U - self.anchor_U
 
 
 def theta_to_onnx(model: CoALoRAModel) -> bytes:

@@ -98,6 +98,12 @@ class ExportOptions:
     theta_lr_scale: float = _opt(
         4.0, "θ's learning rate as a multiple of --lr (the shared LoRA keeps --lr)."
     )
+    theta_anchor: str = _opt(
+        "none",
+        "θ's output: none (U = θ(c)) or floor (U = θ(c) - θ(floor), the floor being the "
+        "cheapest configuration of the starting training set, which then runs the shared "
+        "LoRA alone).",
+    )
     chat_texts: int = _opt(
         0,
         "Conversations the shipped model writes itself (a sampled question, its greedy "
@@ -236,6 +242,7 @@ class ExportOptions:
             lora_init=self.lora_init,
             distill_weight=self.distill_weight,
             theta_lr_scale=self.theta_lr_scale,
+            theta_anchor=self.theta_anchor,
             **overrides,
         )
 
@@ -281,7 +288,7 @@ class ExportOptions:
             raise ExportError("lr and alpha must be positive")
         if self.task not in TASKS:
             raise ExportError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
-        from coalora.export.coa_lora.config import LORA_INITS, SAMPLERS
+        from coalora.export.coa_lora.config import LORA_INITS, SAMPLERS, THETA_ANCHORS
 
         if self.sampler not in SAMPLERS:
             raise ExportError(
@@ -295,6 +302,13 @@ class ExportOptions:
             raise ExportError(
                 f"unknown lora-init {self.lora_init!r}: expected one of {', '.join(LORA_INITS)}"
             )
+        if self.theta_anchor not in THETA_ANCHORS:
+            raise ExportError(
+                f"unknown theta-anchor {self.theta_anchor!r}: expected one of "
+                f"{', '.join(THETA_ANCHORS)}"
+            )
+        if self.theta_anchor != "none" and self.lora_init == "residual-theta":
+            raise ExportError("--theta-anchor and --lora-init residual-theta do not combine")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ExportError(f"distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.chat_texts < 0:
@@ -378,6 +392,8 @@ class ExportOptions:
             skip |= {"sweep_lo", "sweep_hi", "train_range"}
         if self.theta_lr_scale == 1.0:  # the default before 4.0: work dirs from then still match
             skip.add("theta_lr_scale")
+        if self.theta_anchor == "none":  # the only form before the lever: old work dirs match
+            skip.add("theta_anchor")
         if not self.chat_texts:  # off, its share changes nothing: earlier work dirs still match
             skip |= {"chat_texts", "chat_share"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}

@@ -326,3 +326,54 @@ def test_train_range_sweep_bounds_the_search_by_the_served_budgets() -> None:
     assert "train_range" not in key() and "sweep_lo" not in key()
     swept = ExportOptions("smollm2", "o", train_range="sweep").training_key()
     assert swept != ExportOptions("smollm2", "o", train_range="sweep", sweep_lo=3.0).training_key()
+
+
+# -- θ anchored at the floor ---------------------------------------------------------------------
+def test_theta_anchor_zeroes_u_at_the_floor_and_survives_save_export_and_resume(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from coalora.export.exporter import theta_to_onnx
+    from coalora.runtime.format.spec import THETA_INPUTS
+
+    space = _space()
+    configs = _configs(space)
+    floor = min(configs, key=space.bits)
+    cfg = CoALoRAConfig(rank=4, lr=2e-3, theta_anchor="floor", theta_init_std=0.5)
+    model = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+    train(model, _lm_batches(), configs, steps=2, out_dir=tmp_path / "run", progress=False)
+    assert model.anchor == floor
+    other = max(configs, key=space.bits)
+    with torch.no_grad():
+        assert float(model.compute_U(floor).abs().max()) == 0.0  # the floor runs the shared LoRA
+        U = model.compute_U(other)
+        assert float(U.abs().max()) > 1e-3
+        torch.testing.assert_close(U, model.raw_U(other) - model.raw_U(floor))
+    # the device's θ graph computes the same difference
+    sess = ort.InferenceSession(theta_to_onnx(model), providers=["CPUExecutionProvider"])
+    for c in (floor, other):
+        arrays = model.encode(c)
+        got = sess.run(None, {k: arrays[k] for k in THETA_INPUTS})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model.compute_U(c).numpy(), atol=1e-5)
+    # the anchor travels with the adapter file (and so with a checkpoint), not the training set
+    model.save_adapter(tmp_path / "a.safetensors")
+    again = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+    again.load_adapter(tmp_path / "a.safetensors")
+    assert again.anchor == floor
+    again.anchor_at(configs[1:])  # set once: a set the search changes later keeps it
+    assert again.anchor == floor
+    resumed = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+    train(resumed, _lm_batches(), configs, steps=3, out_dir=tmp_path / "run", progress=False)
+    assert resumed.anchor == floor
+    # off by default: U is θ's own output, and old work directories keep their key
+    plain = CoALoRAModel(tiny_llama(), space, CoALoRAConfig(rank=4), kind="causal-lm")
+    plain.anchor_at(configs)
+    assert plain.anchor is None
+    assert "theta_anchor" not in ExportOptions.for_model("smollm2", "o").training_key()
+    anchored = ExportOptions.for_model("smollm2", "o", theta_anchor="floor")
+    assert "theta_anchor" in anchored.training_key()
+    for bad, match in (
+        (dict(theta_anchor="ceiling"), "theta-anchor"),
+        (dict(theta_anchor="floor", lora_init="residual-theta"), "do not combine"),
+    ):
+        with pytest.raises(ExportError, match=match):
+            ExportOptions.for_model("smollm2", "o", **bad).check()

@@ -64,6 +64,7 @@ def test_coalora_config_reads_the_export_defaults() -> None:
         "lora_init",
         "distill_weight",
         "theta_lr_scale",
+        "theta_anchor",
     }
     cfg = CoALoRAConfig()
     for name in shared:

@@ -9,6 +9,7 @@ from coalora.export.options import default_of
 
 LORA_INITS: tuple[str, ...] = ("zero", "residual", "residual-theta")
 SAMPLERS: tuple[str, ...] = ("uniform", "sandwich", "floor")
+THETA_ANCHORS: tuple[str, ...] = ("none", "floor")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class CoALoRAConfig:
     configs_per_step: int = default_of("configs_per_step")
     lr: float = default_of("lr")
     theta_lr_scale: float = default_of("theta_lr_scale")  # θ's lr = lr * this
+    # "floor": U(c) = θ(c) - θ(floor), the floor being the cheapest configuration of the
+    # starting training set, which then runs the shared LoRA alone (``CoALoRAModel.anchor``)
+    theta_anchor: str = default_of("theta_anchor")
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -66,6 +70,13 @@ class CoALoRAConfig:
             raise ValueError(f"lr and theta_lr_scale must be positive, got {self.lr}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.theta_anchor not in THETA_ANCHORS:
+            raise ValueError(
+                f"theta_anchor must be one of {', '.join(THETA_ANCHORS)}, got {self.theta_anchor!r}"
+            )
+        if self.theta_anchor != "none" and self.lora_init == "residual-theta":
+            # that init fits θ(c) itself to each option's residual, not θ(c) - θ(floor)
+            raise ValueError("theta_anchor and lora_init 'residual-theta' do not combine")
         if self.lora_init not in LORA_INITS:
             raise ValueError(
                 f"lora_init must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}"

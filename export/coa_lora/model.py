@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -73,6 +74,8 @@ class CoALoRAModel(nn.Module):
                         after,
                     )
         self.configuration: Configuration | None = None
+        # With ``cfg.theta_anchor == "floor"``: the configuration whose U is zero (``anchor_at``)
+        self.anchor: Configuration | None = None
         self.mode: Mode = "quant"
         # True once ``quantize_layers(layerwise=True)`` dropped the fp weights: the dequantized
         # cache then holds only what the current configurations use (``retain``).
@@ -176,11 +179,26 @@ class CoALoRAModel(nn.Module):
     def encode(self, config: Mapping[str, QuantOption]) -> dict[str, np.ndarray]:
         return self.vocab.encode(config, self.space, role=self._role)
 
+    def anchor_at(self, configs: Iterable[Configuration]) -> None:
+        """Fix the anchor to the cheapest of ``configs`` (the starting training set), once:
+        a set the search changes later keeps the anchor θ trained against."""
+        if self.cfg.theta_anchor == "floor" and self.theta is not None and self.anchor is None:
+            self.anchor = min(configs, key=self.space.bits)
+
+    def raw_U(self, config: Mapping[str, QuantOption]) -> torch.Tensor:
+        """θ's own output for ``config`` (space order): [n, r, r]."""
+        assert self.theta is not None
+        return self.theta.forward_arrays(self.encode(config))
+
     def compute_U(self, config: Mapping[str, QuantOption]) -> torch.Tensor | None:
-        """θ(config) for every matrix (space order): [n, r, r]; ``None`` for Shared-LoRA."""
+        """U for every matrix (space order): [n, r, r], θ(config), less θ(anchor) when
+        anchored (the anchor then runs the shared LoRA alone); ``None`` for Shared-LoRA."""
         if self.theta is None:
             return None
-        return self.theta.forward_arrays(self.encode(config))
+        U = self.raw_U(config)
+        if self.anchor is not None:
+            U = U - self.raw_U(self.anchor)
+        return U
 
     def set_configuration(self, config: Mapping[str, QuantOption | str]) -> Configuration:
         """Set every layer's option and U = θ(config). Under grad mode U keeps θ's graph."""
@@ -329,6 +347,7 @@ class CoALoRAModel(nn.Module):
             "config": json.dumps(self.cfg.to_dict()),
             "vocab": json.dumps(self.vocab.to_dict()),
             "space": json.dumps(self.space.to_dict()),
+            "anchor": json.dumps(None if self.anchor is None else self.anchor.to_dict()),
         }
 
     def save_adapter(self, path: str | Path) -> None:
@@ -338,3 +357,6 @@ class CoALoRAModel(nn.Module):
 
     def load_adapter(self, path: str | Path) -> None:
         self.load_trainable_state_dict(load_file(str(path), device=str(self.device)))
+        with safe_open(str(path), framework="pt") as f:
+            anchor = json.loads((f.metadata() or {}).get("anchor", "null"))
+        self.anchor = None if anchor is None else self.space.config_from_dict(anchor)

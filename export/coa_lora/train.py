@@ -247,6 +247,7 @@ def train(
             sampler.load_state(state.get("sampler", []))
         if main:
             _truncate_log(log_path, start)
+    model.anchor_at(config_set)  # a resumed run's anchor came back with its adapter
 
     history: list[dict[str, Any]] = []
     model.train()
