@@ -131,6 +131,10 @@ bench-contention: install  ## decode quiet and beside one busy core, threads spi
 bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget each on plain and loss-weighted costs (about 45 min, 1 thread)
 	$(PYTHON) -m benchmarks.quantizer_quality --threads 1 --loss-costs
 
+.PHONY: bench-head-bits
+bench-head-bits: install  ## the tied embedding / LM head at each option on Gemma 3 and SmolLM2: perplexity, repetition, MB (no adapter)
+	$(PYTHON) -m benchmarks.head_bits --threads 2
+
 .PHONY: bench-quality-ablation
 bench-quality-ablation: install  ## each quality lever alone on SmolLM2 at 2.5/3.5/4.5 bits (reduced scale)
 	$(PYTHON) -m benchmarks.quality_ablation --threads 1

@@ -77,6 +77,7 @@ SUMMARIES = {
     "serving_memory": "serving_memory",
     "prepacked_memory": "prepacked_memory",
     "zero_points": "zero_points",
+    "head_bits": "head_bits",
 }
 
 
@@ -114,6 +115,17 @@ def test_zero_points_report() -> None:
     from benchmarks.zero_points import report
 
     assert report(_json("zero_points")) == (RESULTS / "zero_points.md").read_text(encoding="utf-8")
+
+
+def test_head_bits_report_and_its_measures() -> None:
+    from benchmarks.head_bits import agreeing_prefix, repeated_4grams, report
+
+    assert report(_json("head_bits")) == (RESULTS / "head_bits.md").read_text(encoding="utf-8")
+    assert repeated_4grams([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_4grams([1, 2, 3, 4] * 3) == pytest.approx(1 - 4 / 9)  # 9 grams, 4 distinct
+    assert repeated_4grams([1, 2]) == 0.0
+    assert agreeing_prefix([1, 2, 3, 9], [1, 2, 3, 4]) == 3
+    assert agreeing_prefix([5], [1, 2]) == 0
 
 
 def test_prepacked_memory_report_and_the_plans_factors() -> None:
