@@ -219,6 +219,7 @@ def random_llama_bundle(
     model = _Model()
     model.space, model.vocab, model.theta = space, vocab, theta  # type: ignore[attr-defined]
     model.cfg = type("Cfg", (), {"rank": r})()  # type: ignore[attr-defined]
+    model.anchor = None  # type: ignore[attr-defined]  # U = θ(c), not anchored
     chat = chat_format_from_tokenizer(tok)
     tok_dir = out.parent / (out.name + ".tok")
     tok_dir.mkdir(parents=True, exist_ok=True)
