@@ -54,7 +54,7 @@ def bundle_head(bundle: Path) -> np.ndarray:
 
     b = Bundle.open(bundle)
     mapped = assemble.MappedBundle(b)
-    return dequantize(assemble._lm_head(b, mapped.base(), assemble.arch_of(b)))
+    return dequantize(assemble.lm_head(mapped, assemble.arch_of(b)))
 
 
 def run_smollm2(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -180,11 +180,13 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
 
                     base = mapped.base()
                     w = decoder_weights_from_arrays(rt.arch, base, mapped.linears(rt.config))
-                    w.lm_head = assemble._lm_head(rt.bundle, base, rt.arch)
+                    w.lm_head = assemble.lm_head(mapped, rt.arch, rt.config)
                     # as the runtime builds it: a tied quantized head's codes serve the table
                     gather = (
                         w.lm_head is not None
-                        and embedding_from_head(rt.bundle, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL)
+                        and embedding_from_head(
+                            rt.bundle, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config
+                        )
                         is not None
                     )
                     arrays = {}
@@ -194,7 +196,9 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
                         embedding_from_head=gather,
                     )  # fmt: skip
                 built = session_mod.create_session(proto, threads=1, initializers=arrays)
-                rows = assemble.head_table_rows(mapped, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL)
+                rows = assemble.head_table_rows(
+                    mapped, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config
+                )
                 dec = KVDecoder(built.session, rt.arch, CONTEXT, rows=rows)
                 prompt = list(range(100, 116))
                 dec.run(np.asarray([prompt], dtype=np.int64), len(prompt))

@@ -8,11 +8,12 @@ device runs the codes the adapter was trained for), the other weights in fp32, t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from coalora.export.chat import chat_format_from_tokenizer
 from coalora.export.coa_lora.model import CoALoRAModel
-from coalora.kernels import QuantOption, quantize
+from coalora.kernels import ConfigSpace, MatrixSpec, QuantOption, quantize
 from coalora.kernels.matmulnbits import MatMulNBitsWeights, dequantize, to_matmulnbits
 from coalora.runtime.format.pareto import ParetoSet
 from coalora.runtime.format.spec import (
@@ -143,6 +144,41 @@ def train_on_the_shipped_head(model: nn.Module, option: QuantOption | None) -> N
     setattr(model, HEAD_CODES_ATTR, (option, q))
 
 
+def head_codes(model: nn.Module, option: QuantOption) -> MatMulNBitsWeights:
+    """A tied head's codes at ``option``: the shipped head's own where it is that option,
+    else quantized from the table as trained (the shipped head's codes dequantized: the
+    8-bit default's error is a sixteenth of a 4-bit step)."""
+    kept = getattr(model, HEAD_CODES_ATTR, None)
+    if kept is not None and kept[0] == option:
+        return kept[1]
+    return to_matmulnbits(
+        quantize(model.get_input_embeddings().weight.detach().float().cpu().numpy(), option)
+    )
+
+
+@contextlib.contextmanager
+def serving_head(model: nn.Module, option: QuantOption) -> Iterator[MatMulNBitsWeights]:
+    """Within the block the tied table and head are what a device serving the head at
+    ``option`` runs (both read its codes); the table as trained comes back after it."""
+    emb = model.get_input_embeddings()
+    saved = emb.weight.detach().clone()
+    q = head_codes(model, option)
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(dequantize(q)).to(emb.weight.dtype))
+    try:
+        yield q
+    finally:
+        with torch.no_grad():
+            emb.weight.copy_(saved)
+
+
+def head_space(model: CoALoRAModel, options: Sequence[QuantOption]) -> ConfigSpace:
+    """``model``'s configuration space with its tied head as a configured matrix."""
+    cfg = model.base.config
+    head = MatrixSpec(LM_HEAD, int(cfg.vocab_size), int(cfg.hidden_size))
+    return ConfigSpace(model.space.matrices, model.space.options, head, options)
+
+
 def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str, np.ndarray]:
     """Every tensor of the base model that is not a quantized matrix (HF names, fp32)."""
     skip = {f"{n}.weight" for n in model.layers}
@@ -210,15 +246,24 @@ def export_bundle(
     """Write ``model``'s bundle to ``out_dir``; nothing is left behind if anything fails."""
     if not pareto.entries:
         raise ValueError("the Pareto set is empty: nothing to ship")
+    # a configured head: the options the stored configurations name, the default among them
+    named = {e.config.head for e in pareto.entries} - {None}
+    space = model.space
+    heads: dict[QuantOption, MatMulNBitsWeights] = {}
+    if named:
+        if lm_head is None or model.kind != "causal-lm":
+            raise ValueError("configurations name an LM head, but the bundle ships none")
+        space = head_space(model, sorted(named | {lm_head}))
+        heads = {o: head_codes(model.base, o) for o in space.head_options if o != lm_head}
     for entry in pareto.entries:
-        model.space.validate(entry.config)
+        space.validate(entry.config)
     # Every quantized matrix ships an A/B pair; a matrix left out of training keeps B = 0.
     lora_a = {n: la.lora_A.detach().float().cpu().numpy() for n, la in model.layers.items()}
     lora_b = {n: la.lora_B.detach().float().cpu().numpy() for n, la in model.layers.items()}
     with tempfile.TemporaryDirectory() as tmp:
         contents = BundleContents(
             architecture=_architecture(model, loaded, lm_head),
-            space=model.space,
+            space=space,
             quantized=_shipped(model, pareto),
             base=_base_tensors(model, lm_head),
             lora_a=lora_a,
@@ -231,5 +276,6 @@ def export_bundle(
             tokenizer_json=_tokenizer_json(loaded.tokenizer, Path(tmp)),
             theta_inputs=THETA_INPUTS,
             extra=dict(extra or {}),
+            heads=heads,
         )
         return write_bundle(out_dir, contents, overwrite=overwrite, sign_key=sign_key)

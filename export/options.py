@@ -27,6 +27,10 @@ LAYERWISE = ("auto", "on", "off")
 COST_WEIGHTS = ("loss", "output")
 # What the starting set, the search and so the training cover (``ParetoSearch.bits_range``).
 TRAIN_RANGES = ("space", "sweep")
+# The fewest bits a tied embedding / LM head may take: at 2 bits perplexity rose 3.4x (Gemma 3)
+# and 4.4x (SmolLM2) with no adapter, and greedy continuations repeated
+# (benchmarks/results/head_bits.md); at 4 bits it rose 6-14%.
+HEAD_FLOOR_BITS = 4
 
 
 class ExportError(ValueError):
@@ -169,6 +173,14 @@ class ExportOptions:
         shown="--eval-batches",
     )
     lm_head: str | None = _opt("8b32", "LM head option in the bundle, or 'none' for fp32.")
+    head_options: str | None = _opt(
+        None,
+        "More options of a tied LM head that a stored configuration may take, e.g. 4b64: the "
+        "bundle ships the head at each, the sweep measures the front with each, and the "
+        f"Pareto set keeps those whose bytes buy quality (at least {HEAD_FLOOR_BITS} bits: "
+        "lower heads repeat, benchmarks/results/head_bits.md).",
+        shown="the --lm-head option alone",
+    )
     device_class: str | None = _opt(
         None,
         "Also keep the front of the options fast on this CPU class, e.g. armv8.0 (Raspberry Pi "
@@ -351,6 +363,7 @@ class ExportOptions:
             raise ExportError(f"ray-workers must be >= 1, got {self.ray_workers}")
         self.quant_options()
         self.lm_head_option()
+        self.head_option_list()
         if self.device_class is not None:
             from coalora.runtime.isa import DeviceClassError, check_device_class
 
@@ -376,6 +389,27 @@ class ExportOptions:
         except ValueError as exc:
             raise ExportError(f"bad --lm-head option: {exc}") from None
 
+    def head_option_list(self) -> tuple[QuantOption, ...]:
+        """The options a configured LM head may take, the default (``--lm-head``) first; ()
+        where the head is not configured."""
+        if not self.head_options:
+            return ()
+        default = self.lm_head_option()
+        if default is None:
+            raise ExportError("--head-options needs a quantized --lm-head (its default option)")
+        try:
+            more = [QuantOption.parse(o) for o in str(self.head_options).split(",") if o.strip()]
+        except ValueError as exc:
+            raise ExportError(f"bad --head-options: {exc}") from None
+        low = [o for o in [default, *more] if o.bits < HEAD_FLOOR_BITS]
+        if low:
+            raise ExportError(
+                f"--head-options: {low[0]} is below the head's floor of {HEAD_FLOOR_BITS} bits "
+                "(2-bit heads cost 3.4-18.6x perplexity and repeat: "
+                "benchmarks/results/head_bits.md)"
+            )
+        return tuple(dict.fromkeys([default, *more]))
+
     def training_key(self) -> dict[str, Any]:
         """The options that shape calibration, costs and training (the work directory's key).
 
@@ -383,6 +417,7 @@ class ExportOptions:
         trained, so they stay out: changing them reuses the checkpoint.
         """
         skip = {"out", "work_dir", "fresh", "overwrite", "progress", "threads", "lm_head", "sign"}
+        skip.add("head_options")  # measured after training, on the trained adapter
         # where it runs and how memory is managed: the same codes and steps either way
         skip |= {"device", "layerwise", "ray", "ray_workers"}
         # where weights may come from, and which extra front the sweep keeps, neither

@@ -155,7 +155,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
     from coalora.export.coa_lora import CoALoRAModel, train
     from coalora.export.exporter import export_bundle
     from coalora.export.memory import release_freed, use_layerwise
-    from coalora.export.sweep import metric_direction, sweep_budgets
+    from coalora.export.sweep import metric_direction, sweep_budgets, with_head_options
 
     t_start = time.perf_counter()
     phase = Phases()
@@ -171,6 +171,10 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
         load_for_training(opts, inp)
         loaded, space = inp.loaded, inp.space
         loaded.model.to(device)  # the one move: layers, caches and LoRA follow the base
+        heads = opts.head_option_list()
+        tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+        if heads and (loaded.kind != "causal-lm" or not tied):
+            raise ExportError("--head-options needs a causal LM with a tied LM head")
         budgets = sweep_budgets(space, opts.sweep_lo, opts.sweep_hi, opts.sweep_step)
         search_batches, sweep_held_out, disjoint = held_out_batches(
             inp.val_batches, opts.eval_batches, opts.sweep_batches
@@ -294,6 +298,10 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
                 adapter=train_dir / "checkpoint" / "adapter.safetensors",
                 write=main,
             )
+            if heads:
+                pareto = with_head_options(
+                    model, pareto, heads, sweep_held_out, progress=opts.progress
+                )
             name, _ = metric_direction(loaded.kind)
             log.info(
                 "Pareto set: %d of %d evaluated configurations (%s)",
@@ -308,6 +316,7 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
             "budgets": budgets,
             "evaluated": len(evaluated),
             "front": len(pareto),
+            **({"head_options": [o.name for o in heads]} if heads else {}),
             Training.SWEEP_HELD_OUT_BATCHES: len(sweep_held_out),
             "disjoint_from_search": disjoint,
         }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coalora.kernels import QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
+from coalora.runtime import assemble
 from coalora.runtime.format.pareto import ParetoSet
 from coalora.runtime.format.spec import WRITER_SECTIONS, Key, Slimmed
 from coalora.runtime.format.writer import BundleContents, write_bundle
@@ -40,6 +41,14 @@ def slim_bundle(
     for entry in kept:
         for name, w in bundle.quantized(entry.config).items():
             quantized.setdefault(entry.config[name], {})[name] = w
+    # a configured head ships every option of the space (the space is carried over as it is)
+    mapped = assemble.MappedBundle(bundle)
+    arch = assemble.arch_of(bundle)
+    heads = {
+        o: assemble.lm_head(mapped, arch, kept[0].config.with_head(o))
+        for o in bundle.space.head_options
+        if o.name != bundle.lm_head
+    }
     lora_a, lora_b = bundle.lora_pairs()
     contents = BundleContents(
         architecture=bundle.architecture,
@@ -62,5 +71,6 @@ def slim_bundle(
                 Slimmed.MAX_BITS: max_bits,
             }
         },
+        heads=heads,
     )
     return write_bundle(dst, contents, overwrite=overwrite, sign_key=sign_key)

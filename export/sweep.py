@@ -11,6 +11,11 @@ Each is evaluated on held-out batches with the CURRENT adapter (U = θ(config)),
 ``ParetoEntry(config, bits, nbytes, metric, seen_in_training)``; the bundle keeps the
 non-dominated ones (``ParetoSet.front()``).
 
+With head options (``--head-options``: a tied LM head as a configured matrix), every entry
+of that set is measured again with the head at each other option (``with_head_options``), and
+the set keeps the entries whose bytes buy quality: a configuration's bits do not count its
+head, its bytes do, so a smaller head is what a tight memory budget picks.
+
 With a ``device_class`` (``runtime.isa``, e.g. ``armv8.0`` for a Raspberry Pi 4), the sweep
 also allocates within the options that class runs fast and the bundle keeps that second
 front too: a device of that class then finds configurations it can serve at full speed
@@ -31,6 +36,7 @@ from coalora.export.allocation import CostTable, allocate
 from coalora.export.coa_lora.model import CoALoRAModel
 from coalora.export.coa_lora.train import Batch, evaluate, random_configurations
 from coalora.kernels.config import ConfigSpace, Configuration
+from coalora.kernels.options import QuantOption
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
 from coalora.runtime.isa import CpuClass, check_device_class
 
@@ -195,6 +201,44 @@ def evaluate_sweep(
         )
         points.append(SweepPoint(entry, source))
     return points
+
+
+def with_head_options(
+    model: CoALoRAModel,
+    pareto: ParetoSet,
+    options: Sequence[QuantOption],
+    batches: Iterable[Batch],
+    *,
+    progress: bool = True,
+) -> ParetoSet:
+    """``pareto`` (measured with the default head, ``options[0]``) with every entry naming
+    its head, plus each entry measured with each other head option where that is not
+    dominated in (bits, bytes, metric)."""
+    from coalora.export.exporter import head_space, serving_head
+
+    space = head_space(model, options)
+    held_out = list(batches)
+    default, others = options[0], options[1:]
+
+    def entry(e: ParetoEntry, head: QuantOption, metric: float) -> ParetoEntry:
+        config = e.config.with_head(head)
+        return ParetoEntry(config, e.bits, space.nbytes(config), metric, e.seen_in_training)
+
+    kept = [entry(e, default, e.metric) for e in pareto.entries]
+    measured: list[ParetoEntry] = []
+    bar = tqdm(total=len(others) * len(kept), desc="heads", disable=not progress, leave=False)
+    for head in others:
+        with serving_head(model.base, head):
+            for e in pareto.entries:
+                measured.append(entry(e, head, float(evaluate(model, e.config, held_out, "auto"))))
+                bar.update()
+    bar.close()
+    everything = ParetoSet((*kept, *measured), pareto.metric_name, pareto.higher_is_better)
+    # the default head's entries stay as the sweep kept them (a device class's extra front
+    # too); another head's only where nothing dominates it
+    new = [m for m in measured if not any(everything.dominates(o, m) for o in everything.entries)]
+    merged = sorted((*kept, *new), key=lambda e: (e.bits, e.nbytes))
+    return ParetoSet(tuple(merged), pareto.metric_name, pareto.higher_is_better)
 
 
 def pareto_set(points: Sequence[SweepPoint], kind: str) -> ParetoSet:

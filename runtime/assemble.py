@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from coalora.kernels import Configuration, QuantOption
+from coalora.kernels import Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, dequantize
 from coalora.runtime.format.reader import Bundle, BundleError
 from coalora.runtime.format.spec import (
@@ -127,38 +127,44 @@ def _sources(base: dict[str, np.ndarray], linears: dict[str, MatMulNBitsWeights]
     return out
 
 
-def _lm_head(bundle: Bundle, base: dict[str, np.ndarray], arch: LlamaArch) -> Any:
-    name = bundle.lm_head
-    if not name:
+def lm_head(mapped: MappedBundle, arch: LlamaArch, config: Configuration | None = None) -> Any:
+    """The quantized LM head serving ``config`` (the option it names, else the bundle's
+    default), or None where the head is fp32."""
+    bundle = mapped.bundle
+    opt = bundle.head_option(config)
+    if opt is None:
         return None
+    rel = bundle.head_source(opt)
     try:
-        opt = QuantOption.parse(name)
         w = MatMulNBitsWeights(
-            b=base[tensor_name(LM_HEAD, QWEIGHT)],
-            scales=base[tensor_name(LM_HEAD, SCALES)],
-            zero_points=base[tensor_name(LM_HEAD, QZEROS)],
+            b=mapped.tensor(rel, tensor_name(LM_HEAD, QWEIGHT)),
+            scales=mapped.tensor(rel, tensor_name(LM_HEAD, SCALES)),
+            zero_points=mapped.tensor(rel, tensor_name(LM_HEAD, QZEROS)),
             K=arch.hidden_size,
             N=arch.vocab_size,
             bits=opt.bits,
             block_size=opt.block_size,
         )
-    except KeyError as exc:
-        raise BundleError(f"{bundle.root}: quantized lm_head tensor {exc} is missing") from None
     except ValueError as exc:
-        raise BundleError(f"{bundle.root}: lm_head {name!r}: {exc}") from None
+        raise BundleError(f"{bundle.root}: lm_head {opt}: {exc}") from None
     if w.nbytes() != opt.nbytes(w.N, w.K):
-        raise BundleError(f"{bundle.root}: quantized lm_head has the wrong size")
+        raise BundleError(f"{bundle.root}: quantized lm_head at {opt} has the wrong size")
     return w
 
 
-def head_table_rows(mapped: MappedBundle, arch: Arch, accuracy_level: int) -> HeadTableRows | None:
-    """The reader of the embedding rows a graph built by ``build_graph`` at
+def head_table_rows(
+    mapped: MappedBundle, arch: Arch, accuracy_level: int, config: Configuration | None = None
+) -> HeadTableRows | None:
+    """The reader of the embedding rows a graph built by ``build_graph`` for ``config`` at
     ``accuracy_level`` is fed (``graphs.llama.EMBED_ROWS``), or None if it has its table."""
     bundle = mapped.bundle
-    if not isinstance(arch, LlamaArch) or embedding_from_head(bundle, arch, accuracy_level) is None:
+    if not isinstance(arch, LlamaArch):
         return None
-    head = _lm_head(bundle, mapped.base(), arch)
-    return HeadTableRows(mapped.file(BASE_FILE), head, arch.vocab_size, arch.hidden_size)
+    if embedding_from_head(bundle, arch, accuracy_level, config) is None:
+        return None
+    head = lm_head(mapped, arch, config)
+    rel = bundle.head_source(bundle.head_option(config))
+    return HeadTableRows(mapped.file(rel), head, arch.vocab_size, arch.hidden_size)
 
 
 def build_graph(
@@ -195,11 +201,21 @@ def build_graph(
                 weights = decoder_weights_from_arrays(arch, base, linears, adapters)
             except ValueError as exc:
                 raise BundleError(f"{bundle.root}: {exc}") from None
-            head = _lm_head(bundle, base, arch)
+            head = lm_head(mapped, arch, config)
             if head is not None:
                 weights.lm_head = head
+                if config.head is not None:
+                    # the graph names the head's initializers as the base file does: take them
+                    # from the configured head's file, not the default head's
+                    base = {
+                        **base,
+                        tensor_name(LM_HEAD, QWEIGHT): head.b,
+                        tensor_name(LM_HEAD, SCALES): head.scales,
+                        tensor_name(LM_HEAD, QZEROS): head.zero_points,
+                    }
             gather = (
-                head is not None and embedding_from_head(bundle, arch, accuracy_level) is not None
+                head is not None
+                and embedding_from_head(bundle, arch, accuracy_level, config) is not None
             )
             if weights.embed_tokens is None and not gather:
                 if head is None:

@@ -18,6 +18,7 @@ from coalora.runtime.budget import BudgetError, format_bytes
 from coalora.runtime.format.reader import BundleError
 from coalora.runtime.isa import DEVICE_CLASSES, DeviceClassError
 from coalora.runtime.profiles import ProfileError, list_profiles, load_profile
+from coalora.runtime.report import option_histogram
 from coalora.runtime.selection import SelectionError
 
 EXIT_BAD_INPUT = 2
@@ -54,11 +55,6 @@ def _err(message: str) -> None:
     sys.stderr.flush()
 
 
-def _histogram(config: Any) -> str:
-    counts = Counter(str(o) for o in config.values())
-    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
-
-
 def _choice_dict(rt: Any) -> dict[str, Any]:
     sel = rt.selection
     e = sel.entry
@@ -70,6 +66,7 @@ def _choice_dict(rt: Any) -> dict[str, Any]:
         "context_length": rt.context_length,
         "bits": e.bits,
         "options": dict(sorted(Counter(str(o) for o in e.config.values()).items())),
+        "lm_head": e.config.head.name if e.config.head is not None else rt.bundle.lm_head,
         "metric_name": rt.pareto.metric_name,
         "metric": e.metric,
         "seen_in_training": e.seen_in_training,
@@ -104,6 +101,7 @@ def _speed_rows(rt: Any) -> list[dict[str, Any]]:
         rows.append(
             {
                 "bits": e.bits,
+                "head": e.config.head.name if e.config.head is not None else None,
                 "metric": e.metric,
                 "plan_bytes": rt.plan(e.config).total,
                 "predicted_tok_s": predicted,
@@ -126,7 +124,7 @@ def _print_speeds(rt: Any, rows: list[dict[str, Any]]) -> None:
         table.add_column(name, justify="right" if name else "left")
     for r in rows:
         table.add_row(
-            f"{r['bits']:.2f}",
+            f"{r['bits']:.2f}" + (f" (head {r['head']})" if r["head"] else ""),
             f"{r['metric']:.4g}",
             format_bytes(r["plan_bytes"], "MB"),
             "-" if r["predicted_tok_s"] is None else f"{r['predicted_tok_s']:.1f}",
@@ -143,7 +141,7 @@ def _print_choice(rt: Any) -> None:
     e = sel.entry
     console = Console(stderr=True, highlight=False)
     console.print(
-        f"configuration: {e.bits:.2f} bits ({_histogram(e.config)}), "
+        f"configuration: {e.bits:.2f} bits ({option_histogram(e.config)}), "
         f"{rt.pareto.metric_name} {e.metric:.4g}"
         f"{'' if e.seen_in_training else ' (unseen in training)'}"
     )

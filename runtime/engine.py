@@ -463,7 +463,7 @@ class Runtime:
         del proto, arrays
         gc.collect()
         if isinstance(self.arch, LlamaArch):
-            rows = assemble.head_table_rows(self._mapped, self.arch, self.accuracy_level)
+            rows = assemble.head_table_rows(self._mapped, self.arch, self.accuracy_level, config)
             self._decoder = KVDecoder(
                 self._built.session, self.arch, self.context_length, rows=rows
             )

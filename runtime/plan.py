@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from coalora.kernels.config import ConfigSpace
+from coalora.kernels.config import ConfigSpace, Configuration
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, exact_as_fp32
 from coalora.kernels.options import QuantOption
 from coalora.runtime.format.reader import Bundle
 from coalora.runtime.format.spec import (
+    BASE_FILE,
     EMBED_TOKENS,
     TOKENIZER_FILE,
     Family,
@@ -213,8 +214,11 @@ def rope_cache_bytes(arch: Any, context_length: int) -> int:
 GATHER_BITS = frozenset({4, 8})
 
 
-def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> QuantOption | None:
-    """The option whose codes serve the token embedding as well as the LM head, or None.
+def embedding_from_head(
+    bundle: Bundle, arch: Any, accuracy_level: int, config: Configuration | None = None
+) -> QuantOption | None:
+    """The option whose codes serve the token embedding as well as the LM head serving
+    ``config`` (the head it names, else the bundle's default), or None.
 
     A tied model's quantized head is its embedding table quantized, so the fast graph gathers
     the rows from the head's codes (GatherBlockQuantized on the rows a run needs, read from
@@ -224,16 +228,20 @@ def embedding_from_head(bundle: Bundle, arch: Any, accuracy_level: int) -> Quant
     bundle's, or, where the bundle ships none (``spec.EMBED_TOKENS``), the head's codes
     dequantized.
     """
+    option = bundle.head_option(config)
+    return option if gathers(arch, option, accuracy_level) else None
+
+
+def gathers(arch: Any, option: QuantOption | None, accuracy_level: int) -> bool:
+    """Whether the fast graph gathers a tied decoder's embedding rows from the codes of its
+    head at ``option`` (``embedding_from_head``)."""
     from coalora.runtime.graphs.llama import LlamaArch
 
     if not isinstance(arch, LlamaArch) or not arch.tie_word_embeddings or accuracy_level == 0:
-        return None
-    if not bundle.lm_head:
-        return None
-    option = QuantOption.parse(bundle.lm_head)
-    if option.bits not in GATHER_BITS or arch.hidden_size % option.block_size:
-        return None
-    return option
+        return False
+    if option is None:
+        return False
+    return option.bits in GATHER_BITS and arch.hidden_size % option.block_size == 0
 
 
 def fed_rows_bytes(arch: Any, option: QuantOption, context_length: int) -> int:
@@ -316,6 +324,42 @@ PREPACK_ADDRESS_FRACTION = 0.25
 
 
 # -- the accountant of one served bundle ----------------------------------------------------------
+def head_and_table_bytes(
+    bundle: Bundle,
+    arch: Any,
+    option: QuantOption | None,
+    accuracy_level: int,
+    context_length: int,
+    table_shipped: bool,
+) -> int:
+    """Bytes the LM head at ``option`` (None: fp32, in the base file) and the token table it
+    serves add to the base file without any head codes."""
+    from coalora.runtime.graphs.llama import LlamaArch
+
+    if not isinstance(arch, LlamaArch):
+        return 0
+    v, h = arch.vocab_size, arch.hidden_size
+    table = 4 * v * h
+    out = 0
+    if gathers(arch, option, accuracy_level):
+        # Neither the fp32 table nor the head's mapped codes are read: each run is fed its
+        # tokens' rows, read from the file (runtime.table_rows), so the head's prepacked copy
+        # is the only one held.
+        out += fed_rows_bytes(arch, option, context_length)
+        out -= table if table_shipped else 0
+    elif not table_shipped:
+        out += table  # dequantized from the head's codes (spec.EMBED_TOKENS)
+    if option is not None:
+        if exact_as_fp32(option.bits, accuracy_level):
+            # the exact graph holds the quantized head dequantized next to its codes, twice,
+            # plus the transient of dequantizing it (the graph's largest matrix), and the
+            # stored codes
+            out += option.nbytes(v, h) + (EXACT_FP32_COPIES + 1) * 4 * v * h
+        else:
+            out += prepacked_bytes(option, v, h)  # its prepacked copy, larger than stored
+    return out
+
+
 @dataclass(frozen=True)
 class Accountant:
     """Every byte of serving one bundle at one context length and LoRA precision."""
@@ -323,12 +367,15 @@ class Accountant:
     bundle: Bundle
     lora_bits: int
     context_length: int
-    other_weights_bytes: int  # base file + RoPE cache + θ
+    other_weights_bytes: int  # base file but the LM head + RoPE cache + θ
     kv_bytes_per_token: int
     overhead_bytes: int  # the runtime + the loaded tokenizer
     biased: frozenset[str] = frozenset()  # quantized matrices with a bias
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # 0: the exact graph (``exact_as_fp32``)
     threads: int = 1  # intra-op threads: each reserves address space
+    # the LM head and the token table it serves, per head option (None: the fp32 head or
+    # none, or the default head of a configuration that names none)
+    head_bytes: Mapping[QuantOption | None, int] = field(default_factory=dict)
 
     @classmethod
     def for_bundle(
@@ -346,29 +393,17 @@ class Accountant:
     ) -> Accountant:
         """``base_bytes``/``base_names``: the size and tensor names of the base file."""
         names = [m.name for m in bundle.space.matrices]
-        shared = embedding_from_head(bundle, arch, accuracy_level)
-        from coalora.runtime.graphs.llama import LlamaArch
-
-        decoder = isinstance(arch, LlamaArch)
-        table = 4 * arch.vocab_size * arch.hidden_size if decoder else 0
+        default = bundle.head_option()
+        if default is not None:  # the default head's stored codes are in the base file
+            base_bytes -= default.nbytes(arch.vocab_size, arch.hidden_size)
         shipped = EMBED_TOKENS in base_names
-        if shared is not None:
-            # Neither the fp32 table nor the head's mapped codes are read: each run is fed its
-            # tokens' rows, read from the file (runtime.table_rows), so the head's prepacked
-            # copy is the only one held.
-            base_bytes += fed_rows_bytes(arch, shared, context_length)
-            base_bytes -= table if shipped else 0
-        elif table and not shipped:
-            base_bytes += table  # dequantized from the head's codes (spec.EMBED_TOKENS)
-        if bundle.lm_head:
-            head, v, h = QuantOption.parse(bundle.lm_head), arch.vocab_size, arch.hidden_size
-            if exact_as_fp32(head.bits, accuracy_level):
-                # the exact graph holds the quantized head dequantized next to its codes,
-                # twice, plus the transient of dequantizing it (the graph's largest matrix)
-                base_bytes += (EXACT_FP32_COPIES + 1) * 4 * v * h
-            else:
-                # the base file holds the head's stored bytes; its prepacked copy is larger
-                base_bytes += prepacked_bytes(head, v, h) - head.nbytes(v, h)
+        heads = {
+            option: head_and_table_bytes(
+                bundle, arch, option, accuracy_level, context_length, shipped
+            )
+            for option in {default, *bundle.space.head_options}
+        }
+        heads[None] = heads[default]
         return cls(
             bundle=bundle,
             lora_bits=lora_bits,
@@ -379,6 +414,7 @@ class Accountant:
             biased=frozenset(n for n in names if f"{n}.bias" in base_names),
             accuracy_level=accuracy_level,
             threads=threads,
+            head_bytes=heads,
         )
 
     def fused_groups(self, config: Mapping[str, QuantOption]) -> list[tuple[str, ...]]:
@@ -398,15 +434,22 @@ class Accountant:
         )
 
     def mapped_file_bytes(self, config: Mapping[str, QuantOption]) -> int:
-        """Bytes of the option files ``config`` maps, whole (matrices it does not use too)."""
-        return sum(self.bundle.file_bytes(quant_file(o)) or 0 for o in set(config.values()))
+        """Bytes of the option files ``config`` maps, whole (matrices it does not use too),
+        and the file of the head it names where that is not the base file."""
+        files = {quant_file(o) for o in config.values()}
+        head = getattr(config, "head", None)
+        if head is not None and self.bundle.head_source(head) != BASE_FILE:
+            files.add(self.bundle.head_source(head))
+        return sum(self.bundle.file_bytes(rel) or 0 for rel in files)
 
     def plan(self, config: Mapping[str, QuantOption]) -> MemoryPlan:
-        """The memory plan of serving ``config``."""
+        """The memory plan of serving ``config`` (with the LM head it names, else the
+        bundle's default)."""
+        head = getattr(config, "head", None)
         plan = plan_memory(
             self.bundle.space,
             config,
-            other_weights_bytes=self.other_weights_bytes,
+            other_weights_bytes=self.other_weights_bytes + self.head_bytes[head],
             lora_bytes=lora_bytes(self.bundle, self.lora_bits, config, self.biased),
             kv_bytes_per_token=self.kv_bytes_per_token,
             context_length=self.context_length,

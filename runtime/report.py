@@ -12,9 +12,12 @@ from coalora.runtime.format.spec import Arch, Key
 
 
 def option_histogram(config: Any) -> str:
-    """``"4b32x120, 8b32x90"``: how many matrices take each option."""
+    """``"4b32x120, 8b32x90"``: how many matrices take each option (and ``", head 4b64"``
+    where the configuration names its LM head's)."""
     counts = Counter(opt.name for opt in config.values())
-    return ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+    text = ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+    head = getattr(config, "head", None)
+    return text if head is None else f"{text}, head {head.name}"
 
 
 def bundle_summary(bundle: Bundle, *, signature_checked: bool = False) -> dict[str, Any]:

@@ -218,8 +218,9 @@ def select(
         predicted = speed_fn(best.config)
         speed_note = f"{speed_note} (this one {predicted:.1f})"
     kind = "seen" if best.seen_in_training else "unseen"
+    head = f" with a {best.config.head} LM head" if best.config.head is not None else ""
     reason = (
-        f"{pareto.metric_name} {best.metric:.4g} at {best.bits:.2f} bits "
+        f"{pareto.metric_name} {best.metric:.4g} at {best.bits:.2f} bits{head} "
         f"({kind} configuration, plan {format_bytes(plan.total, unit, round_up=True)}): "
         f"best of {len(candidates)}/{len(pareto.entries)} stored configurations within the {within}"
         f"{speed_note}{cpu_note}"

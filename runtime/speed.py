@@ -137,12 +137,12 @@ def decode_work(
                 add(LORA_A_OPTION, a)
                 add(LORA_B_OPTION, b)
     head = arch.vocab_size * arch.hidden_size
-    head_option = accountant.bundle.lm_head
-    if head_option and exact_as_fp32(QuantOption.parse(head_option).bits, level):
+    head_option = accountant.bundle.head_option(config)
+    if head_option and exact_as_fp32(head_option.bits, level):
         fp32 += head
         nodes += _QUANT_HEAD_NODES
     elif head_option:
-        add(QuantOption.parse(head_option), head)
+        add(head_option, head)
         nodes += _QUANT_HEAD_NODES
     else:
         fp32 += head
@@ -154,7 +154,7 @@ def decode_work(
 
 def options_read(accountant: Accountant) -> set[QuantOption]:
     """Every MatMulNBits option a decode step of the bundle may read: the configuration
-    space's, the LoRA branch's and a quantized head's."""
+    space's, the LoRA branch's and a quantized head's (every option of a configured one)."""
     from coalora.runtime.graphs.weights import LORA_A_OPTION, LORA_B_OPTION
 
     out = set(accountant.bundle.space.options)
@@ -162,6 +162,7 @@ def options_read(accountant: Accountant) -> set[QuantOption]:
         out |= {LORA_A_OPTION, LORA_B_OPTION}
     if accountant.bundle.lm_head:
         out.add(QuantOption.parse(accountant.bundle.lm_head))
+    out |= set(accountant.bundle.space.head_options)
     # what an exact graph multiplies dequantized is fp32 values, not MatMulNBits
     return {o for o in out if not exact_as_fp32(o.bits, accountant.accuracy_level)}
 

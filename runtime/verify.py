@@ -29,7 +29,7 @@ def verify_bundle(path: str | Path) -> Bundle:
         pareto = ParetoSet.from_dict(bundle.pareto_dict(), bundle.space)
     except ParetoError as exc:
         raise BundleError(f"{root}: {exc}") from None
-    assemble.arch_of(bundle)
+    arch = assemble.arch_of(bundle)
     mapped = assemble.MappedBundle(bundle)
     mapped.file(BASE_FILE)
     lora = mapped.lora()
@@ -37,5 +37,7 @@ def verify_bundle(path: str | Path) -> Bundle:
     for entry in pareto.entries:
         mapped.linears(entry.config)
         bundle_adapters(bundle, theta, lora, entry.config)
+        if entry.config.head is not None:
+            assemble.lm_head(mapped, arch, entry.config)  # its head's tensors and extent
     load_tokenizer(bundle)
     return bundle

@@ -30,6 +30,7 @@ from coalora.export.models import (
     tiny_llama,
     tiny_tokenizer,
 )
+from coalora.export.sweep import with_head_options
 from coalora.kernels import ConfigSpace, Configuration, MatrixSpec, QuantOption
 from coalora.kernels.matmulnbits import MatMulNBitsWeights
 from coalora.runtime.format.pareto import ParetoEntry, ParetoSet
@@ -82,9 +83,14 @@ def build_gemma3_bundle(out: Path, steps: int = 6) -> tuple[Path, CoALoRAModel]:
 
 
 def train_decoder_bundle(
-    base: torch.nn.Module, source: str, out: Path, steps: int
+    base: torch.nn.Module,
+    source: str,
+    out: Path,
+    steps: int,
+    head_options: tuple[QuantOption, ...] = (),
 ) -> tuple[Path, CoALoRAModel]:
-    """A tiny causal LM trained a few steps and exported; the trained model too."""
+    """A tiny causal LM trained a few steps and exported; the trained model too.
+    ``head_options``: more options of its tied head (``--head-options``)."""
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     tok.chat_template = CHATML
@@ -103,6 +109,9 @@ def train_decoder_bundle(
     train(model, batches, configs, steps=steps, progress=False)
     eval_batches = [batches(0)]
     pareto = _pareto(model, configs, eval_batches, "perplexity", higher=False)
+    if head_options:
+        heads = (DEFAULT_LM_HEAD, *head_options)
+        pareto = with_head_options(model, pareto, heads, eval_batches, progress=False)
     return export_bundle(model, loaded, pareto, out), model
 
 

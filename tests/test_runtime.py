@@ -78,7 +78,9 @@ def _greedy(sess: ort.InferenceSession, rt: Runtime, ids: list[int], steps: int)
     names = [o.name for o in sess.get_outputs()]
     rows = None
     if reads_fed_rows(sess):  # a fast graph of a tied quantized head
-        rows = assemble.head_table_rows(rt._mapped, arch, assemble.DEFAULT_ACCURACY_LEVEL)
+        rows = assemble.head_table_rows(
+            rt._mapped, arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config
+        )
     cur, total, tokens, first = np.array([ids], np.int64), len(ids), [], None
     for _ in range(steps):
         if rows is not None:
@@ -295,7 +297,7 @@ def test_a_tied_head_serves_the_embedding_and_the_plan_holds_the_table_once(
     assert "model.embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
     # the rows a run is fed are the head's own rows, read from the file
     rows = high._decoder.rows
-    head = assemble._lm_head(high.bundle, high._mapped.base(), high.arch)
+    head = assemble.lm_head(high._mapped, high.arch)
     views = embedding_rows(head, high.arch.vocab_size, high.arch.hidden_size)
     ids = np.array([[5, 3, 5, high.arch.vocab_size - 1]])
     index, fed = rows.feeds(ids)
@@ -315,8 +317,8 @@ def test_a_tied_head_serves_the_embedding_and_the_plan_holds_the_table_once(
     )
     assert embedding_from_head(exact.bundle, exact.arch, 0) is None
     v, h = high.arch.vocab_size, high.arch.hidden_size
-    fast_other = high.accountant.other_weights_bytes
-    exact_other = exact.accountant.other_weights_bytes
+    fast_other = high.accountant.plan(high.config).other_weights_bytes
+    exact_other = exact.accountant.plan(high.config).other_weights_bytes
     # the exact graph also holds its dequantized head (3 x fp32): take that out first
     exact_base = exact_other - 3 * 4 * v * h
     rows = fed_rows_bytes(high.arch, option, high.context_length)

@@ -63,7 +63,7 @@ def test_decode_work_counts_the_nodes_and_weights_the_builder_makes(
         from coalora.kernels.matmulnbits import dequantize
         from coalora.runtime.format.spec import EMBED_TOKENS
 
-        table = dequantize(assemble._lm_head(rt.bundle, rt._mapped.base(), rt.arch))
+        table = dequantize(assemble.lm_head(rt._mapped, rt.arch))
         plain_base = assemble.MappedBundle.base
         monkeypatch.setattr(
             assemble.MappedBundle, "base", lambda self: {**plain_base(self), EMBED_TOKENS: table}

@@ -4,6 +4,10 @@ Each stored entry is a configuration with its cost (average bits per weight and 
 quantized matrices, as ``ConfigSpace`` counts them) and its measured quality. Readers
 recompute both costs and refuse an entry whose stored figures differ.
 
+Where a configuration names the head's option (``"lm_head"``), its bytes count the head and
+its bits do not, so entries that differ only in their head differ in bytes alone: the front
+keeps each whose bytes buy quality (a smaller head for a tight memory budget).
+
 JSON form::
 
     {"format_version": 1, "metric_name": "accuracy", "higher_is_better": true,
@@ -32,8 +36,8 @@ class ParetoError(ValueError):
 @dataclass(frozen=True)
 class ParetoEntry:
     config: Configuration
-    bits: float  # average bits per weight over the quantized matrices
-    nbytes: int  # bytes of the quantized matrices
+    bits: float  # average bits per weight over the quantized matrices but the head
+    nbytes: int  # bytes of the quantized matrices (the head's where the config names it)
     metric: float
     seen_in_training: bool
 
@@ -83,14 +87,17 @@ class ParetoSet:
         return entry.metric if self.higher_is_better else -entry.metric
 
     def dominates(self, a: ParetoEntry, b: ParetoEntry) -> bool:
-        """``a`` costs no more bits, is no worse, and is strictly better in one of the two."""
-        no_worse = a.bits <= b.bits and self._score(a) >= self._score(b)
-        return no_worse and (a.bits < b.bits or self._score(a) > self._score(b))
+        """``a`` costs no more bits and no more bytes, is no worse, and is strictly better in
+        one of the three (bytes only differ from bits where entries name their head)."""
+        sa, sb = self._score(a), self._score(b)
+        no_worse = a.bits <= b.bits and a.nbytes <= b.nbytes and sa >= sb
+        return no_worse and (a.bits < b.bits or a.nbytes < b.nbytes or sa > sb)
 
     def front(self) -> ParetoSet:
-        """The non-dominated entries by (bits: lower is better, metric), sorted by bits."""
+        """The non-dominated entries by (bits, bytes: lower is better, metric), sorted by
+        bits, then bytes."""
         kept = [e for e in self.entries if not any(self.dominates(o, e) for o in self.entries)]
-        kept.sort(key=lambda e: (e.bits, -self._score(e)))
+        kept.sort(key=lambda e: (e.bits, e.nbytes, -self._score(e)))
         return ParetoSet(tuple(kept), self.metric_name, self.higher_is_better)
 
     # -- JSON -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from coalora.runtime.format.spec import (
     Key,
     Lora,
     Theta,
+    head_file,
     quant_file,
     tensor_name,
 )
@@ -138,6 +139,12 @@ class Bundle:
             unknown = sorted(set(names) - {m.name for m in space.matrices})
             if unknown:
                 raise BundleError(f"{mpath}: option {opt} lists unknown matrix {unknown[0]!r}")
+        if space.head_options:
+            default = manifest[Key.ARCHITECTURE].get(Arch.LM_HEAD)
+            if default not in [o.name for o in space.head_options]:
+                raise BundleError(
+                    f"{mpath}: the default LM head {default!r} is not one of the head's options"
+                )
         bundle = cls(root=root, manifest=manifest, space=space, shipped=shipped, verify=verify)
         bundle._check_listing()
         if verify == "all":
@@ -148,6 +155,7 @@ class Bundle:
     def _check_listing(self) -> None:
         files: dict[str, Any] = self.manifest[Key.FILES]
         needed = list(REQUIRED_FILES) + [quant_file(o) for o in self.shipped]
+        needed += [head_file(o) for o in self.space.head_options if o.name != self.lm_head]
         for rel in needed:
             if rel not in files:
                 raise BundleError(f"{self.root}: manifest does not list {rel}")
@@ -233,8 +241,21 @@ class Bundle:
 
     @property
     def lm_head(self) -> str | None:
-        """The option of a quantized LM head, if the bundle stores one."""
+        """The option of a quantized LM head, if the bundle stores one (the default head,
+        where configurations may choose another: ``space.head_options``)."""
         return self.architecture.get(Arch.LM_HEAD)
+
+    def head_option(self, config: Mapping[str, QuantOption] | None = None) -> QuantOption | None:
+        """The option of the LM head serving ``config``: the one it names, else the
+        default; None where the head is fp32 (or the model has none)."""
+        head = getattr(config, "head", None)
+        if head is not None:
+            return head
+        return QuantOption.parse(self.lm_head) if self.lm_head else None
+
+    def head_source(self, option: QuantOption) -> str:
+        """The file holding the LM head at ``option``."""
+        return BASE_FILE if option.name == self.lm_head else head_file(option)
 
     @property
     def lora_rank(self) -> int:
@@ -283,6 +304,8 @@ class Bundle:
         should not report a plan for a configuration that cannot load)."""
         self.check_config(config)
         needed = [*REQUIRED_FILES, *sorted({quant_file(o) for o in config.values()})]
+        if config.head is not None:
+            needed.append(self.head_source(config.head))
         if TOKENIZER_FILE in self.manifest[Key.FILES]:
             needed.append(TOKENIZER_FILE)
         for rel in needed:

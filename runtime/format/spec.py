@@ -30,9 +30,19 @@ REQUIRED_FILES = (BASE_FILE, LORA_FILE, THETA_FILE, PARETO_FILE)
 SIGNATURE_FILE = "model.sig"
 
 
+HEADS_DIR = "heads"
+
+
 def quant_file(option: QuantOption) -> str:
     """The file holding every matrix shipped at ``option``: ``quant/4b32.safetensors``."""
     return f"{QUANT_DIR}/{option.name}.safetensors"
+
+
+def head_file(option: QuantOption) -> str:
+    """The file holding the LM head at an option of a configured head other than the
+    bundle's default one (which stays in ``base.safetensors``): ``heads/4b64.safetensors``,
+    tensors named as in the base file (``LM_HEAD``)."""
+    return f"{HEADS_DIR}/{option.name}.safetensors"
 
 
 # -- tensor names ---------------------------------------------------------------------------------

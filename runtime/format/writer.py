@@ -27,6 +27,8 @@ from coalora.runtime.format.spec import (
     BASE_FILE,
     FORMAT,
     FORMAT_VERSION,
+    HEADS_DIR,
+    LM_HEAD,
     LORA_A,
     LORA_B,
     LORA_FILE,
@@ -40,11 +42,13 @@ from coalora.runtime.format.spec import (
     THETA_INPUTS,
     THETA_OUTPUT,
     TOKENIZER_FILE,
+    Arch,
     FileEntry,
     Key,
     Lora,
     Space,
     Theta,
+    head_file,
     quant_file,
     tensor_name,
 )
@@ -70,6 +74,9 @@ class BundleContents:
     tokenizer_json: Path | None = None
     theta_inputs: tuple[str, ...] = THETA_INPUTS
     extra: dict[str, Any] = field(default_factory=dict)
+    # a configured head (``space.head_options``): its codes at every option but the default
+    # one, which is in ``base`` (``spec.head_file``)
+    heads: Mapping[QuantOption, MatMulNBitsWeights] = field(default_factory=dict)
 
 
 def _check(contents: BundleContents) -> None:
@@ -86,6 +93,17 @@ def _check(contents: BundleContents) -> None:
                 opt.block_size,
             ):
                 raise ValueError(f"quantized weights of {name} do not match {opt} {spec.shape}")
+    head = contents.space.head
+    default = contents.architecture.get(Arch.LM_HEAD)
+    wanted = {o for o in contents.space.head_options if o.name != default}
+    if set(contents.heads) != wanted:
+        got = ", ".join(sorted(o.name for o in contents.heads)) or "none"
+        need = ", ".join(sorted(o.name for o in wanted)) or "none"
+        raise ValueError(f"LM heads given at {got}; the space's head options need {need}")
+    for opt, w in contents.heads.items():
+        assert head is not None
+        if (w.N, w.K, w.bits, w.block_size) != (*head.shape, opt.bits, opt.block_size):
+            raise ValueError(f"the LM head at {opt} does not match {head.shape}")
     for name in names:
         a, b = contents.lora_a.get(name), contents.lora_b.get(name)
         if a is None or b is None:
@@ -138,6 +156,17 @@ def write_bundle(
                 tensors[tensor_name(name, QZEROS)] = np.ascontiguousarray(w.zero_points, np.uint8)
             save_file(tensors, tmp / quant_file(opt))
             shipped[opt.name] = sorted(mats)
+        if contents.heads:
+            (tmp / HEADS_DIR).mkdir()
+        for opt, w in contents.heads.items():
+            save_file(
+                {
+                    tensor_name(LM_HEAD, QWEIGHT): np.ascontiguousarray(w.b, dtype=np.uint8),
+                    tensor_name(LM_HEAD, SCALES): np.ascontiguousarray(w.scales, np.float32),
+                    tensor_name(LM_HEAD, QZEROS): np.ascontiguousarray(w.zero_points, np.uint8),
+                },
+                tmp / head_file(opt),
+            )
         (tmp / THETA_FILE).write_bytes(contents.theta_onnx)
         (tmp / PARETO_FILE).write_text(json.dumps(contents.pareto, indent=1), encoding="utf-8")
         if contents.tokenizer_json is not None:
