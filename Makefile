@@ -131,6 +131,18 @@ bench-contention: install  ## decode quiet and beside one busy core, threads spi
 bench-quantizer-quality: install  ## the quantizers with no adapter on SmolLM2, every budget each on plain and loss-weighted costs (about 45 min, 1 thread)
 	$(PYTHON) -m benchmarks.quantizer_quality --threads 1 --loss-costs
 
+GEMMA3_HEADS_BUNDLE ?= .cache/demo/gemma3-heads
+
+.PHONY: bench-configured-head
+bench-configured-head: install  ## Gemma 3 with its tied head configured (8b32 or 4b64): the Pareto set, plans, byte budgets
+	@if [ -z "$(FRESH)" ] && [ -f $(GEMMA3_HEADS_BUNDLE)/manifest.json ]; then \
+		echo "reusing $(GEMMA3_HEADS_BUNDLE) (FRESH=1 rebuilds it)"; \
+	else \
+		HF_HUB_OFFLINE=1 $(BIN)/coalora export train gemma3 --fast --head-options 4b64 \
+			$(if $(FRESH),--fresh --overwrite) --out $(GEMMA3_HEADS_BUNDLE) || exit $$?; \
+	fi
+	$(PYTHON) -m benchmarks.configured_head --bundle $(GEMMA3_HEADS_BUNDLE)
+
 .PHONY: bench-head-bits
 bench-head-bits: install  ## the tied embedding / LM head at each option on Gemma 3 and SmolLM2: perplexity, repetition, MB (no adapter)
 	$(PYTHON) -m benchmarks.head_bits --threads 2

@@ -304,10 +304,11 @@ def _run(opts: ExportOptions, out: Path, device: Any) -> ExportResult:
                 )
             name, _ = metric_direction(loaded.kind)
             log.info(
-                "Pareto set: %d of %d evaluated configurations (%s)",
+                "Pareto set: %d of %d evaluated configurations (%s)%s",
                 len(pareto),
                 len(evaluated),
                 name,
+                f", each front entry measured with {len(heads)} heads" if heads else "",
             )
 
         # 8. the bundle, with a record of how it was made

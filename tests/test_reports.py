@@ -78,6 +78,7 @@ SUMMARIES = {
     "prepacked_memory": "prepacked_memory",
     "zero_points": "zero_points",
     "head_bits": "head_bits",
+    "configured_head": "configured_head",
 }
 
 
@@ -126,6 +127,14 @@ def test_head_bits_report_and_its_measures() -> None:
     assert repeated_4grams([1, 2]) == 0.0
     assert agreeing_prefix([1, 2, 3, 9], [1, 2, 3, 4]) == 3
     assert agreeing_prefix([5], [1, 2]) == 0
+
+
+def test_configured_head_report() -> None:
+    from benchmarks.configured_head import report
+
+    assert report(_json("configured_head")) == (RESULTS / "configured_head.md").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_prepacked_memory_report_and_the_plans_factors() -> None:
