@@ -99,7 +99,11 @@ def run(
     threads: int | None,
     methods: tuple[str, ...] | None = None,
     levers: dict[str, Any] | None = None,
+    budgets: tuple[float, ...] = BUDGETS,
+    seed: int | None = None,
 ) -> dict[str, Any]:
+    """One run of ``methods`` (default: all) at ``budgets``. ``seed`` (the split, init and
+    sampling; the exporter's default when None) is recorded in the settings when given."""
     from coalora.export.baselines import METHODS, run_baselines
     from coalora.export.options import ExportOptions
 
@@ -107,11 +111,13 @@ def run(
     if quick:
         values.update(QUICK)
     values.update(levers or {})
+    if seed is not None:
+        values["seed"] = seed
     opts = ExportOptions.for_model(model, out="unused", threads=threads, **values)
     t0 = time.perf_counter()
     res = run_baselines(
         opts,
-        BUDGETS,
+        budgets,
         methods or METHODS,
         eval_batches=EVAL_BATCHES[model] if not quick else 2,
     )
