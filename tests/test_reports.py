@@ -79,6 +79,7 @@ SUMMARIES = {
     "zero_points": "zero_points",
     "head_bits": "head_bits",
     "configured_head": "configured_head",
+    "seed_spread": "seed_spread",
 }
 
 
@@ -127,6 +128,12 @@ def test_head_bits_report_and_its_measures() -> None:
     assert repeated_4grams([1, 2]) == 0.0
     assert agreeing_prefix([1, 2, 3, 9], [1, 2, 3, 4]) == 3
     assert agreeing_prefix([5], [1, 2]) == 0
+
+
+def test_seed_spread_report() -> None:
+    from benchmarks.seed_spread import report
+
+    assert report(_json("seed_spread")) == (RESULTS / "seed_spread.md").read_text(encoding="utf-8")
 
 
 def test_configured_head_report() -> None:
