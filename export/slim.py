@@ -45,7 +45,7 @@ def slim_bundle(
     mapped = assemble.MappedBundle(bundle)
     arch = assemble.arch_of(bundle)
     heads = {
-        o: assemble.lm_head(mapped, arch, kept[0].config.with_head(o))
+        o: assemble.head_at(mapped, arch, o)
         for o in bundle.space.head_options
         if o.name != bundle.lm_head
     }

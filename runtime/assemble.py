@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from coalora.kernels import Configuration
+from coalora.kernels import Configuration, QuantOption
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, dequantize
 from coalora.runtime.format.reader import Bundle, BundleError
 from coalora.runtime.format.spec import (
@@ -130,10 +130,13 @@ def _sources(base: dict[str, np.ndarray], linears: dict[str, MatMulNBitsWeights]
 def lm_head(mapped: MappedBundle, arch: LlamaArch, config: Configuration | None = None) -> Any:
     """The quantized LM head serving ``config`` (the option it names, else the bundle's
     default), or None where the head is fp32."""
+    opt = mapped.bundle.head_option(config)
+    return None if opt is None else head_at(mapped, arch, opt)
+
+
+def head_at(mapped: MappedBundle, arch: LlamaArch, opt: QuantOption) -> MatMulNBitsWeights:
+    """The LM head's codes at ``opt``, from the file that holds them, checked for size."""
     bundle = mapped.bundle
-    opt = bundle.head_option(config)
-    if opt is None:
-        return None
     rel = bundle.head_source(opt)
     try:
         w = MatMulNBitsWeights(
@@ -157,14 +160,15 @@ def head_table_rows(
 ) -> HeadTableRows | None:
     """The reader of the embedding rows a graph built by ``build_graph`` for ``config`` at
     ``accuracy_level`` is fed (``graphs.llama.EMBED_ROWS``), or None if it has its table."""
-    bundle = mapped.bundle
     if not isinstance(arch, LlamaArch):
         return None
-    if embedding_from_head(bundle, arch, accuracy_level, config) is None:
+    opt = embedding_from_head(mapped.bundle, arch, accuracy_level, config)
+    if opt is None:
         return None
-    head = lm_head(mapped, arch, config)
-    rel = bundle.head_source(bundle.head_option(config))
-    return HeadTableRows(mapped.file(rel), head, arch.vocab_size, arch.hidden_size)
+    rel = mapped.bundle.head_source(opt)
+    return HeadTableRows(
+        mapped.file(rel), head_at(mapped, arch, opt), arch.vocab_size, arch.hidden_size
+    )
 
 
 def build_graph(
