@@ -145,15 +145,14 @@ def train_on_the_shipped_head(model: nn.Module, option: QuantOption | None) -> N
 
 
 def head_codes(model: nn.Module, option: QuantOption) -> MatMulNBitsWeights:
-    """A tied head's codes at ``option``: the shipped head's own where it is that option,
-    else quantized from the table as trained (the shipped head's codes dequantized: the
-    8-bit default's error is a sixteenth of a 4-bit step)."""
+    """The LM head's codes at ``option``: the shipped head's own where it is that option,
+    else the head quantized as trained (for a tied head, the shipped head's codes
+    dequantized: the 8-bit default's error is a sixteenth of a 4-bit step)."""
     kept = getattr(model, HEAD_CODES_ATTR, None)
     if kept is not None and kept[0] == option:
         return kept[1]
-    return to_matmulnbits(
-        quantize(model.get_input_embeddings().weight.detach().float().cpu().numpy(), option)
-    )
+    head = model.get_output_embeddings().weight.detach().float().cpu().numpy()
+    return to_matmulnbits(quantize(head, option))
 
 
 @contextlib.contextmanager
@@ -193,12 +192,7 @@ def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str,
             continue  # the quantized head's codes are the table (spec.EMBED_TOKENS)
         out[key] = value.detach().float().cpu().numpy()
     if model.kind == "causal-lm" and lm_head is not None:
-        kept = getattr(model.base, HEAD_CODES_ATTR, None)
-        if kept is not None and kept[0] == lm_head:
-            q = kept[1]
-        else:
-            head = model.base.get_output_embeddings().weight.detach().float().cpu().numpy()
-            q = to_matmulnbits(quantize(head, lm_head))
+        q = head_codes(model.base, lm_head)
         out[tensor_name(LM_HEAD, QWEIGHT)] = q.b
         out[tensor_name(LM_HEAD, SCALES)] = q.scales
         out[tensor_name(LM_HEAD, QZEROS)] = q.zero_points
