@@ -7,6 +7,7 @@ settings, once per seed, and reports the median ratio. The seed changes the spli
 initialisation and the draws. Calibration, the cost table and the search change with it.
 
     python -m benchmarks.seed_spread --threads 2 --seeds 1,2 --with-full-run
+    python -m benchmarks.seed_spread --threads 2 --seeds 3 --add   # one more seed
 
 ``--with-full-run`` adds seed 0 from the committed ``baselines_smollm2.json``. It is taken
 only when that run's settings, recipe and threads are the ones this run uses. It writes
@@ -136,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"add seed 0 from the committed {FULL_RUN.name} (same settings and threads only)",
     )
+    p.add_argument(
+        "--add",
+        action="store_true",
+        help=f"keep the seeds of the committed {STEM}.json (same threads) and add these",
+    )
     p.add_argument("--machine-note", help="how the machine was loaded during the run")
     args = p.parse_args(argv)
     if args.report_only:
@@ -153,7 +159,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows: list[dict[str, Any]] = []
-    if args.with_full_run:
+    kept_wall_s = 0.0
+    if args.add:
+        earlier = read_result(RESULTS / f"{STEM}.json")
+        if earlier["threads"] != args.threads:
+            print(
+                f"error: --add: the committed run used {earlier['threads']} threads, this one "
+                f"{args.threads}",
+                file=sys.stderr,
+            )
+            return 2
+        taken = sorted({r["seed"] for r in earlier["rows"]} & set(seeds))
+        if taken:
+            print(f"error: --add: seeds {taken} are already in {STEM}.json", file=sys.stderr)
+            return 2
+        earlier_cmd = f"`{earlier['command']}`"
+        rows += [
+            {**r, "source": earlier_cmd if r["source"] == "this run" else r["source"]}
+            for r in earlier["rows"]
+        ]
+        kept_wall_s = earlier["wall_s"]
+    if args.with_full_run and not any(r["seed"] == 0 for r in rows):
         full = read_result(FULL_RUN)
         why = comparable(full, args.threads)
         if why:
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_batches": EVAL_BATCHES[MODEL],
         "command": ("python -m benchmarks.seed_spread " + " ".join(argv or sys.argv[1:])).strip(),
         "machine": machine(),
-        "wall_s": 0.0,
+        "wall_s": kept_wall_s,
     }
     if args.machine_note:
         res["machine_note"] = args.machine_note
@@ -177,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         out = run_baselines(MODEL, False, args.threads, METHODS, None, (BUDGET,), seed)
         rows.append(row_of(out, seed, "this run"))
-        res["wall_s"] = time.perf_counter() - t0
+        res["wall_s"] = kept_wall_s + time.perf_counter() - t0
         write(res)  # after every seed: an interrupted run keeps what it finished
         print(f"[seed_spread] seed {seed}: ratio {rows[-1]['ratio']:.3f}", flush=True)
     print(json.dumps(summary(res), indent=1))
