@@ -9,8 +9,8 @@ prepacked leave the process while the session is built, so building holds about 
 the weights (benchmarks/results/robustness.md, the demo bundle: coalora-run peaks at 0.90-0.92
 of the plan at every stored configuration; benchmarks/results/runtime_speed.md: with the
 weights embedded in the proto it peaked at 985 MB against a 303 MB plan). The graph fuses
-q/k/v and gate/up where their options match, gives each group that reads one input one LoRA
-slot whatever their options, and computes logits for the last position only.
+q/k/v and gate/up (with one LoRA slot per fused group) and computes logits for the last
+position only.
 
 ``switch()`` repeats the same steps from selection on in the running process, dropping the
 old session first (and trimming the C heap) so its memory is gone before the new one is

@@ -6,8 +6,7 @@ these do (see the design's "Quantization configuration"):
 - quantized weights: as MatMulNBits holds them once prepacked (``prepacked_bytes``)
 - other weights: embeddings, norms, the LM head (the bundle's base file), θ, the RoPE cache;
   a tied quantized head is also the embedding, held once (``embedding_from_head``)
-- the LoRA side branch: one A'/B slot per matrix, or per group that reads one input
-  (``lora_groups``)
+- the LoRA side branch: one A'/B slot per matrix, or per fused group (``fused_groups``)
 - the KV cache at the full context length
 - the runtime itself (``DEFAULT_OVERHEAD``) and the loaded tokenizer
 - while the session is built, the fused copies of q/k/v and gate/up: they sit in scratch
@@ -17,9 +16,8 @@ Address space is planned apart (``address_space_bytes``, for ``RLIMIT_AS``): the
 every mapped option file, allocator arenas and stacks per thread, none of them resident.
 
 ``Accountant`` holds these for one bundle; ``Runtime`` plans every configuration with it. The
-rule that decides which projections share one fused MatMulNBits is ``can_fuse``; the
-projections that share one LoRA slot are ``lora_groups``. The graph builders ask the same
-rules, so the plan counts what is built.
+rule that decides which projections share one fused MatMulNBits (and so one LoRA slot) is
+``can_fuse``, and the graph builders ask it too, so the plan counts what is built.
 """
 
 from __future__ import annotations
@@ -254,7 +252,7 @@ def fed_rows_bytes(arch: Any, option: QuantOption, context_length: int) -> int:
 
 # -- fused groups and LoRA slots ------------------------------------------------------------------
 def can_fuse(options: Sequence[QuantOption], biased: Sequence[bool] = ()) -> bool:
-    """Whether projections that read one input share one fused MatMulNBits:
+    """Whether projections that read one input share one fused MatMulNBits (and one LoRA slot):
     all at the same option, and all or none with a bias (the fused kernel takes one bias)."""
     return len(set(options)) == 1 and len(set(biased)) <= 1
 
@@ -265,7 +263,7 @@ def fused_groups(
     family: Family | None,
     biased: Collection[str] = (),
 ) -> list[tuple[str, ...]]:
-    """The matrices that share one fused MatMulNBits in the runtime's graph: a family's fused
+    """The matrices that share one LoRA slot in the runtime's graph: a family's fused
     projections of one block (``Family.fused``: q/k/v and gate/up of a LLaMA layer) where
     ``can_fuse`` says so, every other matrix alone. ``config=None``: nothing fuses."""
     names = [m.name for m in space.matrices]
@@ -291,30 +289,6 @@ def fused_groups(
     return groups
 
 
-def lora_groups(
-    space: ConfigSpace, config: Mapping[str, QuantOption] | None, family: Family | None
-) -> list[tuple[str, ...]]:
-    """The matrices that share one LoRA slot in the runtime's graph: a family's fused
-    projections of one block (they read one input) whatever their options, every other matrix
-    alone; the weights themselves fuse only where ``can_fuse`` says so (``fused_groups``).
-    ``config=None``: no slot is shared."""
-    names = [m.name for m in space.matrices]
-    if config is None or family is None or not family.fused:
-        return [(n,) for n in names]
-    fused = {group[0]: group for group in family.fused}
-    groups: list[tuple[str, ...]] = []
-    done: set[str] = set()
-    for n in names:
-        if n in done:
-            continue
-        prefix, _, proj = n.rpartition(".")
-        cand = tuple(f"{prefix}.{p}" for p in fused.get(proj, ()))
-        group = cand if cand and all(c in config for c in cand) else (n,)
-        groups.append(group)
-        done.update(group)
-    return groups
-
-
 def slot_bytes(space: ConfigSpace, group: Sequence[str], rank: int, lora_bits: int) -> int:
     """Bytes of the LoRA slot that ``group`` shares (``graphs.weights.LoraSlot``)."""
     from coalora.runtime.graphs.weights import LoraSlot
@@ -329,10 +303,11 @@ def lora_bytes(
     bundle: Bundle,
     lora_bits: int,
     config: Mapping[str, QuantOption] | None = None,
+    biased: Collection[str] = (),
 ) -> int:
     """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
-    gate/up share a slot (``lora_groups``: A side by side, B block-diagonal)."""
-    groups = lora_groups(bundle.space, config, family_named(bundle.family))
+    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
+    groups = fused_groups(bundle.space, config, family_named(bundle.family), biased)
     return sum(slot_bytes(bundle.space, g, bundle.lora_rank, lora_bits) for g in groups)
 
 
@@ -447,9 +422,6 @@ class Accountant:
             self.bundle.space, config, family_named(self.bundle.family), self.biased
         )
 
-    def lora_groups(self, config: Mapping[str, QuantOption]) -> list[tuple[str, ...]]:
-        return lora_groups(self.bundle.space, config, family_named(self.bundle.family))
-
     def fused_copy_bytes(self, config: Mapping[str, QuantOption]) -> int:
         """Bytes of the fused q/k/v and gate/up weights the build writes to scratch pages:
         they are resident, next to their prepacked copies, until the session exists."""
@@ -478,7 +450,7 @@ class Accountant:
             self.bundle.space,
             config,
             other_weights_bytes=self.other_weights_bytes + self.head_bytes[head],
-            lora_bytes=lora_bytes(self.bundle, self.lora_bits, config),
+            lora_bytes=lora_bytes(self.bundle, self.lora_bits, config, self.biased),
             kv_bytes_per_token=self.kv_bytes_per_token,
             context_length=self.context_length,
             overhead_bytes=self.overhead_bytes,

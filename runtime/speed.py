@@ -17,8 +17,8 @@ onnxruntime version) in ``$XDG_CACHE_HOME/coalora/device-speed.json``. A device 
 (planning for another board) predicts from its ``memory_bandwidth_gbs`` instead: bytes read
 over bandwidth, plus ``PROFILE_NODE_SECONDS`` per node.
 
-``DecodeWork`` counts the work of one configuration from the memory accountant's fused and LoRA
-groups (``plan.Accountant``), so both accountants see the graph the builder makes.
+``DecodeWork`` counts the work of one configuration from the memory accountant's fused groups
+(``plan.Accountant``), so both accountants see the graph the builder makes.
 """
 
 from __future__ import annotations
@@ -121,18 +121,14 @@ def decode_work(
             nodes += m.name in accountant.biased  # its bias is an Add of its own
         else:
             add(config[m.name], m.in_features * m.out_features)
-    fused = accountant.fused_groups(config)
+    groups = accountant.fused_groups(config)
     rank = accountant.bundle.lora_rank
-    # with a LoRA, a group that reads one input has one packed output either way: a fused
-    # MatMulNBits, or its matrices' outputs concatenated (``_DecoderBuilder.group``)
-    packed = accountant.lora_groups(config) if rank else fused
-    nodes += _GRAPH_NODES + arch.num_hidden_layers * _LAYER_NODES + len(fused)
-    nodes += sum(1 for g in packed if len(g) > 1 and g not in fused)  # the Concat
-    # a packed gate/up output is split in two
-    nodes += sum(1 for g in packed if len(g) > 1 and g[0].endswith("gate_proj"))
+    nodes += _GRAPH_NODES + arch.num_hidden_layers * _LAYER_NODES + len(groups)
+    # a fused gate/up output is split in two
+    nodes += sum(1 for g in groups if len(g) > 1 and g[0].endswith("gate_proj"))
     if rank:
-        nodes += _LORA_NODES * len(packed)
-        for g in packed:
+        nodes += _LORA_NODES * len(groups)
+        for g in groups:
             k = space.matrix(g[0]).in_features
             a, b = k * rank * len(g), rank * len(g) * sum(space.matrix(n).out_features for n in g)
             if accountant.lora_bits == 32 or exact_as_fp32(LORA_A_OPTION.bits, level):

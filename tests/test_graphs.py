@@ -179,12 +179,6 @@ def test_llama_decoder_matches_transformers(kind, rank, tied, head, lora_bits) -
     arch, weights, lora = _prepare(model, kind, rank)
     weights.lora = lora
     proto = build_decoder(arch, weights, lora_rank=rank, quantize_lm_head=head, lora_bits=lora_bits)
-    if kind == "mixed":
-        # q/k/v and gate/up are at different options: separate MatMulNBits, concatenated,
-        # with one LoRA slot per input (the values torch checks below)
-        groups = sorted(len(s.members) for s in lora_slots(proto))
-        assert groups == sorted([1, 1, 2, 3] * arch.num_hidden_layers)
-        assert sum(n.op_type == "Concat" for n in proto.graph.node) >= 2 * arch.num_hidden_layers
     got, got_tokens = _onnx_generate(_session(proto), arch, DECODE_STEPS)
     if head is not None:
         # The torch head gets the same quantized weights the graph multiplies by.

@@ -33,6 +33,7 @@ from coalora.runtime.graphs._onnx import MS
 from coalora.runtime.graphs.llama import (
     LlamaArch,
     _DecoderBuilder,
+    _group_options_match,
     cos_sin_cache,
     default_inv_freq,
     rope_settings,
@@ -221,14 +222,14 @@ class Gemma3Builder(_DecoderBuilder):
         for i in range(n_layers):
             pre, node = f"model.layers.{i}", f"/model/layers.{i}"
             qkv = [llama_linear_name(i, p) for p in ("q_proj", "k_proj", "v_proj")]
-            out = self.group(x, qkv, f"{pre}.self_attn.qkv_proj", fuse_qkv)
-            if isinstance(out, list):
-                q, k, v = out
-            else:
+            if fuse_qkv and _group_options_match(w, qkv):
+                packed = self.linear(x, qkv, f"{pre}.self_attn.qkv_proj")
                 sizes = [a.num_attention_heads * hd, kv * hd, kv * hd]
                 q, k, v = g.node(
-                    "Split", [out, g.const(sizes)], f"{node}/attn/Split", outputs=3, axis=-1
+                    "Split", [packed, g.const(sizes)], f"{node}/attn/Split", outputs=3, axis=-1
                 )
+            else:
+                q, k, v = (self.linear(x, [n], n) for n in qkv)
             q = self._head_norm(q, f"{pre}.self_attn.q_norm.weight", f"{node}/attn/q_norm")
             k = self._head_norm(k, f"{pre}.self_attn.k_norm.weight", f"{node}/attn/k_norm")
             sliding = a.layer_types[i] == SLIDING

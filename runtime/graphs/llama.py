@@ -4,8 +4,7 @@ The structure mirrors onnxruntime-genai's model builder for CPU int4 models, whi
 run fast with onnxruntime's CPU kernels:
 
     input_ids ─ Gather(embed) ─ SimplifiedLayerNormalization
-    per layer:  MatMulNBits q/k/v (fused when their options match, else concatenated when
-                they share a LoRA slot) ─ GroupQueryAttention
+    per layer:  MatMulNBits q/k/v (fused when their options match) ─ GroupQueryAttention
                 (do_rotary=1 with cos/sin caches, past/present KV in BNSH) ─ MatMulNBits o
                 ─ SkipSimplifiedLayerNormalization ─ MatMulNBits gate/up ─ SiLU*up
                 ─ MatMulNBits down ─ SkipSimplifiedLayerNormalization (next layer's norm)
@@ -15,9 +14,8 @@ run fast with onnxruntime's CPU kernels:
 ``attention_mask`` ([batch, past + current]), as the model builder does. One graph serves the
 prefill (seq > 1, empty past) and single-token decode.
 
-Every target linear ``y = W x`` may get ``+ s (x A'^T) B^T``, one slot per input: q/k/v share
-one, as do gate/up, whatever their options (``_DecoderBuilder.group``). The A'/B initializers are
-named ``lora.{key}.A`` / ``lora.{key}.B`` (see ``weights`` for the layout) so a session can swap
+Every target linear ``y = W x`` may get ``+ s (x A'^T) B^T``: the A'/B initializers are named
+``lora.{key}.A`` / ``lora.{key}.B`` (see ``weights`` for the layout) so a session can swap
 adapters with ``SessionOptions.add_initializer`` without rebuilding the graph.
 
 What benchmarks/decode_speed_graph.py measured on SmolLM2-135M shapes (2 cores): fusing q/k/v
@@ -217,40 +215,12 @@ class _DecoderBuilder:
         y = self.g.matmulnbits(
             x, w, key, accuracy_level=self.level, bias=bias, computed=len(ws) > 1
         )
-        return self.lora(x, y, members, key)
-
-    def lora(self, x: str, y: str, members: Sequence[str], key: str) -> str:
-        """``y`` (``members``' outputs side by side) plus their one LoRA slot, read from ``x``."""
         if not self.rank:
             return y
-        outs = tuple(self.w.linears[m].N for m in members)
-        k = self.w.linears[members[0]].K
-        slot = LoraSlot(key, tuple(members), k, outs, self.rank, self.lora_bits)
+        outs = tuple(p.N for p in ws)
+        slot = LoraSlot(key, tuple(members), w.K, outs, self.rank, self.lora_bits)
         self.slots.append(slot)
         return lora_branch(self.g, x, y, slot, self.w.lora, accuracy_level=self.level)
-
-    def group(self, x: str, members: Sequence[str], key: str, fuse: bool) -> str | list[str]:
-        """Projections that read one input: a packed output [.., sum(out)] where they fuse or
-        share a LoRA slot, else one output each.
-
-        The LoRA slot follows the input, not the weights' options: members at different
-        options are separate MatMulNBits, concatenated, and take one A'/B pair (``plan.
-        lora_groups``). That is 3 LoRA nodes per group instead of 3 per matrix, with the same
-        values: each member's rows of A' and its block of B are quantized as they would be
-        alone (``LORA_B_OPTION``'s block is the rank).
-        """
-        if fuse and _group_options_match(self.w, members):
-            return self.linear(x, members, key)
-        if not (fuse and self.rank):
-            return [self.linear(x, [m], m) for m in members]
-        ys = [
-            self.g.matmulnbits(
-                x, self.w.linears[m], m, accuracy_level=self.level, bias=self.w.biases.get(m)
-            )
-            for m in members
-        ]
-        y = self.g.op("Concat", ys, f"/{key}/Concat", axis=-1)
-        return self.lora(x, y, members, key)
 
     def build(
         self,
@@ -342,13 +312,13 @@ class _DecoderBuilder:
         their options match, else two."""
         pre = f"model.layers.{i}"
         names = [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]
-        out = self.group(x, names, f"{pre}.mlp.gate_up_proj", fuse)
-        if isinstance(out, list):
-            gate, up = out
+        if fuse and _group_options_match(self.w, names):
+            gu = self.linear(x, names, f"{pre}.mlp.gate_up_proj")
+            gate, up = self.g.node(
+                "Split", [gu], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2
+            )
             return gate, up
-        gate, up = self.g.node(
-            "Split", [out], f"/model/layers.{i}/mlp/Split", outputs=2, axis=-1, num_outputs=2
-        )
+        gate, up = (self.linear(x, [n], n) for n in names)
         return gate, up
 
     def norm_weight(self, name: str, arr: np.ndarray) -> str:
@@ -387,8 +357,11 @@ class _DecoderBuilder:
             qkv = [names["q_proj"], names["k_proj"], names["v_proj"]]
             pre = f"model.layers.{i}"
             past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-            out = self.group(x, qkv, f"{pre}.self_attn.qkv_proj", fuse_qkv)
-            qkv_in = out if isinstance(out, list) else [out, "", ""]
+            if fuse_qkv and _group_options_match(w, qkv):
+                packed = self.linear(x, qkv, f"{pre}.self_attn.qkv_proj")
+                qkv_in = [packed, "", ""]
+            else:
+                qkv_in = [self.linear(x, [n], n) for n in qkv]
             attn = g.node(
                 "GroupQueryAttention",
                 [*qkv_in, past_k, past_v, seqlens_k, total_len, cos_name, sin_name],
