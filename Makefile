@@ -79,6 +79,10 @@ bench-speed: install-bench  ## the runtime on the demo bundle against llama.cpp 
 	$(PYTHON) -m benchmarks.runtime_speed --bundle $(DEMO_BUNDLE) --rounds 5 --profile \
 		--budgets 2.6bits,3.5bits,4.5bits,6bits,8bits
 
+.PHONY: bench-lora-cost
+bench-lora-cost: demo  ## what the LoRA side branch costs per decoded token, wall clock, with against without it (demo bundle)
+	$(PYTHON) -m benchmarks.lora_cost --bundle $(DEMO_BUNDLE) --rounds 10
+
 .PHONY: bench-scaling
 bench-scaling: install-bench  ## decode speed against size: random-weight 0.5B / 1.5B / 3B LLaMA/Qwen shapes against llama.cpp on GGUFs of the same shapes
 	$(PYTHON) -m benchmarks.scaling

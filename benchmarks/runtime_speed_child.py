@@ -149,14 +149,56 @@ VARIANTS = (
 )
 
 
+def variant_decoder(
+    rt: Any,
+    adapters: dict[str, Any],
+    *,
+    fuse: bool,
+    lora_bits: int,
+    threads: int,
+    config: dict[str, str] | None = None,
+) -> tuple[Any, Any, int]:
+    """A decoder, its built session (keep it: it holds what the session reads) and the graph's
+    node count for ``rt``'s configuration, as the runtime builds it but for the graph's form:
+    fused or not, the LoRA at ``lora_bits`` (0: no side branch)."""
+    from coalora.runtime import assemble
+    from coalora.runtime import session as session_mod
+    from coalora.runtime.generate import KVDecoder
+    from coalora.runtime.graphs.llama import build_decoder
+    from coalora.runtime.graphs.weights import decoder_weights_from_arrays
+    from coalora.runtime.mapped import Scratch
+    from coalora.runtime.plan import embedding_from_head
+
+    level = assemble.DEFAULT_ACCURACY_LEVEL
+    mapped = assemble.MappedBundle(rt.bundle)
+    w = decoder_weights_from_arrays(
+        rt.arch, mapped.base(), mapped.linears(rt.config), adapters if lora_bits else None
+    )
+    w.lm_head = assemble.lm_head(mapped, rt.arch, rt.config)
+    # as the runtime builds it: a tied quantized head's codes serve the table
+    gather = (
+        w.lm_head is not None
+        and embedding_from_head(rt.bundle, rt.arch, level, rt.config) is not None
+    )
+    arrays: dict[str, Any] = {}
+    scratch = Scratch()  # the fused weights and packed LoRA
+    proto = build_decoder(
+        rt.arch, w, lora_rank=rt.bundle.lora_rank if lora_bits else 0,
+        lora_bits=lora_bits or 32, max_seq_len=CONTEXT, fuse_qkv=fuse, fuse_gate_up=fuse,
+        external=arrays, scratch=scratch, last_logits=True,
+        embedding_from_head=gather,
+    )  # fmt: skip
+    nodes = len(proto.graph.node)  # the session takes the proto's contents
+    built = session_mod.create_session(proto, threads=threads, initializers=arrays, config=config)
+    built.keep += [scratch, mapped]  # the session reads views of both
+    rows = assemble.head_table_rows(mapped, rt.arch, level, rt.config)
+    return KVDecoder(built.session, rt.arch, CONTEXT, rows=rows), built, nodes
+
+
 def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any]:
     """Best-case ms/token (1 thread; each node's fastest of ``steps`` decode steps, summed:
     robust to other load on the machine) of graph variants at ``budget``'s configuration."""
-    from coalora.runtime import assemble
-    from coalora.runtime import session as session_mod
     from coalora.runtime.engine import Runtime
-    from coalora.runtime.generate import KVDecoder
-    from coalora.runtime.mapped import Scratch
 
     n_steps = int(steps)
     rt = Runtime.open(bundle, budget=budget, threads=1, context_length=CONTEXT, build=False)
@@ -165,41 +207,7 @@ def child_variants(bundle: str, budget: str, steps: str = "40") -> dict[str, Any
     with profiling_sessions("variants"):
         for _rep in range(2):
             for name, fuse, bits in VARIANTS:
-                scratch = Scratch()
-                mapped = assemble.MappedBundle(rt.bundle)
-                if bits:
-                    proto, arrays = assemble.build_graph(
-                        mapped, rt.arch, rt.config, context_length=CONTEXT, lora_bits=bits,
-                        adapters=adapters, external=True, fuse=fuse, scratch=scratch,
-                        last_logits=True,
-                    )  # fmt: skip
-                else:
-                    from coalora.runtime.graphs.llama import build_decoder
-                    from coalora.runtime.graphs.weights import decoder_weights_from_arrays
-                    from coalora.runtime.plan import embedding_from_head
-
-                    base = mapped.base()
-                    w = decoder_weights_from_arrays(rt.arch, base, mapped.linears(rt.config))
-                    w.lm_head = assemble.lm_head(mapped, rt.arch, rt.config)
-                    # as the runtime builds it: a tied quantized head's codes serve the table
-                    gather = (
-                        w.lm_head is not None
-                        and embedding_from_head(
-                            rt.bundle, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config
-                        )
-                        is not None
-                    )
-                    arrays = {}
-                    proto = build_decoder(
-                        rt.arch, w, lora_rank=0, max_seq_len=CONTEXT, fuse_qkv=fuse,
-                        fuse_gate_up=fuse, external=arrays, last_logits=True,
-                        embedding_from_head=gather,
-                    )  # fmt: skip
-                built = session_mod.create_session(proto, threads=1, initializers=arrays)
-                rows = assemble.head_table_rows(
-                    mapped, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config
-                )
-                dec = KVDecoder(built.session, rt.arch, CONTEXT, rows=rows)
+                dec, built, _ = variant_decoder(rt, adapters, fuse=fuse, lora_bits=bits, threads=1)
                 prompt = list(range(100, 116))
                 dec.run(np.asarray([prompt], dtype=np.int64), len(prompt))
                 for t in range(n_steps):
