@@ -80,6 +80,7 @@ SUMMARIES = {
     "head_bits": "head_bits",
     "configured_head": "configured_head",
     "seed_spread": "seed_spread",
+    "lora_cost": "lora_cost",
 }
 
 
@@ -134,6 +135,12 @@ def test_seed_spread_report() -> None:
     from benchmarks.seed_spread import report
 
     assert report(_json("seed_spread")) == (RESULTS / "seed_spread.md").read_text(encoding="utf-8")
+
+
+def test_lora_cost_report() -> None:
+    from benchmarks.lora_cost import report
+
+    assert report(_json("lora_cost")) == (RESULTS / "lora_cost.md").read_text(encoding="utf-8")
 
 
 def test_configured_head_report() -> None:
