@@ -3,11 +3,10 @@
 For each budget one fresh process opens the bundle (2 threads) and builds two sessions of the
 configuration it picks: the runtime's graph, and the same graph without the LoRA side branch.
 It then decodes 127 tokens after a 42-token prompt with each, in interleaved rounds (the order
-alternates). The LoRA's
-share of a token's time is ``1 - (with LoRA) / (without)`` per round, and the median of the
-rounds is reported. A profile sums kernel times node by node (``runtime_speed``'s
-``lora_share``), so per-node profiling overhead weighs on the LoRA's many small nodes there;
-this counts what a user waits for.
+alternates). The LoRA's share of a token's time is ``1 - (with LoRA) / (without)`` per round,
+and the median of the rounds is reported. A profile sums kernel times node by node
+(``runtime_speed``'s ``lora_share``), so per-node profiling overhead weighs on the LoRA's many
+small nodes there; this counts what a user waits for.
 
     python -m benchmarks.lora_cost --bundle .cache/demo/smollm2-bbc
 """
@@ -158,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        print("error: --budgets names no budget", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     rows = []
-    for budget in [b.strip() for b in args.budgets.split(",") if b.strip()]:
+    for budget in budgets:
         rows.append(
             child_json("benchmarks.lora_cost", str(args.bundle), budget, str(args.rounds),
                        what=f"the {budget} child")
