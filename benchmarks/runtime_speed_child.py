@@ -164,34 +164,20 @@ def variant_decoder(
     from coalora.runtime import assemble
     from coalora.runtime import session as session_mod
     from coalora.runtime.generate import KVDecoder
-    from coalora.runtime.graphs.llama import build_decoder
-    from coalora.runtime.graphs.weights import decoder_weights_from_arrays
     from coalora.runtime.mapped import Scratch
-    from coalora.runtime.plan import embedding_from_head
 
-    level = assemble.DEFAULT_ACCURACY_LEVEL
     mapped = assemble.MappedBundle(rt.bundle)
-    w = decoder_weights_from_arrays(
-        rt.arch, mapped.base(), mapped.linears(rt.config), adapters if lora_bits else None
-    )
-    w.lm_head = assemble.lm_head(mapped, rt.arch, rt.config)
-    # as the runtime builds it: a tied quantized head's codes serve the table
-    gather = (
-        w.lm_head is not None
-        and embedding_from_head(rt.bundle, rt.arch, level, rt.config) is not None
-    )
-    arrays: dict[str, Any] = {}
     scratch = Scratch()  # the fused weights and packed LoRA
-    proto = build_decoder(
-        rt.arch, w, lora_rank=rt.bundle.lora_rank if lora_bits else 0,
-        lora_bits=lora_bits or 32, max_seq_len=CONTEXT, fuse_qkv=fuse, fuse_gate_up=fuse,
-        external=arrays, scratch=scratch, last_logits=True,
-        embedding_from_head=gather,
+    proto, arrays = assemble.build_graph(
+        mapped, rt.arch, rt.config, context_length=CONTEXT,
+        lora_bits=lora_bits or assemble.DEFAULT_LORA_BITS,
+        adapters=adapters if lora_bits else None, external=True, fuse=fuse, scratch=scratch,
+        last_logits=True, with_lora=bool(lora_bits),
     )  # fmt: skip
     nodes = len(proto.graph.node)  # the session takes the proto's contents
     built = session_mod.create_session(proto, threads=threads, initializers=arrays, config=config)
     built.keep += [scratch, mapped]  # the session reads views of both
-    rows = assemble.head_table_rows(mapped, rt.arch, level, rt.config)
+    rows = assemble.head_table_rows(mapped, rt.arch, assemble.DEFAULT_ACCURACY_LEVEL, rt.config)
     return KVDecoder(built.session, rt.arch, CONTEXT, rows=rows), built, nodes
 
 

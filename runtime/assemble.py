@@ -184,6 +184,7 @@ def build_graph(
     fuse: bool = False,
     scratch: Scratch | None = None,
     last_logits: bool = False,
+    with_lora: bool = True,
 ) -> tuple[ModelProto, dict[str, np.ndarray]]:
     """The graph for ``config`` (zero LoRA unless ``adapters`` are given) and the arrays the
     session takes in place.
@@ -193,11 +194,14 @@ def build_graph(
     ``create_session(initializers=...)``. Otherwise the proto is self-contained and the dict
     names the initializers it may take from the mapped files instead
     (``create_session(sources=...)``).
+
+    ``with_lora=False``: the same graph without the LoRA side branch (what it costs is
+    measured against it: benchmarks/lora_cost.py).
     """
     bundle = mapped.bundle
     base = mapped.base()
     linears = mapped.linears(config)
-    rank = bundle.lora_rank
+    rank = bundle.lora_rank if with_lora else None
     held: dict[str, np.ndarray] | None = {} if external else None
     try:
         if isinstance(arch, LlamaArch):

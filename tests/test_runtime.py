@@ -277,6 +277,20 @@ def test_the_plan_counts_the_lora_slots_the_graph_builds(high: Runtime) -> None:
     assert mixed  # a configuration where the rule said no
 
 
+def test_build_graph_without_lora_is_the_same_graph_less_its_side_branch(high: Runtime) -> None:
+    """``with_lora=False`` (what the LoRA's cost is measured against) drops exactly the side
+    branch: no LoRA initializers or slots, and 3 nodes fewer per slot."""
+    from coalora.runtime.graphs.weights import lora_slots
+
+    kw = dict(context_length=16, fuse=True, external=True)
+    full, _ = assemble.build_graph(high._mapped, high.arch, high.config, **kw)
+    bare, arrays = assemble.build_graph(high._mapped, high.arch, high.config, with_lora=False, **kw)
+    slots = lora_slots(full)
+    assert slots and not lora_slots(bare)
+    assert not any(name.startswith("lora.") for name in arrays)
+    assert len(bare.graph.node) == len(full.graph.node) - 3 * len(slots)
+
+
 def test_a_tied_head_serves_the_embedding_and_the_plan_holds_the_table_once(
     tiny_llama_bundle: Path, high: Runtime
 ) -> None:
