@@ -137,6 +137,52 @@ def test_seed_spread_report() -> None:
     assert report(_json("seed_spread")) == (RESULTS / "seed_spread.md").read_text(encoding="utf-8")
 
 
+def test_seed_spread_adds_shared_lora_to_committed_seeds(tmp_path: Path, monkeypatch) -> None:
+    """``--add --shared`` trains Shared-LoRA alone for a committed seed, on the same allocation,
+    takes seed 0's from the full run, and refuses a seed that has nothing left to add."""
+    import benchmarks.common as common
+    import benchmarks.seed_spread as ss
+
+    keys = ("shared_lora", "shared_train_s", "shared_from")
+    earlier = _json("seed_spread")
+    earlier["rows"] = [{k: v for k, v in r.items() if k not in keys} for r in earlier["rows"]]
+    (tmp_path / "seed_spread.json").write_text(json.dumps(earlier), encoding="utf-8")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    bits = {r["seed"]: r["bits"] for r in earlier["rows"]}
+    calls: list[tuple[tuple[str, ...], int]] = []
+
+    def fake_run(model, quick, threads, methods, levers, budgets, seed):  # noqa: ANN001
+        calls.append((tuple(methods), seed))
+        return {
+            "budgets": list(budgets),
+            "bits": [bits.get(seed, 2.5) + fake_run.shift],
+            "curves": {m: [(budgets[0], 40.0 + i)] for i, m in enumerate(methods)},
+            "train_seconds": {m: 10.0 for m in methods},
+        }
+
+    fake_run.shift = 0.0
+    monkeypatch.setattr(ss, "run_baselines", fake_run)
+
+    assert ss.main(["--seeds", "2", "--add"]) == 2  # already there, nothing to add
+    fake_run.shift = 0.01  # another allocation: not the committed row's
+    assert ss.main(["--seeds", "2", "--add", "--shared"]) == 2
+    assert json.loads((tmp_path / "seed_spread.json").read_text()) == earlier
+    fake_run.shift = 0.0
+    assert ss.main(["--seeds", "2", "--add", "--shared"]) == 0
+    assert calls[-1] == (("shared-lora",), 2)
+    res = json.loads((tmp_path / "seed_spread.json").read_text())
+    rows = {r["seed"]: r for r in res["rows"]}
+    full = _json("baselines_smollm2")
+    assert rows[0]["shared_lora"] == full["curves"]["shared-lora"][0][1]
+    assert rows[2]["shared_lora"] == 40.0 and rows[2]["coa_lora"] == earlier["rows"][2]["coa_lora"]
+    assert "shared_lora" not in rows[1]
+    assert set(res["summary"]["coa_over_shared"]) == {"0", "2"}
+    assert ss.main(["--seeds", "2", "--add", "--shared"]) == 2  # nothing left to add
+    assert ss.main(["--seeds", "5", "--add", "--shared"]) == 0  # a new seed trains all three
+    assert calls[-1] == (("coa-lora", "per-config-lora", "shared-lora"), 5)
+
+
 def test_lora_cost_report() -> None:
     from benchmarks.lora_cost import report
 
