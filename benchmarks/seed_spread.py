@@ -76,9 +76,9 @@ def shared_of(res: dict[str, Any], source: str) -> dict[str, Any]:
     }
 
 
-def full_run_source() -> str:
+def full_run_source(full: dict[str, Any]) -> str:
     """How a row taken from the committed full run names its source."""
-    return f"`{read_result(FULL_RUN)['command']}`"
+    return f"`{full['command']}`"
 
 
 def comparable(full: dict[str, Any], threads: int | None) -> str | None:
@@ -136,7 +136,7 @@ def report(res: dict[str, Any]) -> str:
         if "shared_lora" in r:
             shared = [
                 f"{r['shared_lora']:.2f}",
-                f"{r['coa_lora'] / r['shared_lora']:.3f}",
+                f"{s['coa_over_shared'][str(r['seed'])]:.3f}",
                 f"{r['shared_train_s']:.0f}",
             ]
             if r["shared_from"] != r["source"]:
@@ -217,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         earlier_cmd = f"`{earlier['command']}`"
+        full = read_result(FULL_RUN) if args.shared else None
         for r in earlier["rows"]:
             r = {k: earlier_cmd if v == "this run" else v for k, v in r.items()}
-            if args.shared and "shared_lora" not in r and r["source"] == full_run_source():
-                r.update(shared_of(read_result(FULL_RUN), r["source"]))  # the full run has it
+            if full and "shared_lora" not in r and r["source"] == full_run_source(full):
+                r.update(shared_of(full, r["source"]))  # the full run trained it
             rows.append(r)
         # a committed seed may come back only to add its missing Shared-LoRA
         taken = [
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if 0 in seeds:
             print("error: --with-full-run is seed 0: leave 0 out of --seeds", file=sys.stderr)
             return 2
-        rows.append(row_of(full, 0, full_run_source()))
+        rows.append(row_of(full, 0, full_run_source(full)))
     res: dict[str, Any] = {
         "rows": rows,
         "threads": args.threads,
