@@ -148,8 +148,9 @@ bench-configured-head: install  ## Gemma 3 with its tied head configured (8b32 o
 	$(PYTHON) -m benchmarks.configured_head --bundle $(GEMMA3_HEADS_BUNDLE)
 
 .PHONY: bench-seed-spread
-bench-seed-spread: install  ## CoA-LoRA against per-configuration and Shared-LoRA at 2.5 bits on SmolLM2, once per seed (about 75 minutes a seed)
+bench-seed-spread: install  ## CoA-LoRA against per-configuration and Shared-LoRA at 2.5 bits on SmolLM2 (about 75 minutes a seed), and against per-configuration LoRA at 6 bits on MiniLM, once per seed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.seed_spread --threads 2 --seeds 1,2 --with-full-run --shared
+	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.seed_spread --model minilm --threads 2 --seeds 1,2 --with-full-run
 
 .PHONY: bench-head-bits
 bench-head-bits: install  ## the tied embedding / LM head at each option on Gemma 3 and SmolLM2: perplexity, repetition, MB (no adapter)

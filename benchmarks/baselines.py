@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,36 @@ def parse_levers(pairs: list[str]) -> dict[str, Any]:
             out[name] = kind(text)
         except ValueError:
             raise ValueError(f"--lever {pair!r}: {text!r} is not a {kind.__name__}") from None
+    return out
+
+
+def parse_settings(model: str, pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` overrides of ``SETTINGS[model]``, each value typed like the setting."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in SETTINGS[model]:
+            raise ValueError(
+                f"--setting {pair!r}: expected NAME=VALUE, NAME one of {', '.join(SETTINGS[model])}"
+            )
+        kind = type(SETTINGS[model][name])
+        try:
+            out[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--setting {pair!r}: {text!r} is not a {kind.__name__}") from None
+    return out
+
+
+def parse_budgets(text: str | None) -> tuple[float, ...]:
+    """``--budgets 2.5,4``: distinct positive bits, in the order given (empty: None given)."""
+    if text is None:
+        return ()
+    try:
+        out = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        out = ()
+    if not out or not all(0 < b < math.inf for b in out) or len(set(out)) != len(out):
+        raise ValueError(f"--budgets {text!r}: expected distinct positive numbers of bits")
     return out
 
 
@@ -464,18 +495,41 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=VALUE",
         help="override a quality lever for every method (a probe; needs --out-dir)",
     )
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one of the model's settings, e.g. steps_per_epoch=0 for a frozen "
+        "configuration set (a probe; needs --out-dir)",
+    )
+    p.add_argument("--seed", type=int, help="the split, init and draws (a probe) [the default]")
+    p.add_argument(
+        "--budgets",
+        help="comma-separated budgets in bits (a probe; needs --out-dir) ["
+        + ",".join(f"{b:g}" for b in BUDGETS)
+        + "]",
+    )
     args = p.parse_args(argv)
     try:
         levers = parse_levers(args.lever)
+        settings = parse_settings(args.model, args.setting)
+        budgets = parse_budgets(args.budgets)
     except ValueError as exc:
         p.error(str(exc))
+    if args.seed is not None and args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     methods = tuple(m for m in (args.methods or "").split(",") if m) or None
     unknown = [m for m in methods or () if m not in METHOD_LABELS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r}: expected some of {', '.join(METHOD_LABELS)}")
     # a probe must not replace the committed report, which is one whole run of every method
-    if (methods or levers) and args.out_dir.resolve() == RESULTS.resolve():
-        p.error("--methods and --lever write a probe: give --out-dir outside the results")
+    probe = methods or levers or settings or budgets or args.seed is not None
+    if probe and args.out_dir.resolve() == RESULTS.resolve():
+        p.error(
+            "--methods, --lever, --setting, --seed and --budgets write a probe: give --out-dir "
+            "outside the results"
+        )
     stem = args.out_dir / f"baselines_{args.model}"
     if args.report_only:
         res = json.loads(stem.with_suffix(".json").read_text())
@@ -483,7 +537,15 @@ def main(argv: list[str] | None = None) -> None:
         res["targets"] = targets(res)
     else:
         old = stem.with_suffix(".json")
-        res = run(args.model, args.quick, args.threads, methods, levers)
+        res = run(
+            args.model,
+            args.quick,
+            args.threads,
+            methods,
+            {**settings, **levers},
+            budgets or BUDGETS,
+            args.seed,
+        )
         if old.is_file() and not args.quick:
             res["before"] = before_of(json.loads(old.read_text(encoding="utf-8")))
             res["targets"] = targets(res)  # with the before / now ratios

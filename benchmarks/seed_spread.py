@@ -1,21 +1,23 @@
-"""CoA-LoRA against a per-configuration LoRA at 2.5 bits on SmolLM2, once per seed.
+"""CoA-LoRA against a per-configuration LoRA at one budget, once per seed.
 
-The full comparison (``benchmarks.baselines``) trains each method once, on one seed. At
-2.5 bits its ratio sits near its target, and the same recipe gave 53.3 on 2 threads and
-51.4 on 1 thread. This runs just those two methods at that budget in the full comparison's
-settings, once per seed, and reports the median ratio. The seed changes the split, the
-initialisation and the draws. Calibration, the cost table and the search change with it.
+The full comparison (``benchmarks.baselines``) trains each method once, on one seed. Where its
+figure sits near its target (SmolLM2 at 2.5 bits: the same recipe gave 53.3 on 2 threads and
+51.4 on 1 thread; MiniLM at 6 bits: 2 articles of 320 below), this runs just those two
+methods at that budget in the full comparison's settings, once per seed, and reports the
+median. The seed changes the split, the initialisation and the draws. Calibration, the cost
+table and the search change with it.
 
     python -m benchmarks.seed_spread --threads 2 --seeds 1,2 --with-full-run --shared
     python -m benchmarks.seed_spread --threads 2 --seeds 3 --add   # one more seed
     python -m benchmarks.seed_spread --threads 2 --seeds 2 --add --shared  # Shared-LoRA for seed 2
+    python -m benchmarks.seed_spread --model minilm --threads 2 --seeds 1,2 --with-full-run
 
-``--with-full-run`` adds seed 0 from the committed ``baselines_smollm2.json``. It is taken
+``--with-full-run`` adds seed 0 from the committed ``baselines_<model>.json``. It is taken
 only when that run's settings, recipe and threads are the ones this run uses. ``--shared``
-trains Shared-LoRA too (the issue's other 2.5-bit target is 5% below it); with ``--add``, a
+trains Shared-LoRA too (SmolLM2's other 2.5-bit target is 5% below it); with ``--add``, a
 seed already committed trains Shared-LoRA alone, on the same allocation, into its row. It writes
-benchmarks/results/seed_spread.{md,json} after every seed, so an interrupted run keeps the
-seeds it finished.
+benchmarks/results/seed_spread_<model>.{md,json} after every seed, so an interrupted run keeps
+the seeds it finished.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.baselines import EVAL_BATCHES, LEVERS_BEFORE, SETTINGS, levers_of
@@ -38,17 +41,33 @@ from benchmarks.common import (
     write_result,
 )
 
-STEM = "seed_spread"
-MODEL = "smollm2"
-BUDGET = 2.5
+# The budget each model's seeds run at: where its full comparison sits nearest its target
+# against a per-configuration LoRA (SmolLM2: a ratio of perplexities, at most 1.03; MiniLM:
+# accuracy points, at most 0.5 below), and how that target reads.
+BUDGETS: dict[str, float] = {"smollm2": 2.5, "minilm": 6.0}
+METRICS: dict[str, str] = {"smollm2": "perplexity", "minilm": "accuracy"}
+MAX_RATIO = 1.03  # perplexity: CoA-LoRA / per-configuration LoRA
+MIN_POINTS = -0.5  # accuracy: CoA-LoRA - per-configuration LoRA, in points
 METHODS = ("coa-lora", "per-config-lora")
 SHARED = "shared-lora"
-FULL_RUN = RESULTS / f"baselines_{MODEL}.json"
 
 
-def row_of(res: dict[str, Any], seed: int, source: str) -> dict[str, Any]:
-    """One seed's figures at ``BUDGET`` from a ``benchmarks.baselines`` result."""
-    i = res["budgets"].index(BUDGET)
+def stem_of(model: str) -> str:
+    return f"seed_spread_{model}"
+
+
+def full_run_of(model: str) -> Path:
+    return RESULTS / f"baselines_{model}.json"
+
+
+def compare(metric: str, coa: float, per: float) -> float:
+    """The figure the target reads: perplexity's ratio, or accuracy's gap in points."""
+    return coa / per if metric == "perplexity" else 100.0 * (coa - per)
+
+
+def row_of(res: dict[str, Any], budget: float, seed: int, source: str) -> dict[str, Any]:
+    """One seed's figures at ``budget`` from a ``benchmarks.baselines`` result."""
+    i = res["budgets"].index(budget)
     coa = res["curves"]["coa-lora"][i][1]
     per = res["curves"]["per-config-lora"][i][1]
     secs = res["train_seconds"]
@@ -58,17 +77,16 @@ def row_of(res: dict[str, Any], seed: int, source: str) -> dict[str, Any]:
         "bits": res["bits"][i],
         "coa_lora": coa,
         "per_config_lora": per,
-        "ratio": coa / per,
         "coa_train_s": secs["coa-lora"],
         # a full run trains one per budget: the one at this budget's share
         "per_config_train_s": secs["per-config-lora"] / len(res["budgets"]),
-        **(shared_of(res, source) if SHARED in res["curves"] else {}),
+        **(shared_of(res, budget, source) if SHARED in res["curves"] else {}),
     }
 
 
-def shared_of(res: dict[str, Any], source: str) -> dict[str, Any]:
-    """Shared-LoRA's figures at ``BUDGET`` from a ``benchmarks.baselines`` result."""
-    i = res["budgets"].index(BUDGET)
+def shared_of(res: dict[str, Any], budget: float, source: str) -> dict[str, Any]:
+    """Shared-LoRA's figures at ``budget`` from a ``benchmarks.baselines`` result."""
+    i = res["budgets"].index(budget)
     return {
         "shared_lora": res["curves"][SHARED][i][1],
         "shared_train_s": res["train_seconds"][SHARED],
@@ -81,14 +99,14 @@ def full_run_source(full: dict[str, Any]) -> str:
     return f"`{full['command']}`"
 
 
-def comparable(full: dict[str, Any], threads: int | None) -> str | None:
+def comparable(model: str, full: dict[str, Any], threads: int | None) -> str | None:
     """Why the committed full run cannot stand for seed 0 of this run (None: it can)."""
     from coalora.export.options import ExportOptions
 
     # a lever a run does not record did not exist yet: it ran as the lever's "off" value
     s = {**full["settings"], "levers": {**LEVERS_BEFORE, **full["settings"].get("levers", {})}}
-    opts = ExportOptions.for_model(MODEL, out="unused", **SETTINGS[MODEL])
-    wanted = {**SETTINGS[MODEL], "threads": threads, "levers": levers_of(opts)}
+    opts = ExportOptions.for_model(model, out="unused", **SETTINGS[model])
+    wanted = {**SETTINGS[model], "threads": threads, "levers": levers_of(opts)}
     for key, value in wanted.items():
         if s.get(key) != value:
             return f"its {key} is {s.get(key)!r}, this run's {value!r}"
@@ -98,67 +116,103 @@ def comparable(full: dict[str, Any], threads: int | None) -> str | None:
 
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
-    rows = res["rows"]
-    ratios = [r["ratio"] for r in rows]
+    rows, metric = res["rows"], res["metric_name"]
+    per_seed = {str(r["seed"]): compare(metric, r["coa_lora"], r["per_config_lora"]) for r in rows}
+    values = list(per_seed.values())
     with_shared = [r for r in rows if "shared_lora" in r]
-    over_shared = {str(r["seed"]): r["coa_lora"] / r["shared_lora"] for r in with_shared}
+    if metric == "perplexity":
+        over_shared = {str(r["seed"]): r["coa_lora"] / r["shared_lora"] for r in with_shared}
+        return {
+            "model": res["model"],
+            "budget": res["budget"],
+            "seeds": [r["seed"] for r in rows],
+            "coa_over_per_config": per_seed,
+            "median_coa_over_per_config": median(values),
+            "ratio_range": [min(values), max(values)] if values else [],
+            "coa_perplexity": {str(r["seed"]): r["coa_lora"] for r in rows},
+            "per_config_perplexity": {str(r["seed"]): r["per_config_lora"] for r in rows},
+            "coa_over_shared": over_shared,
+            "median_coa_over_shared": median(list(over_shared.values())) if over_shared else None,
+            "shared_perplexity": {str(r["seed"]): r["shared_lora"] for r in with_shared},
+        }
     return {
-        "budget": BUDGET,
+        "model": res["model"],
+        "budget": res["budget"],
         "seeds": [r["seed"] for r in rows],
-        "coa_over_per_config": {str(r["seed"]): r["ratio"] for r in rows},
-        "median_coa_over_per_config": median(ratios),
-        "ratio_range": [min(ratios), max(ratios)] if ratios else [],
-        "coa_perplexity": {str(r["seed"]): r["coa_lora"] for r in rows},
-        "per_config_perplexity": {str(r["seed"]): r["per_config_lora"] for r in rows},
-        "coa_over_shared": over_shared,
-        "median_coa_over_shared": median(list(over_shared.values())) if over_shared else None,
-        "shared_perplexity": {str(r["seed"]): r["shared_lora"] for r in with_shared},
+        "coa_minus_per_config_points": per_seed,
+        "median_coa_minus_per_config_points": median(values),
+        "points_range": [min(values), max(values)] if values else [],
+        "coa_accuracy": {str(r["seed"]): r["coa_lora"] for r in rows},
+        "per_config_accuracy": {str(r["seed"]): r["per_config_lora"] for r in rows},
+        "coa_minus_shared_points": {
+            str(r["seed"]): 100.0 * (r["coa_lora"] - r["shared_lora"]) for r in with_shared
+        },
+        "shared_accuracy": {str(r["seed"]): r["shared_lora"] for r in with_shared},
     }
 
 
 def report(res: dict[str, Any]) -> str:
-    s = res["summary"]
+    s, model, metric = res["summary"], res["model"], res["metric_name"]
+    ppl = metric == "perplexity"
+    what = "/" if ppl else "against"
+    cmp_head = "ratio" if ppl else "CoA - per-configuration (points)"
+    shared_head = "CoA / Shared" if ppl else "CoA - Shared (points)"
+    per_seed = s["coa_over_per_config"] if ppl else s["coa_minus_per_config_points"]
+    vs_shared = s["coa_over_shared"] if ppl else s["coa_minus_shared_points"]
+
+    def val(v: float) -> str:
+        return f"{v:.2f}" if ppl else f"{100 * v:.2f}"
+
+    def cmp(v: float) -> str:
+        return f"{v:.3f}" if ppl else f"{v:+.2f}"
+
     lines = [
-        f"# CoA-LoRA / per-configuration LoRA at {BUDGET:g} bits on {MODEL}, per seed",
+        f"# CoA-LoRA {what} per-configuration LoRA at {res['budget']:g} bits on {model}, per seed",
         "",
-        f"Both methods in `benchmarks.baselines`' settings for {MODEL} ({res['threads']} "
+        f"Both methods in `benchmarks.baselines`' settings for {model} ({res['threads']} "
         "threads), at the optimal allocation of the budget, on the held-out batches the "
-        "search never selected by. The seed sets the split, the initialisation and the draws.",
+        f"search never selected by ({metric}). The seed sets the split, the initialisation and "
+        "the draws.",
         "",
         *machine_md(res["machine"], res["command"], res["wall_s"], res.get("machine_note")),
         "",
-        "| seed | from | bits | CoA-LoRA | per-configuration LoRA | ratio | "
-        "CoA-LoRA s | per-configuration s | Shared-LoRA | CoA / Shared | Shared s |",
+        f"| seed | from | bits | CoA-LoRA | per-configuration LoRA | {cmp_head} | "
+        f"CoA-LoRA s | per-configuration s | Shared-LoRA | {shared_head} | Shared s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
+        seed = str(r["seed"])
         shared = ["–"] * 3
         if "shared_lora" in r:
-            shared = [
-                f"{r['shared_lora']:.2f}",
-                f"{s['coa_over_shared'][str(r['seed'])]:.3f}",
-                f"{r['shared_train_s']:.0f}",
-            ]
+            shared = [val(r["shared_lora"]), cmp(vs_shared[seed]), f"{r['shared_train_s']:.0f}"]
             if r["shared_from"] != r["source"]:
                 shared[0] += f" (from {r['shared_from']})"
         lines.append(
-            f"| {r['seed']} | {r['source']} | {r['bits']:.2f} | {r['coa_lora']:.2f} | "
-            f"{r['per_config_lora']:.2f} | {r['ratio']:.3f} | {r['coa_train_s']:.0f} | "
+            f"| {r['seed']} | {r['source']} | {r['bits']:.2f} | {val(r['coa_lora'])} | "
+            f"{val(r['per_config_lora'])} | {cmp(per_seed[seed])} | {r['coa_train_s']:.0f} | "
             f"{r['per_config_train_s']:.0f} | {' | '.join(shared)} |"
         )
-    if res["rows"]:
+    n = len(res["rows"])
+    if n and ppl:
         lo, hi = s["ratio_range"]
-        mid = s["median_coa_over_per_config"]
         lines += [
             "",
-            f"Median ratio over {len(res['rows'])} seeds: **{mid:.3f}** (range {lo:.3f} to "
-            f"{hi:.3f}; the issue's target is at most 1.03).",
+            f"Median ratio over {n} seeds: **{s['median_coa_over_per_config']:.3f}** (range "
+            f"{lo:.3f} to {hi:.3f}; the issue's target is at most {MAX_RATIO:g}).",
         ]
-    if s["coa_over_shared"]:
-        n = len(s["coa_over_shared"])
+    elif n:
+        lo, hi = s["points_range"]
         lines += [
             "",
-            f"Against Shared-LoRA, over the {n} seed{'s' if n > 1 else ''} it was trained on: "
+            f"Median over {n} seeds: CoA-LoRA **{s['median_coa_minus_per_config_points']:+.2f}** "
+            f"accuracy points against the per-configuration LoRA (range {lo:+.2f} to "
+            f"{hi:+.2f}; the issue's target is at least {MIN_POINTS:+g}).",
+        ]
+    if ppl and s["coa_over_shared"]:
+        k = len(s["coa_over_shared"])
+        lines += [
+            "",
+            f"Against Shared-LoRA, over the {k} seed{'s' if k > 1 else ''} it was trained on: "
             f"median CoA-LoRA / Shared-LoRA **{s['median_coa_over_shared']:.3f}** (the "
             "issue's target is at most 0.95, 5% below).",
         ]
@@ -167,22 +221,32 @@ def report(res: dict[str, Any]) -> str:
 
 def write(res: dict[str, Any]) -> None:
     res = {**res, "summary": summary(res)}
-    write_result(STEM, res, report(res))
+    write_result(stem_of(res["model"]), res, report(res))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = report_only_parser(__doc__)
+    p.add_argument(
+        "--model",
+        choices=sorted(BUDGETS),
+        default="smollm2",
+        help="whose full comparison to spread: "
+        + ", ".join(f"{m} at {b:g} bits" for m, b in BUDGETS.items())
+        + " [smollm2]",
+    )
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds to run [1,2]")
     p.add_argument("--threads", type=int, default=2, help="torch threads [2, as the full run]")
     p.add_argument(
         "--with-full-run",
         action="store_true",
-        help=f"add seed 0 from the committed {FULL_RUN.name} (same settings and threads only)",
+        help="add seed 0 from the committed baselines_<model>.json (same settings and threads "
+        "only)",
     )
     p.add_argument(
         "--add",
         action="store_true",
-        help=f"keep the seeds of the committed {STEM}.json (same threads) and add these",
+        help="keep the seeds of the committed seed_spread_<model>.json (same threads) and add "
+        "these",
     )
     p.add_argument(
         "--shared",
@@ -191,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--machine-note", help="how the machine was loaded during the run")
     args = p.parse_args(argv)
+    model, budget = args.model, BUDGETS[args.model]
+    stem, full_run = stem_of(model), full_run_of(model)
     if args.report_only:
-        write(read_result(RESULTS / f"{STEM}.json"))
+        write(read_result(RESULTS / f"{stem}.json"))
         return 0
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -208,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     kept_wall_s = 0.0
     if args.add:
-        earlier = read_result(RESULTS / f"{STEM}.json")
+        earlier = read_result(RESULTS / f"{stem}.json")
         if earlier["threads"] != args.threads:
             print(
                 f"error: --add: the committed run used {earlier['threads']} threads, this one "
@@ -217,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         earlier_cmd = f"`{earlier['command']}`"
-        full = read_result(FULL_RUN) if args.shared else None
+        full = read_result(full_run) if args.shared else None
         for r in earlier["rows"]:
             r = {k: earlier_cmd if v == "this run" else v for k, v in r.items()}
             if full and "shared_lora" not in r and r["source"] == full_run_source(full):
-                r.update(shared_of(full, r["source"]))  # the full run trained it
+                r.update(shared_of(full, budget, r["source"]))  # the full run trained it
             rows.append(r)
         # a committed seed may come back only to add its missing Shared-LoRA
         taken = [
@@ -231,23 +297,26 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if taken:
             what = " with Shared-LoRA" if args.shared else ""
-            print(f"error: --add: seeds {taken} are already in {STEM}.json{what}", file=sys.stderr)
+            print(f"error: --add: seeds {taken} are already in {stem}.json{what}", file=sys.stderr)
             return 2
         kept_wall_s = earlier["wall_s"]
     if args.with_full_run and not any(r["seed"] == 0 for r in rows):
-        full = read_result(FULL_RUN)
-        why = comparable(full, args.threads)
+        full = read_result(full_run)
+        why = comparable(model, full, args.threads)
         if why:
-            print(f"error: {FULL_RUN.name} cannot stand for seed 0: {why}", file=sys.stderr)
+            print(f"error: {full_run.name} cannot stand for seed 0: {why}", file=sys.stderr)
             return 2
         if 0 in seeds:
             print("error: --with-full-run is seed 0: leave 0 out of --seeds", file=sys.stderr)
             return 2
-        rows.append(row_of(full, 0, full_run_source(full)))
+        rows.append(row_of(full, budget, 0, full_run_source(full)))
     res: dict[str, Any] = {
+        "model": model,
+        "budget": budget,
+        "metric_name": METRICS[model],
         "rows": rows,
         "threads": args.threads,
-        "eval_batches": EVAL_BATCHES[MODEL],
+        "eval_batches": EVAL_BATCHES[model],
         "command": ("python -m benchmarks.seed_spread " + " ".join(argv or sys.argv[1:])).strip(),
         "machine": machine(),
         "wall_s": kept_wall_s,
@@ -258,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         row = next((r for r in rows if r["seed"] == seed), None)
         if row is not None:  # a committed seed: Shared-LoRA alone, on the same allocation
-            out = run_baselines(MODEL, False, args.threads, (SHARED,), None, (BUDGET,), seed)
+            out = run_baselines(model, False, args.threads, (SHARED,), None, (budget,), seed)
             if abs(out["bits"][0] - row["bits"]) > 1e-9:
                 print(
                     f"error: seed {seed}: Shared-LoRA's allocation has {out['bits'][0]} bits, "
@@ -266,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            row.update(shared_of(out, "this run"))
+            row.update(shared_of(out, budget, "this run"))
         else:
             methods = (*METHODS, SHARED) if args.shared else METHODS
-            out = run_baselines(MODEL, False, args.threads, methods, None, (BUDGET,), seed)
-            rows.append(row_of(out, seed, "this run"))
+            out = run_baselines(model, False, args.threads, methods, None, (budget,), seed)
+            rows.append(row_of(out, budget, seed, "this run"))
         res["wall_s"] = kept_wall_s + time.perf_counter() - t0
         write(res)  # after every seed: an interrupted run keeps what it finished
         print(f"[seed_spread] seed {seed} done", flush=True)

@@ -79,7 +79,7 @@ SUMMARIES = {
     "zero_points": "zero_points",
     "head_bits": "head_bits",
     "configured_head": "configured_head",
-    "seed_spread": "seed_spread",
+    "seed_spread_smollm2": "seed_spread",
     "lora_cost": "lora_cost",
 }
 
@@ -131,10 +131,11 @@ def test_head_bits_report_and_its_measures() -> None:
     assert agreeing_prefix([5], [1, 2]) == 0
 
 
-def test_seed_spread_report() -> None:
+@pytest.mark.parametrize("stem", sorted(p.stem for p in RESULTS.glob("seed_spread_*.json")))
+def test_seed_spread_report(stem: str) -> None:
     from benchmarks.seed_spread import report
 
-    assert report(_json("seed_spread")) == (RESULTS / "seed_spread.md").read_text(encoding="utf-8")
+    assert report(_json(stem)) == (RESULTS / f"{stem}.md").read_text(encoding="utf-8")
 
 
 def test_seed_spread_adds_shared_lora_to_committed_seeds(tmp_path: Path, monkeypatch) -> None:
@@ -144,9 +145,10 @@ def test_seed_spread_adds_shared_lora_to_committed_seeds(tmp_path: Path, monkeyp
     import benchmarks.seed_spread as ss
 
     keys = ("shared_lora", "shared_train_s", "shared_from")
-    earlier = _json("seed_spread")
+    earlier = _json("seed_spread_smollm2")
     earlier["rows"] = [{k: v for k, v in r.items() if k not in keys} for r in earlier["rows"]]
-    (tmp_path / "seed_spread.json").write_text(json.dumps(earlier), encoding="utf-8")
+    (tmp_path / "seed_spread_smollm2.json").write_text(json.dumps(earlier), encoding="utf-8")
+    shutil.copy(RESULTS / "baselines_smollm2.json", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(ss, "RESULTS", tmp_path)
     bits = {r["seed"]: r["bits"] for r in earlier["rows"]}
@@ -167,11 +169,11 @@ def test_seed_spread_adds_shared_lora_to_committed_seeds(tmp_path: Path, monkeyp
     assert ss.main(["--seeds", "2", "--add"]) == 2  # already there, nothing to add
     fake_run.shift = 0.01  # another allocation: not the committed row's
     assert ss.main(["--seeds", "2", "--add", "--shared"]) == 2
-    assert json.loads((tmp_path / "seed_spread.json").read_text()) == earlier
+    assert json.loads((tmp_path / "seed_spread_smollm2.json").read_text()) == earlier
     fake_run.shift = 0.0
     assert ss.main(["--seeds", "2", "--add", "--shared"]) == 0
     assert calls[-1] == (("shared-lora",), 2)
-    res = json.loads((tmp_path / "seed_spread.json").read_text())
+    res = json.loads((tmp_path / "seed_spread_smollm2.json").read_text())
     rows = {r["seed"]: r for r in res["rows"]}
     full = _json("baselines_smollm2")
     assert rows[0]["shared_lora"] == full["curves"]["shared-lora"][0][1]
@@ -181,6 +183,49 @@ def test_seed_spread_adds_shared_lora_to_committed_seeds(tmp_path: Path, monkeyp
     assert ss.main(["--seeds", "2", "--add", "--shared"]) == 2  # nothing left to add
     assert ss.main(["--seeds", "5", "--add", "--shared"]) == 0  # a new seed trains all three
     assert calls[-1] == (("coa-lora", "per-config-lora", "shared-lora"), 5)
+
+
+def test_seed_spread_on_minilm_reads_accuracy_points(tmp_path: Path, monkeypatch) -> None:
+    """MiniLM's seeds run at 6 bits and compare in accuracy points (its target is at most 0.5
+    below the per-configuration LoRA), seed 0 coming from the committed full run."""
+    import benchmarks.common as common
+    import benchmarks.seed_spread as ss
+
+    shutil.copy(RESULTS / "baselines_minilm.json", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    calls: list[tuple[str, tuple[float, ...], int]] = []
+
+    def fake_run(model, quick, threads, methods, levers, budgets, seed):  # noqa: ANN001
+        calls.append((model, tuple(budgets), seed))
+        acc = {"coa-lora": 0.96875, "per-config-lora": 0.975}  # 310 and 312 of 320
+        return {
+            "budgets": list(budgets),
+            "bits": [6.0],
+            "curves": {m: [(budgets[0], acc[m])] for m in methods},
+            "train_seconds": {m: 10.0 for m in methods},
+        }
+
+    monkeypatch.setattr(ss, "run_baselines", fake_run)
+    assert ss.main(["--model", "minilm", "--seeds", "0", "--with-full-run"]) == 2  # seed 0 twice
+    assert not (tmp_path / "seed_spread_minilm.json").exists()
+    assert ss.main(["--model", "minilm", "--seeds", "1", "--with-full-run"]) == 0
+    assert calls == [("minilm", (6.0,), 1)]
+    res = json.loads((tmp_path / "seed_spread_minilm.json").read_text())
+    s = res["summary"]
+    full = _json("baselines_minilm")["summary"]["metric"]
+    i = _json("baselines_minilm")["budgets"].index(6.0)
+    assert s["coa_minus_per_config_points"]["0"] == pytest.approx(
+        100 * (full["coa-lora"][i] - full["per-config-lora"][i])
+    )
+    assert s["coa_minus_per_config_points"]["1"] == pytest.approx(-0.625)
+    assert s["median_coa_minus_per_config_points"] == pytest.approx(
+        (s["coa_minus_per_config_points"]["0"] - 0.625) / 2
+    )
+    assert "coa_over_per_config" not in s
+    md = (tmp_path / "seed_spread_minilm.md").read_text()
+    assert "| 1 | this run | 6.00 | 96.88 | 97.50 | -0.62 |" in md
+    assert ss.report(res) == md
 
 
 def test_lora_cost_report() -> None:
@@ -282,7 +327,7 @@ def test_quantizer_quality_keeps_only_comparable_rows(tmp_path: Path, monkeypatc
 
 
 def test_baselines_probe_flags_are_typed_and_never_replace_the_committed_report() -> None:
-    from benchmarks.baselines import main, parse_levers
+    from benchmarks.baselines import main, parse_budgets, parse_levers, parse_settings
 
     assert parse_levers(["sampler=floor", "theta_lr_scale=5"]) == {
         "sampler": "floor",
@@ -291,10 +336,26 @@ def test_baselines_probe_flags_are_typed_and_never_replace_the_committed_report(
     for bad in ("sampler", "nope=1", "theta_lr_scale=fast"):
         with pytest.raises(ValueError, match="--lever"):
             parse_levers([bad])
+    assert parse_settings("smollm2", ["steps_per_epoch=0", "val_fraction=0.2"]) == {
+        "steps_per_epoch": 0,
+        "val_fraction": 0.2,
+    }
+    for bad in ("steps_per_epoch", "quantizer=gptq", "steps=many"):  # levers go by --lever
+        with pytest.raises(ValueError, match="--setting"):
+            parse_settings("smollm2", [bad])
+    assert parse_budgets("2.5,4") == (2.5, 4.0) and parse_budgets(None) == ()
+    for bad in ("", "2.5,2.5", "0", "-3", "nan", "inf", "3bits"):
+        with pytest.raises(ValueError, match="--budgets"):
+            parse_budgets(bad)
     committed = (RESULTS / "baselines_smollm2.json").read_bytes()
     for argv in (
         ["--model", "smollm2", "--lever", "sampler=floor"],
         ["--model", "smollm2", "--methods", "coa-lora"],
+        ["--model", "smollm2", "--setting", "steps_per_epoch=0"],
+        ["--model", "smollm2", "--seed", "2"],
+        ["--model", "smollm2", "--budgets", "2.5"],
+        ["--model", "smollm2", "--seed", "-1", "--out-dir", "/nonexistent"],
+        ["--model", "smollm2", "--budgets", "x", "--out-dir", "/nonexistent"],
         ["--model", "smollm2", "--methods", "coa-lora,nope", "--out-dir", "/nonexistent"],
     ):
         with pytest.raises(SystemExit) as exc:
