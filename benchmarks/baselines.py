@@ -157,38 +157,32 @@ LEVERS_BEFORE: dict[str, Any] = dict(
 )
 
 
-def parse_levers(pairs: list[str]) -> dict[str, Any]:
-    """``name=value`` pairs of quality levers, each value typed like the lever's default."""
+def parse_pairs(flag: str, defaults: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs given to ``flag``, each name one of ``defaults`` and each value
+    typed like its default."""
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
-        if not sep or name not in LEVERS_BEFORE:
+        if not sep or name not in defaults:
             raise ValueError(
-                f"--lever {pair!r}: expected NAME=VALUE, NAME one of {', '.join(LEVERS_BEFORE)}"
+                f"{flag} {pair!r}: expected NAME=VALUE, NAME one of {', '.join(defaults)}"
             )
-        kind = type(LEVERS_BEFORE[name])
+        kind = type(defaults[name])
         try:
             out[name] = kind(text)
         except ValueError:
-            raise ValueError(f"--lever {pair!r}: {text!r} is not a {kind.__name__}") from None
+            raise ValueError(f"{flag} {pair!r}: {text!r} is not a {kind.__name__}") from None
     return out
+
+
+def parse_levers(pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs of quality levers, each value typed like the lever's default."""
+    return parse_pairs("--lever", LEVERS_BEFORE, pairs)
 
 
 def parse_settings(model: str, pairs: list[str]) -> dict[str, Any]:
     """``name=value`` overrides of ``SETTINGS[model]``, each value typed like the setting."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or name not in SETTINGS[model]:
-            raise ValueError(
-                f"--setting {pair!r}: expected NAME=VALUE, NAME one of {', '.join(SETTINGS[model])}"
-            )
-        kind = type(SETTINGS[model][name])
-        try:
-            out[name] = kind(text)
-        except ValueError:
-            raise ValueError(f"--setting {pair!r}: {text!r} is not a {kind.__name__}") from None
-    return out
+    return parse_pairs("--setting", SETTINGS[model], pairs)
 
 
 def parse_budgets(text: str | None) -> tuple[float, ...]:

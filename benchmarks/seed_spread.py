@@ -48,6 +48,20 @@ BUDGETS: dict[str, float] = {"smollm2": 2.5, "minilm": 6.0}
 METRICS: dict[str, str] = {"smollm2": "perplexity", "minilm": "accuracy"}
 MAX_RATIO = 1.03  # perplexity: CoA-LoRA / per-configuration LoRA
 MIN_POINTS = -0.5  # accuracy: CoA-LoRA - per-configuration LoRA, in points
+# the summary's names for CoA-LoRA against per-configuration LoRA, their range, and CoA-LoRA
+# against Shared-LoRA: ``compare``'s figure for each metric
+NAMES: dict[str, dict[str, str]] = {
+    "perplexity": {
+        "vs": "coa_over_per_config",
+        "range": "ratio_range",
+        "vs_shared": "coa_over_shared",
+    },
+    "accuracy": {
+        "vs": "coa_minus_per_config_points",
+        "range": "points_range",
+        "vs_shared": "coa_minus_shared_points",
+    },
+}
 METHODS = ("coa-lora", "per-config-lora")
 SHARED = "shared-lora"
 
@@ -117,38 +131,28 @@ def comparable(model: str, full: dict[str, Any], threads: int | None) -> str | N
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
     rows, metric = res["rows"], res["metric_name"]
-    per_seed = {str(r["seed"]): compare(metric, r["coa_lora"], r["per_config_lora"]) for r in rows}
-    values = list(per_seed.values())
+    names = NAMES[metric]
     with_shared = [r for r in rows if "shared_lora" in r]
-    if metric == "perplexity":
-        over_shared = {str(r["seed"]): r["coa_lora"] / r["shared_lora"] for r in with_shared}
-        return {
-            "model": res["model"],
-            "budget": res["budget"],
-            "seeds": [r["seed"] for r in rows],
-            "coa_over_per_config": per_seed,
-            "median_coa_over_per_config": median(values),
-            "ratio_range": [min(values), max(values)] if values else [],
-            "coa_perplexity": {str(r["seed"]): r["coa_lora"] for r in rows},
-            "per_config_perplexity": {str(r["seed"]): r["per_config_lora"] for r in rows},
-            "coa_over_shared": over_shared,
-            "median_coa_over_shared": median(list(over_shared.values())) if over_shared else None,
-            "shared_perplexity": {str(r["seed"]): r["shared_lora"] for r in with_shared},
-        }
-    return {
+    vs = {str(r["seed"]): compare(metric, r["coa_lora"], r["per_config_lora"]) for r in rows}
+    vs_shared = {
+        str(r["seed"]): compare(metric, r["coa_lora"], r["shared_lora"]) for r in with_shared
+    }
+    values = list(vs.values())
+    out: dict[str, Any] = {
         "model": res["model"],
         "budget": res["budget"],
         "seeds": [r["seed"] for r in rows],
-        "coa_minus_per_config_points": per_seed,
-        "median_coa_minus_per_config_points": median(values),
-        "points_range": [min(values), max(values)] if values else [],
-        "coa_accuracy": {str(r["seed"]): r["coa_lora"] for r in rows},
-        "per_config_accuracy": {str(r["seed"]): r["per_config_lora"] for r in rows},
-        "coa_minus_shared_points": {
-            str(r["seed"]): 100.0 * (r["coa_lora"] - r["shared_lora"]) for r in with_shared
-        },
-        "shared_accuracy": {str(r["seed"]): r["shared_lora"] for r in with_shared},
+        names["vs"]: vs,
+        f"median_{names['vs']}": median(values),
+        names["range"]: [min(values), max(values)] if values else [],
+        f"coa_{metric}": {str(r["seed"]): r["coa_lora"] for r in rows},
+        f"per_config_{metric}": {str(r["seed"]): r["per_config_lora"] for r in rows},
+        names["vs_shared"]: vs_shared,
+        f"shared_{metric}": {str(r["seed"]): r["shared_lora"] for r in with_shared},
     }
+    if metric == "perplexity":  # SmolLM2's other 2.5-bit target is against Shared-LoRA
+        out["median_coa_over_shared"] = median(list(vs_shared.values())) if vs_shared else None
+    return out
 
 
 def report(res: dict[str, Any]) -> str:
@@ -157,8 +161,7 @@ def report(res: dict[str, Any]) -> str:
     what = "/" if ppl else "against"
     cmp_head = "ratio" if ppl else "CoA - per-configuration (points)"
     shared_head = "CoA / Shared" if ppl else "CoA - Shared (points)"
-    per_seed = s["coa_over_per_config"] if ppl else s["coa_minus_per_config_points"]
-    vs_shared = s["coa_over_shared"] if ppl else s["coa_minus_shared_points"]
+    per_seed, vs_shared = s[NAMES[metric]["vs"]], s[NAMES[metric]["vs_shared"]]
 
     def val(v: float) -> str:
         return f"{v:.2f}" if ppl else f"{100 * v:.2f}"
