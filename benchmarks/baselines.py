@@ -154,6 +154,7 @@ LEVERS_BEFORE: dict[str, Any] = dict(
     train_range="space",
     theta_lr_scale=1.0,
     theta_anchor="none",
+    low_bit_rank=0,
 )
 
 

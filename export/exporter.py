@@ -184,7 +184,7 @@ def _base_tensors(model: CoALoRAModel, lm_head: QuantOption | None) -> dict[str,
     tied = bool(getattr(model.base.config, "tie_word_embeddings", False))
     out: dict[str, np.ndarray] = {}
     for key, value in model.base.state_dict().items():
-        if key in skip or key.endswith((".lora_A", ".lora_B")):
+        if key in skip or key.rpartition(".")[2].startswith("lora_"):
             continue
         if key == tensor_name(LM_HEAD, "weight") and (tied or lm_head is not None):
             continue
@@ -240,6 +240,10 @@ def export_bundle(
     """Write ``model``'s bundle to ``out_dir``; nothing is left behind if anything fails."""
     if not pareto.entries:
         raise ValueError("the Pareto set is empty: nothing to ship")
+    if model.cfg.low_bit_rank:
+        raise ValueError(
+            "a low-bit pair (low_bit_rank) is a training probe: bundles cannot hold it"
+        )
     # a configured head: the options the stored configurations name, the default among them
     named = {e.config.head for e in pareto.entries} - {None}
     space = model.space

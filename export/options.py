@@ -108,6 +108,13 @@ class ExportOptions:
         "cheapest configuration of the starting training set, which then runs the shared "
         "LoRA alone).",
     )
+    # A probe of capacity at the floor, not in bundles yet: the runtime folds one rank-r pair
+    # per matrix, so ``run_export`` refuses it (benchmarks.baselines --lever measures it).
+    low_bit_rank: int = _opt(
+        0,
+        "Extra LoRA rank, in a pair of its own, for the matrices a configuration puts at the "
+        "space's lowest bit-width (0: none). Training only: bundles do not carry it.",
+    )
     chat_texts: int = _opt(
         0,
         "Conversations the shipped model writes itself (a sampled question, its greedy "
@@ -255,6 +262,7 @@ class ExportOptions:
             distill_weight=self.distill_weight,
             theta_lr_scale=self.theta_lr_scale,
             theta_anchor=self.theta_anchor,
+            low_bit_rank=self.low_bit_rank,
             **overrides,
         )
 
@@ -292,6 +300,8 @@ class ExportOptions:
                 )
         if self.seq_len < 2:
             raise ExportError(f"seq-len must be >= 2, got {self.seq_len}")
+        if self.low_bit_rank < 0:
+            raise ExportError(f"low-bit-rank must be >= 0, got {self.low_bit_rank}")
         if self.steps_per_epoch < 0:
             raise ExportError(f"steps-per-epoch must be >= 0, got {self.steps_per_epoch}")
         if not 0 < self.val_fraction < 1:
@@ -429,6 +439,8 @@ class ExportOptions:
             skip.add("theta_lr_scale")
         if self.theta_anchor == "none":  # the only form before the lever: old work dirs match
             skip.add("theta_anchor")
+        if not self.low_bit_rank:  # off, as every run before the lever: their work dirs match
+            skip.add("low_bit_rank")
         if not self.chat_texts:  # off, its share changes nothing: earlier work dirs still match
             skip |= {"chat_texts", "chat_share"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, train
+from coalora.export.coa_lora import CoALoRAConfig, CoALoRAModel, init, train
 from coalora.export.coa_lora.distill import kl_to_teacher, teacher_topk
 from coalora.export.coa_lora.init import init_option
 from coalora.export.coa_lora.sampling import ConfigSampler
@@ -377,3 +377,81 @@ def test_theta_anchor_zeroes_u_at_the_floor_and_survives_save_export_and_resume(
     ):
         with pytest.raises(ExportError, match=match):
             ExportOptions.for_model("smollm2", "o", **bad).check()
+
+
+# -- a pair of its own at the lowest bit-width ---------------------------------------------------
+def test_low_bit_pair_runs_only_at_the_lowest_bits_and_starts_at_the_next_components(
+    tmp_path,
+) -> None:
+    space = _space()
+    low, mid = space.uniform(OPTIONS[0]), space.uniform(OPTIONS[1])
+    # no θ: the pair's own start draws from the seeded generator θ would start from next
+    cfg = CoALoRAConfig(rank=4, low_bit_rank=3, lora_init="residual", use_theta=False)
+    model = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+    plain = CoALoRAModel(
+        tiny_llama(), space, CoALoRAConfig(rank=4, lora_init="residual", use_theta=False)
+    )
+    name = model.adapted[0]
+    layer = model.layers[name]
+    # the residual's SVD continues into the pair: at 2 bits the start is its top r + r_low
+    w = layer.weight.detach().float()
+    d = init.input_weights(layer)
+    resid = (w - layer.quantized_weight(OPTIONS[0]).float()) * d
+    u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
+    best = (u[:, :7] * sv[:7]) @ vh[:7]
+    with torch.no_grad():
+        A, B = layer.folded_pair(OPTIONS[0])
+        torch.testing.assert_close(layer.scaling * (B @ A) * d, best, atol=1e-4, rtol=1e-4)
+        assert tuple(layer.folded_pair(OPTIONS[1])[0].shape) == (4, w.shape[1])
+    # the plain model's pair is the same top r: the low pair only adds
+    torch.testing.assert_close(plain.layers[name].lora_A, layer.lora_A)
+    ids = _lm_batches()(0)["input_ids"]
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        for config, same in ((mid, True), (low, False)):
+            model.set_configuration(config)
+            plain.set_configuration(config)
+            a, b = model(input_ids=ids).logits, plain(input_ids=ids).logits
+            assert torch.allclose(a, b, atol=1e-5) == same, config
+        for m in (model, plain):  # unquantized there is no error for the pair to hold
+            m.set_mode("fp")
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+        model.set_mode("quant")
+        # the plain LoRA ``adapter_for`` hands out is the one the forward runs
+        x = torch.randn(5, layer.in_features)
+        layer.option = OPTIONS[0]
+        A, B, s = model.adapter_for(low)[name]
+        assert A.shape[0] == 7 and B.shape[1] == 7
+        torch.testing.assert_close(
+            layer.lora_delta(x), s * (x @ torch.from_numpy(A).T) @ torch.from_numpy(B).T
+        )
+        assert model.adapter_for(mid)[name][0].shape[0] == 4
+    # trained, saved and loaded with the rest; only configurations with a 2-bit matrix move it
+    before = layer.lora_A_low.detach().clone()
+    train(model, _lm_batches(), [mid], steps=2, progress=False)
+    torch.testing.assert_close(layer.lora_A_low, before)
+    train(model, _lm_batches(), [low, mid], steps=2, out_dir=tmp_path / "run", progress=False)
+    assert not torch.equal(layer.lora_A_low, before)
+    model.save_adapter(tmp_path / "a.safetensors")
+    again = CoALoRAModel(tiny_llama(), space, cfg, kind="causal-lm")
+    again.load_adapter(tmp_path / "a.safetensors")
+    torch.testing.assert_close(again.layers[name].lora_B_low, layer.lora_B_low)
+    assert f"{name}.lora_A_low" in model.lora_state_dict()
+    # off by default, and old work directories keep their key; bundles refuse it
+    assert "low_bit_rank" not in ExportOptions.for_model("smollm2", "o").training_key()
+    assert "low_bit_rank" in ExportOptions.for_model("smollm2", "o", low_bit_rank=8).training_key()
+    with pytest.raises(ExportError, match="low-bit-rank"):
+        ExportOptions.for_model("smollm2", "o", low_bit_rank=-1).check()
+    with pytest.raises(ValueError, match="low_bit_rank"):
+        CoALoRAConfig(low_bit_rank=-2)
+
+
+def test_an_export_refuses_the_low_bit_pair_before_writing_anything(tmp_path) -> None:
+    from coalora.export.pipeline import run_export
+
+    out = tmp_path / "bundle"
+    opts = ExportOptions.for_model("smollm2", out, fast=True, low_bit_rank=4, work_dir=tmp_path)
+    with pytest.raises(ExportError, match="training probe"):
+        run_export(opts)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -65,6 +65,7 @@ def test_coalora_config_reads_the_export_defaults() -> None:
         "distill_weight",
         "theta_lr_scale",
         "theta_anchor",
+        "low_bit_rank",
     }
     cfg = CoALoRAConfig()
     for name in shared:

@@ -60,6 +60,9 @@ class CoALoRAConfig:
     # loss = (1 - w) * cross-entropy + w * KL(shipped weights' top-k || student) (``distill``)
     distill_weight: float = default_of("distill_weight")
     distill_topk: int = 32
+    # extra rank for the matrices at the space's lowest bit-width, in a pair of its own that
+    # only those run (``layer``); 0: none
+    low_bit_rank: int = default_of("low_bit_rank")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -83,6 +86,8 @@ class CoALoRAConfig:
             )
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.low_bit_rank < 0:
+            raise ValueError(f"low_bit_rank must be >= 0, got {self.low_bit_rank}")
         if self.distill_topk < 1:
             raise ValueError(f"distill_topk must be >= 1, got {self.distill_topk}")
         self.target_modules = tuple(self.target_modules)

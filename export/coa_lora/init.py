@@ -70,6 +70,13 @@ def residual_init(model: CoALoRAModel, option: QuantOption) -> None:
         root = (sv[:r] / s).sqrt()
         layer.lora_B.copy_(u[:, :r] * root)
         layer.lora_A.copy_(root[:, None] * vh[:r] / d)
+        if layer.lora_A_low is not None and layer.lora_B_low is not None:
+            # the next components: where the low-bit pair runs, the start is the top r + r_low
+            top = r + layer.lora_A_low.shape[0]
+            root = (sv[r:top] / s).sqrt()
+            k = root.shape[0]  # fewer when the matrix is narrower than r + r_low
+            layer.lora_B_low[:, :k] = u[:, r:top] * root
+            layer.lora_A_low[:k] = root[:, None] * vh[r:top] / d
 
 
 @torch.no_grad()

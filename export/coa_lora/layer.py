@@ -2,6 +2,10 @@
 
     y = x W_q^T + b + s * ((x A^T) (I + U)^T) B^T          ΔW = s B (I + U) A
 
+With ``low_rank`` > 0 a second pair (A_low [r_low, in], B_low [out, r_low]) of its own adds
+s * B_low A_low when the layer runs an option at ``low_bits`` (the space's lowest bit-width):
+capacity for the quantization error where it is largest, which the other options never run.
+
 ``W_q`` is the weight after ``coalora.export.quantizers`` (the same quantizer the bundle
 writer uses) and dequantization, i.e. exactly what the device's kernel multiplies by. Each
 option's dequantized weight is computed once and cached (in the base's dtype, on its device),
@@ -49,6 +53,8 @@ class QuantLoRALinear(nn.Module):
         importance: np.ndarray | None = None,
         method: str = "search",  # "gptq" needs ``hessian``
         hessian: Hessian | None = None,
+        low_rank: int = 0,
+        low_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = base.in_features
@@ -64,6 +70,15 @@ class QuantLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
+        if low_rank > 0 and low_bits is None:
+            raise ValueError("a low-bit pair needs low_bits, the bit-width that runs it")
+        self.low_bits = low_bits
+        self.lora_A_low: nn.Parameter | None = None
+        self.lora_B_low: nn.Parameter | None = None
+        if low_rank > 0:
+            self.lora_A_low = nn.Parameter(torch.empty(low_rank, self.in_features, device=dev))
+            self.lora_B_low = nn.Parameter(torch.zeros(self.out_features, low_rank, device=dev))
+            nn.init.kaiming_uniform_(self.lora_A_low, a=math.sqrt(5))
         self.importance = None if importance is None else np.asarray(importance, np.float32)
         self.method = method
         self.hessian = hessian  # E[x x^T] of the input, for the gptq quantizer
@@ -75,10 +90,23 @@ class QuantLoRALinear(nn.Module):
         self._codes: dict[QuantOption, MatMulNBitsWeights] = {}  # with ``keep_codes``
 
     def extra_repr(self) -> str:
+        low = "" if self.lora_A_low is None else f", r_low={self.lora_A_low.shape[0]}"
         return (
-            f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}{low}, "
             f"s={self.scaling:g}, option={self.option}, mode={self.mode}"
         )
+
+    def lora_pairs(self) -> dict[str, nn.Parameter]:
+        """The trained pairs by name: lora_A, lora_B and, with a low-bit pair, its two."""
+        pairs = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_A_low is not None and self.lora_B_low is not None:
+            pairs.update(lora_A_low=self.lora_A_low, lora_B_low=self.lora_B_low)
+        return pairs
+
+    def runs_low_pair(self, option: QuantOption | None = None) -> bool:
+        """Whether ``option`` (default: the layer's) runs the low-bit pair."""
+        option = self.option if option is None else option
+        return self.lora_A_low is not None and option is not None and option.bits == self.low_bits
 
     # -- quantized weights ----------------------------------------------------------------------
     @property
@@ -154,11 +182,15 @@ class QuantLoRALinear(nn.Module):
         return self.quantized_weight(self.option)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s * ((x A^T)(I + U)^T) B^T."""
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        """s * ((x A^T)(I + U)^T) B^T, plus s * (x A_low^T) B_low^T at the low bit-width."""
+        x = x.to(self.lora_A.dtype)
+        h = F.linear(x, self.lora_A)
         if self.U is not None:
             h = h + F.linear(h, self.U.to(h.dtype))
-        return (self.scaling * F.linear(h, self.lora_B)).to(x.dtype)
+        y = F.linear(h, self.lora_B)
+        if self.mode == "quant" and self.runs_low_pair():  # no quantization error in fp
+            y = y + F.linear(F.linear(x, self.lora_A_low), self.lora_B_low)
+        return (self.scaling * y).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base_weight()
@@ -173,3 +205,15 @@ class QuantLoRALinear(nn.Module):
         U = self.U if U is None else U
         A = self.lora_A.detach()
         return A if U is None else A + U.detach().to(A.dtype) @ A
+
+    @torch.no_grad()
+    def folded_pair(
+        self, option: QuantOption, U: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B) of the plain LoRA that ``option`` runs: rank r, or r + r_low with the
+        low-bit pair stacked under it when ``option`` is at the low bit-width."""
+        A, B = self.folded_A(U), self.lora_B.detach()
+        if self.runs_low_pair(option):
+            A = torch.cat([A, self.lora_A_low.detach()], dim=0)
+            B = torch.cat([B, self.lora_B_low.detach()], dim=1)
+        return A, B

@@ -100,6 +100,7 @@ class CoALoRAModel(nn.Module):
         # Check every shape before touching the model, so a mismatch leaves it intact.
         space.check_shapes({n: tuple(lin.weight.shape) for n, (_, _, lin) in linears.items()})
         self.layers: dict[str, QuantLoRALinear] = {}
+        low_bits = min(o.bits for o in space.options)
         for name, (parent, child, lin) in linears.items():
             layer = QuantLoRALinear(
                 lin,
@@ -108,11 +109,13 @@ class CoALoRAModel(nn.Module):
                 importance=None if importance is None else importance.get(name),
                 method=method,
                 hessian=None if hessians is None else hessians.get(name),
+                low_rank=self.cfg.low_bit_rank,
+                low_bits=low_bits,
             )
             if self._roles[name][1] not in self.cfg.target_modules:
                 layer.mode = "no-lora"
-                layer.lora_A.requires_grad_(False)
-                layer.lora_B.requires_grad_(False)
+                for p in layer.lora_pairs().values():
+                    p.requires_grad_(False)
             setattr(parent, child, layer)
             self.layers[name] = layer
         self.adapted = [n for n, la in self.layers.items() if la.lora_A.requires_grad]
@@ -275,31 +278,29 @@ class CoALoRAModel(nn.Module):
     # -- export -------------------------------------------------------------------------------
     @torch.no_grad()
     def adapter_for(self, config: Mapping[str, QuantOption | str]) -> Adapter:
-        """Plain LoRA for ``config``: name -> (A' = (I+U)A [r, in], B [out, r], s), numpy."""
+        """Plain LoRA for ``config``: name -> (A' = (I+U)A [r, in], B [out, r], s), numpy
+        (rank r + r_low where ``config`` runs a matrix's low-bit pair)."""
         config = self.space.validate(config)
-        U = self.compute_U(dict(config.items()))
+        options = dict(config.items())
+        U = self.compute_U(options)
         out: Adapter = {}
         for i, m in enumerate(self.space.matrices):
             if m.name not in self.adapted:
                 continue
             layer = self.layers[m.name]
-            A = layer.folded_A(None if U is None else U[i])
-            out[m.name] = (
-                A.float().cpu().numpy(),
-                layer.lora_B.detach().float().cpu().numpy(),
-                float(layer.scaling),
-            )
+            A, B = layer.folded_pair(options[m.name], None if U is None else U[i])
+            out[m.name] = (A.float().cpu().numpy(), B.float().cpu().numpy(), float(layer.scaling))
         return out
 
     # -- state ----------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """``<matrix>.lora_A`` [r, in] and ``<matrix>.lora_B`` [out, r] per adapted matrix."""
-        sd = {}
-        for name in self.adapted:
-            layer = self.layers[name]
-            sd[f"{name}.lora_A"] = layer.lora_A.detach().contiguous()
-            sd[f"{name}.lora_B"] = layer.lora_B.detach().contiguous()
-        return sd
+        """``<matrix>.lora_A`` [r, in] and ``<matrix>.lora_B`` [out, r] per adapted matrix
+        (and ``lora_A_low`` / ``lora_B_low`` with a low-bit pair)."""
+        return {
+            f"{name}.{key}": p.detach().contiguous()
+            for name in self.adapted
+            for key, p in self.layers[name].lora_pairs().items()
+        }
 
     def theta_state_dict(self) -> dict[str, torch.Tensor]:
         if self.theta is None:
@@ -329,8 +330,8 @@ class CoALoRAModel(nn.Module):
             )
         with torch.no_grad():
             for name in self.adapted:
-                self.layers[name].lora_A.copy_(sd[f"lora.{name}.lora_A"])
-                self.layers[name].lora_B.copy_(sd[f"lora.{name}.lora_B"])
+                for key, p in self.layers[name].lora_pairs().items():
+                    p.copy_(sd[f"lora.{name}.{key}"])
             if self.theta is not None:
                 self.theta.load_state_dict(
                     {k[6:]: v for k, v in sd.items() if k.startswith("theta.")}
