@@ -183,14 +183,14 @@ class QuantLoRALinear(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """s * ((x A^T)(I + U)^T) B^T, plus s * (x A_low^T) B_low^T at the low bit-width."""
-        x = x.to(self.lora_A.dtype)
+        dtype, x = x.dtype, x.to(self.lora_A.dtype)
         h = F.linear(x, self.lora_A)
         if self.U is not None:
             h = h + F.linear(h, self.U.to(h.dtype))
         y = F.linear(h, self.lora_B)
         if self.mode == "quant" and self.runs_low_pair():  # no quantization error in fp
             y = y + F.linear(F.linear(x, self.lora_A_low), self.lora_B_low)
-        return (self.scaling * y).to(x.dtype)
+        return (self.scaling * y).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base_weight()
