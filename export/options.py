@@ -110,6 +110,8 @@ class ExportOptions:
     )
     # A probe of capacity at the floor, not in bundles yet: the runtime folds one rank-r pair
     # per matrix, so ``run_export`` refuses it (benchmarks.baselines --lever measures it).
+    # At 16 on SmolLM2 (seed 0, 2.5 bits) CoA-LoRA went from 53.3 to 48.6, Shared-LoRA with
+    # the same pair to 51.2 (benchmarks/results/probes/smollm2-low-bit-rank16*).
     low_bit_rank: int = _opt(
         0,
         "Extra LoRA rank, in a pair of its own, for the matrices a configuration puts at the "
