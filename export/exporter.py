@@ -240,10 +240,6 @@ def export_bundle(
     """Write ``model``'s bundle to ``out_dir``; nothing is left behind if anything fails."""
     if not pareto.entries:
         raise ValueError("the Pareto set is empty: nothing to ship")
-    if model.cfg.low_bit_rank:
-        raise ValueError(
-            "a low-bit pair (low_bit_rank) is a training probe: bundles cannot hold it"
-        )
     # a configured head: the options the stored configurations name, the default among them
     named = {e.config.head for e in pareto.entries} - {None}
     space = model.space
@@ -255,19 +251,27 @@ def export_bundle(
         heads = {o: head_codes(model.base, o) for o in space.head_options if o != lm_head}
     for entry in pareto.entries:
         space.validate(entry.config)
-    # Every quantized matrix ships an A/B pair; a matrix left out of training keeps B = 0.
-    lora_a = {n: la.lora_A.detach().float().cpu().numpy() for n, la in model.layers.items()}
-    lora_b = {n: la.lora_B.detach().float().cpu().numpy() for n, la in model.layers.items()}
+    # Every quantized matrix ships an A/B pair (and its low-bit pair where the model has one);
+    # a matrix left out of training keeps B = 0.
+    pairs = {
+        n: {k: p.detach().float().cpu().numpy() for k, p in la.lora_pairs().items()}
+        for n, la in model.layers.items()
+    }
+    low_rank = model.cfg.low_bit_rank
     with tempfile.TemporaryDirectory() as tmp:
         contents = BundleContents(
             architecture=_architecture(model, loaded, lm_head),
             space=space,
             quantized=_shipped(model, pareto),
             base=_base_tensors(model, lm_head),
-            lora_a=lora_a,
-            lora_b=lora_b,
+            lora_a={n: p["lora_A"] for n, p in pairs.items()},
+            lora_b={n: p["lora_B"] for n, p in pairs.items()},
             lora_rank=model.cfg.rank,
             lora_alpha=float(model.cfg.alpha),
+            lora_low_rank=low_rank,
+            lora_low_bits=model.low_bits if low_rank else None,
+            lora_a_low={n: p["lora_A_low"] for n, p in pairs.items() if low_rank},
+            lora_b_low={n: p["lora_B_low"] for n, p in pairs.items() if low_rank},
             theta_onnx=theta_to_onnx(model),
             theta_vocab=model.vocab.to_dict(),
             pareto=pareto.to_dict(),

@@ -108,14 +108,15 @@ class ExportOptions:
         "cheapest configuration of the starting training set, which then runs the shared "
         "LoRA alone).",
     )
-    # A probe of capacity at the floor, not in bundles yet: the runtime folds one rank-r pair
-    # per matrix, so ``run_export`` refuses it (benchmarks.baselines --lever measures it).
-    # At 16 on SmolLM2 (seed 0, 2.5 bits) CoA-LoRA went from 53.3 to 48.6, Shared-LoRA with
-    # the same pair to 51.2 (benchmarks/results/probes/smollm2-low-bit-rank16*).
+    # Capacity at the floor. At 16 on SmolLM2 (seed 0, 2.5 bits) CoA-LoRA went from 53.3 to
+    # 48.6, Shared-LoRA with the same pair to 51.2 (benchmarks/results/probes/
+    # smollm2-low-bit-rank16*); off by default until a full comparison has measured it at
+    # every budget. Bundles carry it (format version 2, ``spec.LoraRanks``).
     low_bit_rank: int = _opt(
         0,
         "Extra LoRA rank, in a pair of its own, for the matrices a configuration puts at the "
-        "space's lowest bit-width (0: none). Training only: bundles do not carry it.",
+        "space's lowest bit-width (0: none); the bundle ships it and the device stacks it "
+        "under the generated adapter of those matrices.",
     )
     chat_texts: int = _opt(
         0,

@@ -118,11 +118,6 @@ def run_export(opts: ExportOptions) -> ExportResult:
     from coalora.runtime.budget import BudgetError
 
     opts.check()
-    if opts.low_bit_rank:
-        raise ExportError(
-            "low-bit-rank is a training probe: a bundle carries one LoRA pair per matrix, "
-            "so it cannot ship the low-bit pair (measure it with benchmarks.baselines --lever)"
-        )
     out = Path(opts.out).expanduser()
     if out.exists() and not opts.overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")

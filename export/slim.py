@@ -49,16 +49,21 @@ def slim_bundle(
         for o in bundle.space.head_options
         if o.name != bundle.lm_head
     }
-    lora_a, lora_b = bundle.lora_pairs()
+    lora = bundle.lora_pairs()
+    ranks = bundle.lora_ranks
     contents = BundleContents(
         architecture=bundle.architecture,
         space=bundle.space,
         quantized=quantized,
         base=bundle.base_tensors(),
-        lora_a=lora_a,
-        lora_b=lora_b,
-        lora_rank=bundle.lora_rank,
+        lora_a=lora.a,
+        lora_b=lora.b,
+        lora_rank=ranks.rank,
         lora_alpha=bundle.lora_alpha,
+        lora_low_rank=ranks.low_rank,
+        lora_low_bits=ranks.low_bits,
+        lora_a_low=lora.a_low,
+        lora_b_low=lora.b_low,
         theta_onnx=bundle.theta_path().read_bytes(),
         theta_vocab=bundle.theta_vocab,
         pareto=ParetoSet(kept, pareto.metric_name, pareto.higher_is_better).to_dict(),

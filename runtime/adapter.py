@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coalora.kernels import Configuration
-from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.reader import Bundle, BundleError, SharedLora
 from coalora.runtime.format.spec import THETA_FILE
 from coalora.runtime.format.theta import ThetaVocab
 from coalora.runtime.graphs.weights import Adapter
@@ -108,16 +108,27 @@ def fold(
     lora_a: Mapping[str, np.ndarray],
     lora_b: Mapping[str, np.ndarray],
     scale: float,
+    low: Mapping[str, Adapter] | None = None,
 ) -> dict[str, Adapter]:
-    """A' = (I + U_i) A_i and B' = s B_i for every matrix, in ``names`` order (U's rows)."""
+    """A' = (I + U_i) A_i and B' = s B_i for every matrix, in ``names`` order (U's rows).
+
+    ``low``: the low-bit pair (A_low, B_low) of the matrices that run it; it is stacked
+    under the shared pair, A' = [(I + U_i) A_i; A_low] and B' = s [B_i, B_low], since
+    s B (I + U) A + s B_low A_low is one LoRA of rank r + r_low.
+    """
     if u.shape[0] != len(names):
         raise ThetaError(f"θ returned {u.shape[0]} adjustments for {len(names)} matrices")
+    low = low or {}
     out: dict[str, Adapter] = {}
     for i, name in enumerate(names):
-        a = lora_a[name]
+        a, b = lora_a[name], lora_b[name]
+        a = a + u[i] @ a
+        if name in low:
+            a = np.concatenate([a, low[name][0]], axis=0)
+            b = np.concatenate([b, low[name][1]], axis=1)
         folded = (
-            (a + u[i] @ a).astype(np.float32, copy=False),
-            (lora_b[name] * np.float32(scale)).astype(np.float32, copy=False),
+            a.astype(np.float32, copy=False),
+            (b * np.float32(scale)).astype(np.float32, copy=False),
         )
         if not (np.isfinite(folded[0]).all() and np.isfinite(folded[1]).all()):
             raise ThetaError(f"the folded adapter of {name} is not finite")
@@ -132,11 +143,12 @@ def generate_adapters(
     lora_a: Mapping[str, np.ndarray],
     lora_b: Mapping[str, np.ndarray],
     scale: float,
+    low: Mapping[str, Adapter] | None = None,
 ) -> tuple[dict[str, Adapter], AdapterTimings]:
     t0 = time.perf_counter()
     u = theta(arrays)
     t1 = time.perf_counter()
-    adapters = fold(names, u, lora_a, lora_b, scale)
+    adapters = fold(names, u, lora_a, lora_b, scale, low)
     t2 = time.perf_counter()
     return adapters, AdapterTimings(theta_s=t1 - t0, fold_s=t2 - t1)
 
@@ -154,17 +166,20 @@ def open_theta(bundle: Bundle) -> ThetaRunner:
 def bundle_adapters(
     bundle: Bundle,
     theta: ThetaRunner,
-    lora: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+    lora: SharedLora,
     config: Configuration,
 ) -> tuple[dict[str, Adapter], AdapterTimings]:
-    """``config``'s adapter from the bundle's θ and shared LoRA (A, B per matrix); a damaged
-    θ vocabulary or a non-finite adjustment is a ``BundleError``."""
+    """``config``'s adapter from the bundle's θ and shared LoRA (A, B per matrix, and the
+    low-bit pair where ``config`` runs it); a damaged θ vocabulary or a non-finite
+    adjustment is a ``BundleError``."""
     try:
         arrays = ThetaVocab.from_dict(bundle.theta_vocab).encode(config, bundle.space)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.root}: θ vocabulary: {exc}") from None
     names = [m.name for m in bundle.space.matrices]
+    ranks = bundle.lora_ranks
+    low = {n: (lora.a_low[n], lora.b_low[n]) for n in names if ranks.runs_low(config[n])}
     try:
-        return generate_adapters(theta, arrays, names, *lora, bundle.lora_scale)
+        return generate_adapters(theta, arrays, names, lora.a, lora.b, bundle.lora_scale, low)
     except ThetaError as exc:
         raise BundleError(f"{bundle.root}: {THETA_FILE}: {exc}") from None

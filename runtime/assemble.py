@@ -17,7 +17,7 @@ from onnx import ModelProto
 
 from coalora.kernels import Configuration, QuantOption
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights, dequantize
-from coalora.runtime.format.reader import Bundle, BundleError
+from coalora.runtime.format.reader import Bundle, BundleError, SharedLora
 from coalora.runtime.format.spec import (
     BASE_FILE,
     BERT,
@@ -25,8 +25,6 @@ from coalora.runtime.format.spec import (
     GEMMA3,
     LLAMA,
     LM_HEAD,
-    LORA_A,
-    LORA_B,
     LORA_FILE,
     QWEIGHT,
     QZEROS,
@@ -94,12 +92,8 @@ class MappedBundle:
         m = self.file(BASE_FILE)
         return {k: m[k] for k in m}
 
-    def lora(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        names = [m.name for m in self.bundle.space.matrices]
-        a = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_A)) for n in names}
-        b = {n: self.tensor(LORA_FILE, tensor_name(n, LORA_B)) for n in names}
-        self.bundle.check_lora(a, b)
-        return a, b
+    def lora(self) -> SharedLora:
+        return self.bundle.read_lora(lambda name: self.tensor(LORA_FILE, name))
 
     def linears(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
         self.bundle.check_config(config)
@@ -201,7 +195,7 @@ def build_graph(
     bundle = mapped.bundle
     base = mapped.base()
     linears = mapped.linears(config)
-    rank = bundle.lora_rank if with_lora else None
+    rank = bundle.lora_ranks if with_lora else None
     held: dict[str, np.ndarray] | None = {} if external else None
     try:
         if isinstance(arch, LlamaArch):

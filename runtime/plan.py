@@ -306,9 +306,20 @@ def lora_bytes(
     biased: Collection[str] = (),
 ) -> int:
     """Bytes of the session's LoRA: one A/B pair per slot. With ``config``, q/k/v and
-    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal)."""
+    gate/up share a slot where the runtime fuses them (A side by side, B block-diagonal), and
+    a slot whose matrices run the low-bit pair is wider (``spec.LoraRanks``); without it,
+    every slot is counted at its widest."""
     groups = fused_groups(bundle.space, config, family_named(bundle.family), biased)
-    return sum(slot_bytes(bundle.space, g, bundle.lora_rank, lora_bits) for g in groups)
+    ranks = bundle.lora_ranks
+    return sum(
+        slot_bytes(
+            bundle.space,
+            g,
+            ranks.of(bundle.space.options if config is None else [config[n] for n in g]),
+            lora_bits,
+        )
+        for g in groups
+    )
 
 
 # -- address space ----------------------------------------------------------------------------

@@ -80,6 +80,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['quantized_matrices']} quantized matrices "
         f"({summary['quantized_params'] / 1e6:.1f}M weights), options "
         f"{', '.join(summary['options_shipped'])}; LoRA rank {lora['rank']}, alpha {lora['alpha']}"
+        + (f" (+{lora['low_rank']} at {lora['low_bits']} bits)" if lora.get("low_rank") else "")
         + (f"; LM head {summary['lm_head']}" if summary.get("lm_head") else "")
     )
     signer = summary.get("signed_by")

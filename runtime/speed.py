@@ -122,13 +122,14 @@ def decode_work(
         else:
             add(config[m.name], m.in_features * m.out_features)
     groups = accountant.fused_groups(config)
-    rank = accountant.bundle.lora_rank
+    ranks = accountant.bundle.lora_ranks
     nodes += _GRAPH_NODES + arch.num_hidden_layers * _LAYER_NODES + len(groups)
     # a fused gate/up output is split in two
     nodes += sum(1 for g in groups if len(g) > 1 and g[0].endswith("gate_proj"))
-    if rank:
+    if ranks.rank:
         nodes += _LORA_NODES * len(groups)
         for g in groups:
+            rank = ranks.of(config[n] for n in g)
             k = space.matrix(g[0]).in_features
             a, b = k * rank * len(g), rank * len(g) * sum(space.matrix(n).out_features for n in g)
             if accountant.lora_bits == 32 or exact_as_fp32(LORA_A_OPTION.bits, level):

@@ -88,9 +88,13 @@ def train_decoder_bundle(
     out: Path,
     steps: int,
     head_options: tuple[QuantOption, ...] = (),
+    low_bit_rank: int = 0,
+    lora_init: str = "zero",
 ) -> tuple[Path, CoALoRAModel]:
     """A tiny causal LM trained a few steps and exported; the trained model too.
-    ``head_options``: more options of its tied head (``--head-options``)."""
+    ``head_options``: more options of its tied head (``--head-options``); ``low_bit_rank``:
+    a low-bit pair of that rank (``--low-bit-rank``), which ``lora_init="residual"`` starts
+    away from zero."""
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     tok.chat_template = CHATML
@@ -101,7 +105,13 @@ def train_decoder_bundle(
     # all-2-bit configuration of this random tiny model scores best, and the Pareto set these
     # tests switch along is one point
     cfg = CoALoRAConfig(
-        rank=4, alpha=8, lr=3e-3, configs_per_step=2, lora_init="zero", sampler="uniform"
+        rank=4,
+        alpha=8,
+        lr=3e-3,
+        configs_per_step=2,
+        lora_init=lora_init,
+        sampler="uniform",
+        low_bit_rank=low_bit_rank,
     )
     model = CoALoRAModel(base, space, cfg)
     batches = lm_batches(TextDataset(_texts(32, 0)), tok, block_size=32, batch_size=4)

@@ -438,20 +438,10 @@ def test_low_bit_pair_runs_only_at_the_lowest_bits_and_starts_at_the_next_compon
     again.load_adapter(tmp_path / "a.safetensors")
     torch.testing.assert_close(again.layers[name].lora_B_low, layer.lora_B_low)
     assert f"{name}.lora_A_low" in model.lora_state_dict()
-    # off by default, and old work directories keep their key; bundles refuse it
+    # off by default, and old work directories keep their key
     assert "low_bit_rank" not in ExportOptions.for_model("smollm2", "o").training_key()
     assert "low_bit_rank" in ExportOptions.for_model("smollm2", "o", low_bit_rank=8).training_key()
     with pytest.raises(ExportError, match="low-bit-rank"):
         ExportOptions.for_model("smollm2", "o", low_bit_rank=-1).check()
     with pytest.raises(ValueError, match="low_bit_rank"):
         CoALoRAConfig(low_bit_rank=-2)
-
-
-def test_an_export_refuses_the_low_bit_pair_before_writing_anything(tmp_path) -> None:
-    from coalora.export.pipeline import run_export
-
-    out = tmp_path / "bundle"
-    opts = ExportOptions.for_model("smollm2", out, fast=True, low_bit_rank=4, work_dir=tmp_path)
-    with pytest.raises(ExportError, match="training probe"):
-        run_export(opts)
-    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -100,7 +100,7 @@ class CoALoRAModel(nn.Module):
         # Check every shape before touching the model, so a mismatch leaves it intact.
         space.check_shapes({n: tuple(lin.weight.shape) for n, (_, _, lin) in linears.items()})
         self.layers: dict[str, QuantLoRALinear] = {}
-        low_bits = min(o.bits for o in space.options)
+        self.low_bits = min(o.bits for o in space.options)  # the low-bit pair's bit-width
         for name, (parent, child, lin) in linears.items():
             layer = QuantLoRALinear(
                 lin,
@@ -110,7 +110,7 @@ class CoALoRAModel(nn.Module):
                 method=method,
                 hessian=None if hessians is None else hessians.get(name),
                 low_rank=self.cfg.low_bit_rank,
-                low_bits=low_bits,
+                low_bits=self.low_bits,
             )
             if self._roles[name][1] not in self.cfg.target_modules:
                 layer.mode = "no-lora"

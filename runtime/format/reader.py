@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +23,17 @@ from coalora.runtime.format.schema import json_depth, validate_manifest
 from coalora.runtime.format.spec import (
     BASE_FILE,
     FORMAT,
-    FORMAT_VERSION,
     LORA_A,
+    LORA_A_LOW,
     LORA_B,
+    LORA_B_LOW,
     LORA_FILE,
     MANIFEST,
     PARETO_FILE,
     QUANT_PARTS,
     QWEIGHT,
     QZEROS,
+    READABLE_VERSIONS,
     REQUIRED_FILES,
     REQUIRED_SECTIONS,
     SCALES,
@@ -42,6 +44,7 @@ from coalora.runtime.format.spec import (
     FileEntry,
     Key,
     Lora,
+    LoraRanks,
     Theta,
     head_file,
     quant_file,
@@ -55,6 +58,17 @@ Verify = Literal["used", "all", "none"]
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_PARETO_BYTES = 256 << 20
 MAX_JSON_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class SharedLora:
+    """The bundle's LoRA: A [r, in] and B [out, r] per matrix, and the low-bit pair
+    (A_low, B_low at ``LoraRanks.low_rank``) per matrix where the bundle has one."""
+
+    a: Mapping[str, np.ndarray]
+    b: Mapping[str, np.ndarray]
+    a_low: Mapping[str, np.ndarray] = field(default_factory=dict)
+    b_low: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class BundleError(ValueError):
@@ -116,10 +130,11 @@ class Bundle:
         if not isinstance(manifest, dict) or manifest.get(Key.FORMAT) != FORMAT:
             raise BundleError(f"{mpath}: not a coalora bundle manifest")
         version = manifest.get(Key.FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise BundleError(
                 f"{root}: bundle format version {version!r} is not supported "
-                f"(this coalora reads version {FORMAT_VERSION})"
+                f"(this coalora reads versions {readable})"
             )
         for key in REQUIRED_SECTIONS:
             if key not in manifest:
@@ -262,6 +277,13 @@ class Bundle:
         return int(self.manifest[Key.LORA][Lora.RANK])
 
     @property
+    def lora_ranks(self) -> LoraRanks:
+        """The shared pair's rank and the low-bit pair's, where the bundle has one."""
+        section = self.manifest[Key.LORA]
+        low = int(section.get(Lora.LOW_RANK, 0))
+        return LoraRanks(self.lora_rank, low, int(section[Lora.LOW_BITS]) if low else None)
+
+    @property
     def lora_alpha(self) -> float:
         return float(self.manifest[Key.LORA][Lora.ALPHA])
 
@@ -338,32 +360,46 @@ class Bundle:
     def lora_tensors(self) -> dict[str, np.ndarray]:
         return self._load(LORA_FILE)
 
-    def lora_pairs(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The shared LoRA as (A per matrix, B per matrix)."""
-        lora = self.lora_tensors()
+    def lora_pairs(self) -> SharedLora:
+        """The shared LoRA (and the low-bit pair, where the bundle has one), checked."""
+        return self.read_lora(self.lora_tensors().__getitem__)
+
+    def read_lora(self, tensor: Callable[[str], np.ndarray]) -> SharedLora:
+        """The shared LoRA from ``tensor`` (a name in ``lora.safetensors`` -> its array),
+        checked against the manifest's ranks (``check_lora``)."""
         names = [m.name for m in self.space.matrices]
+        parts = [LORA_A, LORA_B] + ([LORA_A_LOW, LORA_B_LOW] if self.lora_ranks.low_rank else [])
         try:
-            a = {n: lora[tensor_name(n, LORA_A)] for n in names}
-            b = {n: lora[tensor_name(n, LORA_B)] for n in names}
+            a, b, *low = ({n: tensor(tensor_name(n, p)) for n in names} for p in parts)
         except KeyError as exc:
             raise BundleError(f"{self.root}: {LORA_FILE} has no tensor {exc}") from None
-        self.check_lora(a, b)
-        return a, b
+        lora = SharedLora(a, b, *low)
+        self.check_lora(lora)
+        return lora
 
-    def check_lora(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    def check_lora(self, lora: SharedLora) -> None:
         """Every matrix's A is float32 [rank, in] and B float32 [out, rank], as the manifest
-        implies; else onnxruntime would fail deep inside the session build."""
-        r = self.lora_rank
+        implies, and so is a low-bit pair at its rank; else onnxruntime would fail deep
+        inside the session build."""
+        ranks = self.lora_ranks
+        pairs = [(LORA_A, LORA_B, lora.a, lora.b, ranks.rank)]
+        if ranks.low_rank:
+            pairs.append((LORA_A_LOW, LORA_B_LOW, lora.a_low, lora.b_low, ranks.low_rank))
         for m in self.space.matrices:
-            for part, arr, shape in (
-                (LORA_A, a[m.name], (r, m.in_features)),
-                (LORA_B, b[m.name], (m.out_features, r)),
-            ):
-                if arr.dtype != np.float32 or tuple(arr.shape) != shape:
-                    raise BundleError(
-                        f"{self.root}: {LORA_FILE}: {tensor_name(m.name, part)} is {arr.dtype} "
-                        f"{list(arr.shape)}, expected float32 {list(shape)}"
-                    )
+            for a_part, b_part, a, b, r in pairs:
+                for part, arr, shape in (
+                    (a_part, a.get(m.name), (r, m.in_features)),
+                    (b_part, b.get(m.name), (m.out_features, r)),
+                ):
+                    if arr is None:
+                        raise BundleError(
+                            f"{self.root}: {LORA_FILE} has no tensor {tensor_name(m.name, part)!r}"
+                        )
+                    if arr.dtype != np.float32 or tuple(arr.shape) != shape:
+                        raise BundleError(
+                            f"{self.root}: {LORA_FILE}: {tensor_name(m.name, part)} is "
+                            f"{arr.dtype} {list(arr.shape)}, expected float32 {list(shape)}"
+                        )
 
     def quantized(self, config: Configuration) -> dict[str, MatMulNBitsWeights]:
         """The MatMulNBits weights of every matrix under ``config``, one read per option file."""

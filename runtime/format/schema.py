@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from coalora.runtime.format.spec import (
     FAMILIES,
     FORMAT,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     TASK_CAUSAL_LM,
     TASK_CLASSIFY,
     THETA_OUTPUT,
@@ -116,6 +116,14 @@ class Architecture(_Open):
 class Lora(_Open):
     rank: Annotated[int, Field(strict=True, ge=1, le=MAX_RANK)]
     alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    low_rank: Annotated[int, Field(strict=True, ge=0, le=MAX_RANK)] = 0
+    low_bits: Annotated[int, Field(strict=True, ge=1, le=8)] | None = None
+
+    @model_validator(mode="after")
+    def _low_pair(self) -> Lora:
+        if self.low_rank and self.low_bits is None:
+            raise ValueError("a low-bit pair (low_rank) needs low_bits")
+        return self
 
 
 class Theta(_Open):
@@ -173,7 +181,7 @@ def validate_manifest(data: Any) -> str | None:
     (the first problem found, with where it is)."""
     if not isinstance(data, dict):
         return "the manifest is not a JSON object"
-    if data.get("format") == FORMAT and data.get("format_version") != FORMAT_VERSION:
+    if data.get("format") == FORMAT and data.get("format_version") not in READABLE_VERSIONS:
         return None  # the version check says it better
     try:
         Manifest.model_validate(data)

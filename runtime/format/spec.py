@@ -7,12 +7,17 @@ refers to the constant. The prose spec is docs/bundle-format.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from coalora.kernels.options import QuantOption
 
 FORMAT = "coalora-bundle"
 FORMAT_VERSION = 1
+# A bundle with a low-bit LoRA pair (``Lora.LOW_RANK``) is written as version 2, so a reader
+# that would drop the pair refuses it instead; version 1 bundles are written as before.
+LOW_PAIR_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, LOW_PAIR_FORMAT_VERSION)
 PARETO_FORMAT_VERSION = 1
 
 
@@ -49,6 +54,7 @@ def head_file(option: QuantOption) -> str:
 QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"  # <matrix>.<part> in quant files
 QUANT_PARTS = (QWEIGHT, SCALES, QZEROS)
 LORA_A, LORA_B = "A", "B"  # <matrix>.A / <matrix>.B in lora.safetensors
+LORA_A_LOW, LORA_B_LOW = "A_low", "B_low"  # the low-bit pair (``LoraRanks``), same file
 LM_HEAD = "lm_head"  # lm_head.qweight / .scales / .qzeros in base.safetensors when quantized
 # A decoder's fp32 token table in base.safetensors. A tied decoder with a quantized head ships
 # none: its rows are the head's codes (the fast graph gathers them, the exact one dequantizes
@@ -109,6 +115,27 @@ class Lora:
 
     RANK = "rank"
     ALPHA = "alpha"
+    LOW_RANK = "low_rank"  # optional: the low-bit pair's rank (absent: none)
+    LOW_BITS = "low_bits"  # the bit-width whose matrices run it
+
+
+@dataclass(frozen=True)
+class LoraRanks:
+    """The rank of a matrix's adapter under an option: the shared pair's ``rank``, plus
+    ``low_rank`` where the option is at ``low_bits`` (the space's lowest bit-width), whose
+    matrices stack the low-bit pair under the shared one. The scale stays alpha / rank."""
+
+    rank: int
+    low_rank: int = 0
+    low_bits: int | None = None
+
+    def runs_low(self, option: QuantOption) -> bool:
+        return self.low_rank > 0 and option.bits == self.low_bits
+
+    def of(self, options: Iterable[QuantOption]) -> int:
+        """The rank of one LoRA slot whose matrices run ``options`` (a fused slot's members
+        share one option)."""
+        return self.rank + (self.low_rank if any(self.runs_low(o) for o in options) else 0)
 
 
 class Theta:

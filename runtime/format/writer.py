@@ -30,8 +30,11 @@ from coalora.runtime.format.spec import (
     HEADS_DIR,
     LM_HEAD,
     LORA_A,
+    LORA_A_LOW,
     LORA_B,
+    LORA_B_LOW,
     LORA_FILE,
+    LOW_PAIR_FORMAT_VERSION,
     MANIFEST,
     PARETO_FILE,
     QUANT_DIR,
@@ -77,6 +80,12 @@ class BundleContents:
     # a configured head (``space.head_options``): its codes at every option but the default
     # one, which is in ``base`` (``spec.head_file``)
     heads: Mapping[QuantOption, MatMulNBitsWeights] = field(default_factory=dict)
+    # a low-bit pair (``spec.LoraRanks``): A_low [low_rank, in] / B_low [out, low_rank] per
+    # matrix, run where a matrix's option is at ``lora_low_bits``
+    lora_low_rank: int = 0
+    lora_low_bits: int | None = None
+    lora_a_low: Mapping[str, np.ndarray] = field(default_factory=dict)
+    lora_b_low: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def _check(contents: BundleContents) -> None:
@@ -104,14 +113,27 @@ def _check(contents: BundleContents) -> None:
         assert head is not None
         if (w.N, w.K, w.bits, w.block_size) != (*head.shape, opt.bits, opt.block_size):
             raise ValueError(f"the LM head at {opt} does not match {head.shape}")
+    pairs = [("LoRA", contents.lora_a, contents.lora_b, contents.lora_rank)]
+    if contents.lora_low_rank:
+        bits = {o.bits for o in contents.space.options}
+        if contents.lora_low_bits not in bits:
+            raise ValueError(
+                f"the low-bit pair runs at {contents.lora_low_bits} bits, which no option has"
+            )
+        low = (contents.lora_a_low, contents.lora_b_low, contents.lora_low_rank)
+        pairs.append(("the low-bit pair", *low))
+    elif contents.lora_a_low or contents.lora_b_low:
+        raise ValueError("a low-bit pair is given with lora_low_rank 0")
     for name in names:
-        a, b = contents.lora_a.get(name), contents.lora_b.get(name)
-        if a is None or b is None:
-            raise ValueError(f"no LoRA A/B for matrix {name!r}")
-        spec = contents.space.matrix(name)
-        r = contents.lora_rank
-        if a.shape != (r, spec.in_features) or b.shape != (spec.out_features, r):
-            raise ValueError(f"LoRA of {name} has shapes {a.shape}/{b.shape}, expected rank {r}")
+        for what, a_of, b_of, r in pairs:
+            a, b = a_of.get(name), b_of.get(name)
+            if a is None or b is None:
+                raise ValueError(f"no {what} A/B for matrix {name!r}")
+            spec = contents.space.matrix(name)
+            if a.shape != (r, spec.in_features) or b.shape != (spec.out_features, r):
+                raise ValueError(
+                    f"{what} of {name} has shapes {a.shape}/{b.shape}, expected rank {r}"
+                )
 
 
 def write_bundle(
@@ -142,6 +164,10 @@ def write_bundle(
             a, b = contents.lora_a[name], contents.lora_b[name]
             lora[tensor_name(name, LORA_A)] = np.ascontiguousarray(a, dtype=np.float32)
             lora[tensor_name(name, LORA_B)] = np.ascontiguousarray(b, dtype=np.float32)
+        for name in sorted(contents.lora_a_low):
+            a, b = contents.lora_a_low[name], contents.lora_b_low[name]
+            lora[tensor_name(name, LORA_A_LOW)] = np.ascontiguousarray(a, dtype=np.float32)
+            lora[tensor_name(name, LORA_B_LOW)] = np.ascontiguousarray(b, dtype=np.float32)
         save_file(lora, tmp / LORA_FILE)
         shipped: dict[str, list[str]] = {}
         for opt in sorted(contents.quantized):
@@ -178,14 +204,25 @@ def write_bundle(
             files[rel] = {FileEntry.SHA256: sha256_file(path), FileEntry.BYTES: path.stat().st_size}
         space = contents.space.to_dict()
         space[Space.OPTIONS] = sorted(shipped, key=lambda s: QuantOption.parse(s))
+        lora_section: dict[str, Any] = {
+            Lora.RANK: contents.lora_rank,
+            Lora.ALPHA: contents.lora_alpha,
+        }
+        if contents.lora_low_rank:
+            lora_section |= {
+                Lora.LOW_RANK: contents.lora_low_rank,
+                Lora.LOW_BITS: contents.lora_low_bits,
+            }
         manifest = {
             Key.FORMAT: FORMAT,
-            Key.FORMAT_VERSION: FORMAT_VERSION,
+            Key.FORMAT_VERSION: LOW_PAIR_FORMAT_VERSION
+            if contents.lora_low_rank
+            else FORMAT_VERSION,
             Key.PRODUCER: f"coalora {coalora.__version__}",
             Key.ARCHITECTURE: contents.architecture,
             Key.SPACE: space,
             Key.SHIPPED: shipped,
-            Key.LORA: {Lora.RANK: contents.lora_rank, Lora.ALPHA: contents.lora_alpha},
+            Key.LORA: lora_section,
             Key.THETA: {
                 Theta.INPUTS: list(contents.theta_inputs),
                 Theta.OUTPUT: THETA_OUTPUT,

@@ -24,12 +24,15 @@ import numpy as np
 from onnx import ModelProto, TensorProto
 
 from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeights
+from coalora.kernels.options import QuantOption
+from coalora.runtime.format.spec import LoraRanks
 from coalora.runtime.graphs._onnx import MS, GraphBuilder, lora_branch
 from coalora.runtime.graphs.weights import (
     LORA_METADATA_KEY,
     Adapter,
     LoraSlot,
     lora_slots_to_metadata,
+    slot_ranks,
 )
 
 ARCH_METADATA_KEY = "coalora.arch"
@@ -116,7 +119,7 @@ def build_bert_classifier(
     arch: BertArch,
     weights: BertWeights,
     *,
-    lora_rank: int | None,
+    lora_rank: int | LoraRanks | None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     lora_bits: int = 32,
     external: dict[str, np.ndarray] | None = None,
@@ -129,7 +132,7 @@ def build_bert_classifier(
         raise ValueError("hidden_size must be a multiple of num_attention_heads")
     g = GraphBuilder("coalora_bert_classifier", external=external, scratch=scratch)
     p = weights.prefix
-    rank = lora_rank or None
+    ranks = slot_ranks(lora_rank)
     slots: list[LoraSlot] = []
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
     eps = arch.layer_norm_eps
@@ -145,8 +148,9 @@ def build_bert_classifier(
         y = g.matmulnbits(
             x, w, name, accuracy_level=accuracy_level, bias=weights.f32(f"{name}.bias")
         )
-        if not rank:
+        if not ranks:
             return y
+        rank = ranks.of([QuantOption(w.bits, w.block_size)])
         slot = LoraSlot(name, (name,), w.K, (w.N,), rank, lora_bits)
         slots.append(slot)
         return lora_branch(g, x, y, slot, weights.lora, accuracy_level=accuracy_level)
@@ -227,9 +231,9 @@ def build_bert_classifier(
     g.output("logits", f32, ["batch_size", arch.num_labels])
     meta = {
         ARCH_METADATA_KEY: json.dumps(asdict(arch)),
-        "coalora.lora_rank": str(rank or 0),
+        "coalora.lora_rank": str(ranks.rank if ranks else 0),
         "coalora.accuracy_level": str(accuracy_level),
     }
-    if rank:
+    if ranks:
         meta[LORA_METADATA_KEY] = lora_slots_to_metadata(slots)
     return g.model(meta)

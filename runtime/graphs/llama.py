@@ -41,6 +41,7 @@ from coalora.kernels.matmulnbits import DEFAULT_ACCURACY_LEVEL, MatMulNBitsWeigh
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import quantize
 from coalora.runtime import plan as memory_plan
+from coalora.runtime.format.spec import LoraRanks
 from coalora.runtime.graphs._onnx import MS, GraphBuilder, concat_matmulnbits, lora_branch
 from coalora.runtime.graphs.weights import (
     LORA_METADATA_KEY,
@@ -48,6 +49,7 @@ from coalora.runtime.graphs.weights import (
     LoraSlot,
     llama_linear_name,
     lora_slots_to_metadata,
+    slot_ranks,
 )
 
 ARCH_METADATA_KEY = "coalora.arch"
@@ -190,7 +192,7 @@ class _DecoderBuilder:
         self,
         arch: LlamaArch,
         weights: DecoderWeights,
-        lora_rank: int | None,
+        lora_rank: LoraRanks | None,
         accuracy_level: int,
         lora_bits: int,
         external: dict[str, np.ndarray] | None = None,
@@ -218,7 +220,8 @@ class _DecoderBuilder:
         if not self.rank:
             return y
         outs = tuple(p.N for p in ws)
-        slot = LoraSlot(key, tuple(members), w.K, outs, self.rank, self.lora_bits)
+        rank = self.rank.of(QuantOption(p.bits, p.block_size) for p in ws)
+        slot = LoraSlot(key, tuple(members), w.K, outs, rank, self.lora_bits)
         self.slots.append(slot)
         return lora_branch(self.g, x, y, slot, self.w.lora, accuracy_level=self.level)
 
@@ -289,7 +292,7 @@ class _DecoderBuilder:
                 g.output(f"present.{i}.{kind}", f32, present_shape)
         meta = {
             ARCH_METADATA_KEY: json.dumps(asdict(a)),
-            "coalora.lora_rank": str(self.rank or 0),
+            "coalora.lora_rank": str(self.rank.rank if self.rank else 0),
             "coalora.accuracy_level": str(self.level),
         }
         if self.rank:
@@ -499,7 +502,7 @@ def build_decoder(
     arch: LlamaArch,
     weights: DecoderWeights,
     *,
-    lora_rank: int | None,
+    lora_rank: int | LoraRanks | None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     lora_bits: int = 32,
     quantize_lm_head: QuantOption | None = None,
@@ -517,7 +520,8 @@ def build_decoder(
     Gemma 3's for a ``gemma3.Gemma3Arch``.
 
     lora_rank         None/0: no side branch; else every target linear gets one of this rank
-                      (initial values from ``weights.lora``, zeros where absent).
+                      (initial values from ``weights.lora``, zeros where absent); a bundle's
+                      ``LoraRanks`` widens the slots whose linears run the low-bit pair.
     accuracy_level    MatMulNBits accuracy_level (4: int8 activations, the fast CPU path).
     lora_bits         32: fp32 MatMul side branch; 8: A and B as 8-bit MatMulNBits (a quarter
                       of the bytes per token; see ``weights.LoraSlot`` for the names).
@@ -559,14 +563,13 @@ def build_decoder(
         raise ValueError(
             f"head_dim {arch.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16"
         )
-    if lora_rank is not None and lora_rank < 0:
-        raise ValueError("lora_rank must be positive")
+    ranks = slot_ranks(lora_rank)
     if lora_bits not in (8, 32):
         raise ValueError(f"lora_bits must be 8 or 32, got {lora_bits}")
     builder = _builder_class(arch)(
         arch,
         weights,
-        lora_rank or None,
+        ranks,
         accuracy_level,
         lora_bits,
         external=external,

@@ -33,6 +33,7 @@ import numpy as np
 from coalora.kernels.matmulnbits import MatMulNBitsWeights, to_matmulnbits
 from coalora.kernels.options import QuantOption
 from coalora.kernels.quantize import QuantizedMatrix, quantize
+from coalora.runtime.format.spec import LoraRanks
 
 LORA_METADATA_KEY = "coalora.lora_slots"
 
@@ -188,6 +189,16 @@ class LoraSlot:
             rank=int(d["rank"]),  # type: ignore[arg-type]
             bits=int(d.get("bits", 32)),  # type: ignore[arg-type]
         )
+
+
+def slot_ranks(lora_rank: int | LoraRanks | None) -> LoraRanks | None:
+    """A graph builder's ``lora_rank``: None or 0 for no side branch, a rank for every slot,
+    or a bundle's ``LoraRanks`` (a slot whose matrices run the low-bit pair is wider)."""
+    if isinstance(lora_rank, LoraRanks):
+        return lora_rank
+    if lora_rank is not None and lora_rank < 0:
+        raise ValueError("lora_rank must be positive")
+    return LoraRanks(lora_rank) if lora_rank else None
 
 
 def lora_slots_to_metadata(slots: Sequence[LoraSlot]) -> str:
