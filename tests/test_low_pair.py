@@ -142,3 +142,20 @@ def test_a_pair_the_manifest_does_not_describe_is_a_bundle_error(trained, tmp_pa
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"no tensor '{missing}'"):
         Bundle.open(copy, verify="all").lora_pairs()
+
+
+def test_slim_keeps_the_pair_and_inspect_names_it(trained, tmp_path, capsys) -> None:
+    from coalora.export.slim import slim_bundle
+    from coalora.runtime.report import bundle_summary, print_summary
+
+    path, _ = trained
+    full = Bundle.open(path)
+    slim = Bundle.open(slim_bundle(path, tmp_path / "slim", max_bits=6.0), verify="all")
+    assert slim.format_version == LOW_PAIR_FORMAT_VERSION
+    assert slim.lora_ranks == full.lora_ranks
+    kept, shipped = slim.lora_pairs(), full.lora_pairs()
+    for name in shipped.a_low:
+        np.testing.assert_array_equal(kept.b_low[name], shipped.b_low[name])
+    print_summary(bundle_summary(slim))
+    shown = " ".join(capsys.readouterr().out.split())  # rich wraps to the terminal
+    assert f"LoRA rank {RANK}, alpha 8.0 (+{LOW_RANK} at {LOW_BITS} bits)" in shown
