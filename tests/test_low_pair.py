@@ -106,6 +106,14 @@ def test_the_device_stacks_the_pair_where_the_configuration_runs_two_bits(traine
     finally:
         rt.close()
     assert kinds == {"none", "all", "some"}  # the test's premise
+    # the fast path (8-bit LoRA slots, int8 activations) at the all-2-bit configuration
+    fast = Runtime.open(path, budget="3.5bits", threads=1, context_length=64)
+    try:
+        assert all(o.bits == LOW_BITS for o in fast.config.values())
+        want = _torch_logits(model, fast.config)
+        assert np.abs(_first_logits(fast, PROMPT_IDS) - want).max() < 0.05 * np.abs(want).max()
+    finally:
+        fast.close()
 
 
 def test_a_pair_the_manifest_does_not_describe_is_a_bundle_error(trained, tmp_path) -> None:

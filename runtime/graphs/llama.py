@@ -192,7 +192,7 @@ class _DecoderBuilder:
         self,
         arch: LlamaArch,
         weights: DecoderWeights,
-        lora_rank: LoraRanks | None,
+        lora_ranks: LoraRanks | None,
         accuracy_level: int,
         lora_bits: int,
         external: dict[str, np.ndarray] | None = None,
@@ -200,7 +200,7 @@ class _DecoderBuilder:
     ) -> None:
         self.arch = arch
         self.w = weights
-        self.rank = lora_rank
+        self.ranks = lora_ranks
         self.level = accuracy_level
         self.lora_bits = lora_bits
         self.g = GraphBuilder("coalora_llama_decoder", external=external, scratch=scratch)
@@ -217,10 +217,10 @@ class _DecoderBuilder:
         y = self.g.matmulnbits(
             x, w, key, accuracy_level=self.level, bias=bias, computed=len(ws) > 1
         )
-        if not self.rank:
+        if not self.ranks:
             return y
         outs = tuple(p.N for p in ws)
-        rank = self.rank.of(QuantOption(p.bits, p.block_size) for p in ws)
+        rank = self.ranks.of(QuantOption(p.bits, p.block_size) for p in ws)
         slot = LoraSlot(key, tuple(members), w.K, outs, rank, self.lora_bits)
         self.slots.append(slot)
         return lora_branch(self.g, x, y, slot, self.w.lora, accuracy_level=self.level)
@@ -292,10 +292,10 @@ class _DecoderBuilder:
                 g.output(f"present.{i}.{kind}", f32, present_shape)
         meta = {
             ARCH_METADATA_KEY: json.dumps(asdict(a)),
-            "coalora.lora_rank": str(self.rank.rank if self.rank else 0),
+            "coalora.lora_rank": str(self.ranks.rank if self.ranks else 0),
             "coalora.accuracy_level": str(self.level),
         }
-        if self.rank:
+        if self.ranks:
             meta[LORA_METADATA_KEY] = lora_slots_to_metadata(self.slots)
         return g.model(meta)
 
