@@ -108,10 +108,11 @@ class ExportOptions:
         "cheapest configuration of the starting training set, which then runs the shared "
         "LoRA alone).",
     )
-    # Capacity at the floor. At 16 on SmolLM2 (seed 0, 2.5 bits) CoA-LoRA went from 53.3 to
-    # 48.6, Shared-LoRA with the same pair to 51.2 (benchmarks/results/probes/
-    # smollm2-low-bit-rank16*); off by default until a full comparison has measured it at
-    # every budget. Bundles carry it (format version 2, ``spec.LoraRanks``).
+    # Capacity at the floor. Off: at 16 on SmolLM2 (2.5 bits, Shared-LoRA given the same pair)
+    # CoA-LoRA / Shared-LoRA was 0.949, 0.914 and 1.033 over three runs, against 0.974 without
+    # it on the same machine as the last; one run moves by up to 7% there, so no gain is shown
+    # (benchmarks/results/probes/smollm2-low-bit-rank16*, smollm2-no-pair-seed0). Bundles
+    # carry it (format version 2, ``spec.LoraRanks``).
     low_bit_rank: int = _opt(
         0,
         "Extra LoRA rank, in a pair of its own, for the matrices a configuration puts at the "
