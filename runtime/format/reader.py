@@ -388,13 +388,9 @@ class Bundle:
         for m in self.space.matrices:
             for a_part, b_part, a, b, r in pairs:
                 for part, arr, shape in (
-                    (a_part, a.get(m.name), (r, m.in_features)),
-                    (b_part, b.get(m.name), (m.out_features, r)),
+                    (a_part, a[m.name], (r, m.in_features)),
+                    (b_part, b[m.name], (m.out_features, r)),
                 ):
-                    if arr is None:
-                        raise BundleError(
-                            f"{self.root}: {LORA_FILE} has no tensor {tensor_name(m.name, part)!r}"
-                        )
                     if arr.dtype != np.float32 or tuple(arr.shape) != shape:
                         raise BundleError(
                             f"{self.root}: {LORA_FILE}: {tensor_name(m.name, part)} is "
