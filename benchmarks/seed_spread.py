@@ -11,13 +11,16 @@ table and the search change with it.
     python -m benchmarks.seed_spread --threads 2 --seeds 3 --add   # one more seed
     python -m benchmarks.seed_spread --threads 2 --seeds 2 --add --shared  # Shared-LoRA for seed 2
     python -m benchmarks.seed_spread --model minilm --threads 2 --seeds 1,2 --with-full-run
+    python -m benchmarks.seed_spread --threads 2 --seeds 0,1,2 --shared --lever low_bit_rank=16
 
 ``--with-full-run`` adds seed 0 from the committed ``baselines_<model>.json``. It is taken
 only when that run's settings, recipe and threads are the ones this run uses. ``--shared``
 trains Shared-LoRA too (SmolLM2's other 2.5-bit target is 5% below it); with ``--add``, a
 seed already committed trains Shared-LoRA alone, on the same allocation, into its row. It writes
 benchmarks/results/seed_spread_<model>.{md,json} after every seed, so an interrupted run keeps
-the seeds it finished.
+the seeds it finished. ``--lever NAME=VALUE`` gives a quality lever to every method (as
+``benchmarks.baselines --lever`` does) and writes its own file,
+seed_spread_<model>_<name><value>.{md,json}: a lever's seeds never mix with the recipe's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.baselines import EVAL_BATCHES, LEVERS_BEFORE, SETTINGS, levers_of
+from benchmarks.baselines import EVAL_BATCHES, LEVERS_BEFORE, SETTINGS, levers_of, parse_levers
 from benchmarks.baselines import run as run_baselines
 from benchmarks.common import (
     RESULTS,
@@ -66,8 +69,9 @@ METHODS = ("coa-lora", "per-config-lora")
 SHARED = "shared-lora"
 
 
-def stem_of(model: str) -> str:
-    return f"seed_spread_{model}"
+def stem_of(model: str, levers: dict[str, Any] | None = None) -> str:
+    """The result's name: one per model, and one per model and set of levers."""
+    return f"seed_spread_{model}" + "".join(f"_{k}{v}" for k, v in sorted((levers or {}).items()))
 
 
 def full_run_of(model: str) -> Path:
@@ -113,13 +117,15 @@ def full_run_source(full: dict[str, Any]) -> str:
     return f"`{full['command']}`"
 
 
-def comparable(model: str, full: dict[str, Any], threads: int | None) -> str | None:
+def comparable(
+    model: str, full: dict[str, Any], threads: int | None, levers: dict[str, Any] | None = None
+) -> str | None:
     """Why the committed full run cannot stand for seed 0 of this run (None: it can)."""
     from coalora.export.options import ExportOptions
 
     # a lever a run does not record did not exist yet: it ran as the lever's "off" value
     s = {**full["settings"], "levers": {**LEVERS_BEFORE, **full["settings"].get("levers", {})}}
-    opts = ExportOptions.for_model(model, out="unused", **SETTINGS[model])
+    opts = ExportOptions.for_model(model, out="unused", **{**SETTINGS[model], **(levers or {})})
     wanted = {**SETTINGS[model], "threads": threads, "levers": levers_of(opts)}
     for key, value in wanted.items():
         if s.get(key) != value:
@@ -152,6 +158,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     }
     if metric == "perplexity":  # SmolLM2's other 2.5-bit target is against Shared-LoRA
         out["median_coa_over_shared"] = median(list(vs_shared.values())) if vs_shared else None
+    if res.get("levers"):
+        out["levers"] = res["levers"]
     return out
 
 
@@ -175,7 +183,13 @@ def report(res: dict[str, Any]) -> str:
         f"Both methods in `benchmarks.baselines`' settings for {model} ({res['threads']} "
         "threads), at the optimal allocation of the budget, on the held-out batches the "
         f"search never selected by ({metric}). The seed sets the split, the initialisation and "
-        "the draws.",
+        "the draws."
+        + (
+            f" Every method trains with the levers {json.dumps(res['levers'])} on top of the "
+            "default recipe."
+            if res.get("levers")
+            else ""
+        ),
         "",
         *machine_md(res["machine"], res["command"], res["wall_s"], res.get("machine_note")),
         "",
@@ -224,7 +238,7 @@ def report(res: dict[str, Any]) -> str:
 
 def write(res: dict[str, Any]) -> None:
     res = {**res, "summary": summary(res)}
-    write_result(stem_of(res["model"]), res, report(res))
+    write_result(stem_of(res["model"], res.get("levers")), res, report(res))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,10 +270,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train Shared-LoRA too; with --add, a committed seed trains it alone into its row",
     )
+    p.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="give every method this quality lever (its own result file, "
+        "seed_spread_<model>_<name><value>)",
+    )
     p.add_argument("--machine-note", help="how the machine was loaded during the run")
     args = p.parse_args(argv)
+    try:
+        levers = parse_levers(args.lever)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model, budget = args.model, BUDGETS[args.model]
-    stem, full_run = stem_of(model), full_run_of(model)
+    stem, full_run = stem_of(model, levers), full_run_of(model)
     if args.report_only:
         write(read_result(RESULTS / f"{stem}.json"))
         return 0
@@ -305,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         kept_wall_s = earlier["wall_s"]
     if args.with_full_run and not any(r["seed"] == 0 for r in rows):
         full = read_result(full_run)
-        why = comparable(model, full, args.threads)
+        why = comparable(model, full, args.threads, levers)
         if why:
             print(f"error: {full_run.name} cannot stand for seed 0: {why}", file=sys.stderr)
             return 2
@@ -319,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "metric_name": METRICS[model],
         "rows": rows,
         "threads": args.threads,
+        **({"levers": levers} if levers else {}),
         "eval_batches": EVAL_BATCHES[model],
         "command": ("python -m benchmarks.seed_spread " + " ".join(argv or sys.argv[1:])).strip(),
         "machine": machine(),
@@ -330,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         row = next((r for r in rows if r["seed"] == seed), None)
         if row is not None:  # a committed seed: Shared-LoRA alone, on the same allocation
-            out = run_baselines(model, False, args.threads, (SHARED,), None, (budget,), seed)
+            out = run_baselines(model, False, args.threads, (SHARED,), levers, (budget,), seed)
             if abs(out["bits"][0] - row["bits"]) > 1e-9:
                 print(
                     f"error: seed {seed}: Shared-LoRA's allocation has {out['bits'][0]} bits, "
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(shared_of(out, budget, "this run"))
         else:
             methods = (*METHODS, SHARED) if args.shared else METHODS
-            out = run_baselines(model, False, args.threads, methods, None, (budget,), seed)
+            out = run_baselines(model, False, args.threads, methods, levers, (budget,), seed)
             rows.append(row_of(out, budget, seed, "this run"))
         res["wall_s"] = kept_wall_s + time.perf_counter() - t0
         write(res)  # after every seed: an interrupted run keeps what it finished

@@ -228,6 +228,51 @@ def test_seed_spread_on_minilm_reads_accuracy_points(tmp_path: Path, monkeypatch
     assert ss.report(res) == md
 
 
+def test_seed_spread_with_a_lever_writes_its_own_file(tmp_path: Path, monkeypatch) -> None:
+    """``--lever`` gives every method the lever, writes a file of its own (the recipe's seeds
+    stay as they are), and will not take the full run, trained without it, as seed 0."""
+    import benchmarks.common as common
+    import benchmarks.seed_spread as ss
+
+    shutil.copy(RESULTS / "baselines_smollm2.json", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    calls: list[tuple[tuple[str, ...], dict, int]] = []
+
+    def fake_run(model, quick, threads, methods, levers, budgets, seed):  # noqa: ANN001
+        calls.append((tuple(methods), levers, seed))
+        ppl = {"coa-lora": 45.0, "per-config-lora": 50.0, "shared-lora": 48.0}
+        return {
+            "budgets": list(budgets),
+            "bits": [2.5],
+            "curves": {m: [(budgets[0], ppl[m] + seed)] for m in methods},
+            "train_seconds": {m: 10.0 for m in methods},
+        }
+
+    monkeypatch.setattr(ss, "run_baselines", fake_run)
+    pair = ["--lever", "low_bit_rank=16"]
+    assert ss.main([*pair, "--seeds", "1", "--with-full-run"]) == 2  # trained without the pair
+    assert ss.main(["--lever", "low_bit_rank=x", "--seeds", "1"]) == 2
+    assert ss.main(["--lever", "no_such=1", "--seeds", "1"]) == 2
+    assert calls == [] and not list(tmp_path.glob("seed_spread_*"))
+    assert ss.main([*pair, "--seeds", "0,1", "--shared"]) == 0
+    assert calls == [
+        (("coa-lora", "per-config-lora", "shared-lora"), {"low_bit_rank": 16}, s) for s in (0, 1)
+    ]
+    assert not (tmp_path / "seed_spread_smollm2.json").exists()
+    res = json.loads((tmp_path / "seed_spread_smollm2_low_bit_rank16.json").read_text())
+    s = res["summary"]
+    assert s["levers"] == {"low_bit_rank": 16}
+    assert s["coa_over_shared"] == {"0": 45 / 48, "1": 46 / 49}
+    assert s["median_coa_over_shared"] == pytest.approx((45 / 48 + 46 / 49) / 2)
+    md = (tmp_path / "seed_spread_smollm2_low_bit_rank16.md").read_text()
+    assert '{"low_bit_rank": 16}' in md and ss.report(res) == md
+    assert ss.main([*pair, "--seeds", "1", "--add", "--shared"]) == 2  # already there
+    assert ss.main([*pair, "--seeds", "2", "--add", "--shared"]) == 0
+    res = json.loads((tmp_path / "seed_spread_smollm2_low_bit_rank16.json").read_text())
+    assert res["summary"]["seeds"] == [0, 1, 2]
+
+
 def test_lora_cost_report() -> None:
     from benchmarks.lora_cost import report
 
