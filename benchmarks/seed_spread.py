@@ -65,7 +65,8 @@ NAMES: dict[str, dict[str, str]] = {
         "vs_shared": "coa_minus_shared_points",
     },
 }
-METHODS = ("coa-lora", "per-config-lora")
+PER_CONFIG = "per-config-lora"
+METHODS = ("coa-lora", PER_CONFIG)
 SHARED = "shared-lora"
 
 
@@ -86,20 +87,19 @@ def compare(metric: str, coa: float, per: float) -> float:
 def row_of(res: dict[str, Any], budget: float, seed: int, source: str) -> dict[str, Any]:
     """One seed's figures at ``budget`` from a ``benchmarks.baselines`` result."""
     i = res["budgets"].index(budget)
-    coa = res["curves"]["coa-lora"][i][1]
-    per = res["curves"]["per-config-lora"][i][1]
     secs = res["train_seconds"]
-    return {
+    row = {
         "seed": seed,
         "source": source,
         "bits": res["bits"][i],
-        "coa_lora": coa,
-        "per_config_lora": per,
+        "coa_lora": res["curves"]["coa-lora"][i][1],
         "coa_train_s": secs["coa-lora"],
-        # a full run trains one per budget: the one at this budget's share
-        "per_config_train_s": secs["per-config-lora"] / len(res["budgets"]),
-        **(shared_of(res, budget, source) if SHARED in res["curves"] else {}),
     }
+    if PER_CONFIG in res["curves"]:  # a lever's spread may leave it out (--no-per-config)
+        row["per_config_lora"] = res["curves"][PER_CONFIG][i][1]
+        # a full run trains one per budget: the one at this budget's share
+        row["per_config_train_s"] = secs[PER_CONFIG] / len(res["budgets"])
+    return {**row, **(shared_of(res, budget, source) if SHARED in res["curves"] else {})}
 
 
 def shared_of(res: dict[str, Any], budget: float, source: str) -> dict[str, Any]:
@@ -139,7 +139,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     rows, metric = res["rows"], res["metric_name"]
     names = NAMES[metric]
     with_shared = [r for r in rows if "shared_lora" in r]
-    vs = {str(r["seed"]): compare(metric, r["coa_lora"], r["per_config_lora"]) for r in rows}
+    with_per = [r for r in rows if "per_config_lora" in r]
+    vs = {str(r["seed"]): compare(metric, r["coa_lora"], r["per_config_lora"]) for r in with_per}
     vs_shared = {
         str(r["seed"]): compare(metric, r["coa_lora"], r["shared_lora"]) for r in with_shared
     }
@@ -149,10 +150,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "budget": res["budget"],
         "seeds": [r["seed"] for r in rows],
         names["vs"]: vs,
-        f"median_{names['vs']}": median(values),
+        f"median_{names['vs']}": median(values) if values else None,
         names["range"]: [min(values), max(values)] if values else [],
         f"coa_{metric}": {str(r["seed"]): r["coa_lora"] for r in rows},
-        f"per_config_{metric}": {str(r["seed"]): r["per_config_lora"] for r in rows},
+        f"per_config_{metric}": {str(r["seed"]): r["per_config_lora"] for r in with_per},
         names["vs_shared"]: vs_shared,
         f"shared_{metric}": {str(r["seed"]): r["shared_lora"] for r in with_shared},
     }
@@ -199,6 +200,9 @@ def report(res: dict[str, Any]) -> str:
     ]
     for r in res["rows"]:
         seed = str(r["seed"])
+        per = ["–"] * 3
+        if "per_config_lora" in r:
+            per = [val(r["per_config_lora"]), cmp(per_seed[seed]), f"{r['per_config_train_s']:.0f}"]
         shared = ["–"] * 3
         if "shared_lora" in r:
             shared = [val(r["shared_lora"]), cmp(vs_shared[seed]), f"{r['shared_train_s']:.0f}"]
@@ -206,10 +210,9 @@ def report(res: dict[str, Any]) -> str:
                 shared[0] += f" (from {r['shared_from']})"
         lines.append(
             f"| {r['seed']} | {r['source']} | {r['bits']:.2f} | {val(r['coa_lora'])} | "
-            f"{val(r['per_config_lora'])} | {cmp(per_seed[seed])} | {r['coa_train_s']:.0f} | "
-            f"{r['per_config_train_s']:.0f} | {' | '.join(shared)} |"
+            f"{per[0]} | {per[1]} | {r['coa_train_s']:.0f} | {per[2]} | {' | '.join(shared)} |"
         )
-    n = len(res["rows"])
+    n = len(per_seed)
     if n and ppl:
         lo, hi = s["ratio_range"]
         lines += [
@@ -278,12 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         help="give every method this quality lever (its own result file, "
         "seed_spread_<model>_<name><value>)",
     )
+    p.add_argument(
+        "--no-per-config",
+        action="store_true",
+        help="leave the per-configuration LoRA out of new seeds (with --shared and --lever: "
+        "CoA-LoRA against Shared-LoRA alone)",
+    )
     p.add_argument("--machine-note", help="how the machine was loaded during the run")
     args = p.parse_args(argv)
     try:
         levers = parse_levers(args.lever)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.no_per_config and not (args.shared and levers):
+        # the recipe's own file keeps every seed against the per-configuration LoRA
+        print("error: --no-per-config needs --shared and --lever", file=sys.stderr)
         return 2
     model, budget = args.model, BUDGETS[args.model]
     stem, full_run = stem_of(model, levers), full_run_of(model)
@@ -369,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             row.update(shared_of(out, budget, "this run"))
         else:
             methods = (*METHODS, SHARED) if args.shared else METHODS
+            if args.no_per_config:
+                methods = tuple(m for m in methods if m != PER_CONFIG)
             out = run_baselines(model, False, args.threads, methods, levers, (budget,), seed)
             rows.append(row_of(out, budget, seed, "this run"))
         res["wall_s"] = kept_wall_s + time.perf_counter() - t0

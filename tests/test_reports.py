@@ -271,6 +271,19 @@ def test_seed_spread_with_a_lever_writes_its_own_file(tmp_path: Path, monkeypatc
     assert ss.main([*pair, "--seeds", "2", "--add", "--shared"]) == 0
     res = json.loads((tmp_path / "seed_spread_smollm2_low_bit_rank16.json").read_text())
     assert res["summary"]["seeds"] == [0, 1, 2]
+    # CoA-LoRA against Shared-LoRA alone: the per-configuration LoRA left out
+    assert ss.main(["--seeds", "1", "--no-per-config", "--shared"]) == 2  # the recipe's own file
+    assert ss.main([*pair, "--seeds", "3", "--add", "--shared", "--no-per-config"]) == 0
+    assert calls[-1] == (("coa-lora", "shared-lora"), {"low_bit_rank": 16}, 3)
+    res = json.loads((tmp_path / "seed_spread_smollm2_low_bit_rank16.json").read_text())
+    s = res["summary"]
+    assert set(s["coa_over_per_config"]) == {"0", "1", "2"} and s["coa_over_shared"]["3"] == 48 / 51
+    md = (tmp_path / "seed_spread_smollm2_low_bit_rank16.md").read_text()
+    assert "| 3 | this run | 2.50 | 48.00 | – | – | 10 | – | 51.00 | 0.941 | 10 |" in md
+    assert ss.main([*pair, "--seeds", "4", "--shared", "--no-per-config"]) == 0  # a fresh file
+    s = json.loads((tmp_path / "seed_spread_smollm2_low_bit_rank16.json").read_text())["summary"]
+    assert s["coa_over_per_config"] == {} and s["median_coa_over_per_config"] is None
+    assert "Median ratio" not in (tmp_path / "seed_spread_smollm2_low_bit_rank16.md").read_text()
 
 
 def test_lora_cost_report() -> None:
