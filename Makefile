@@ -152,6 +152,10 @@ bench-seed-spread: install  ## CoA-LoRA against per-configuration and Shared-LoR
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.seed_spread --threads 2 --seeds 1,2 --with-full-run --shared
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.seed_spread --model minilm --threads 2 --seeds 1,2 --with-full-run
 
+.PHONY: bench-seed-spread-pair
+bench-seed-spread-pair: install  ## CoA-LoRA against Shared-LoRA at 2.5 bits on SmolLM2, both with the low-bit pair (--low-bit-rank 16), seeds 0-2 on one machine (about 30 minutes a seed)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.seed_spread --threads 2 --seeds 0,1,2 --shared --no-per-config --lever low_bit_rank=16
+
 .PHONY: bench-head-bits
 bench-head-bits: install  ## the tied embedding / LM head at each option on Gemma 3 and SmolLM2: perplexity, repetition, MB (no adapter)
 	$(PYTHON) -m benchmarks.head_bits --threads 2

@@ -108,11 +108,12 @@ class ExportOptions:
         "cheapest configuration of the starting training set, which then runs the shared "
         "LoRA alone).",
     )
-    # Capacity at the floor. Off: at 16 on SmolLM2 (2.5 bits, Shared-LoRA given the same pair)
-    # CoA-LoRA / Shared-LoRA was 0.949, 0.914 and 1.033 over three runs, against 0.974 without
-    # it on the same machine as the last; one run moves by up to 7% there, so no gain is shown
-    # (benchmarks/results/probes/smollm2-low-bit-rank16*, smollm2-no-pair-seed0). Bundles
-    # carry it (format version 2, ``spec.LoraRanks``).
+    # Capacity at the floor. At 16 on SmolLM2 (2.5 bits, Shared-LoRA given the same pair)
+    # CoA-LoRA / Shared-LoRA was 1.033 / 0.915 / 0.914 over seeds 0 / 1 / 2 on one machine
+    # (median 0.915; benchmarks/results/seed_spread_smollm2_low_bit_rank16.md), against
+    # 1.026 / 0.990 / 1.018 without it (seed_spread_smollm2.md). Off until the full comparison
+    # (every budget, MiniLM, the demo) is re-run with it. Bundles carry it (format version 2,
+    # ``spec.LoraRanks``).
     low_bit_rank: int = _opt(
         0,
         "Extra LoRA rank, in a pair of its own, for the matrices a configuration puts at the "

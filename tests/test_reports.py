@@ -80,6 +80,7 @@ SUMMARIES = {
     "head_bits": "head_bits",
     "configured_head": "configured_head",
     "seed_spread_smollm2": "seed_spread",
+    "seed_spread_smollm2_low_bit_rank16": "seed_spread",
     "lora_cost": "lora_cost",
 }
 
