@@ -178,8 +178,10 @@ def report(res: dict[str, Any]) -> str:
     def cmp(v: float) -> str:
         return f"{v:.3f}" if ppl else f"{v:+.2f}"
 
+    # a lever's spread run with --no-per-config compares against Shared-LoRA alone
+    other = "per-configuration LoRA" if per_seed or not vs_shared else "Shared-LoRA"
     lines = [
-        f"# CoA-LoRA {what} per-configuration LoRA at {res['budget']:g} bits on {model}, per seed",
+        f"# CoA-LoRA {what} {other} at {res['budget']:g} bits on {model}, per seed",
         "",
         f"Both methods in `benchmarks.baselines`' settings for {model} ({res['threads']} "
         "threads), at the optimal allocation of the budget, on the held-out batches the "
